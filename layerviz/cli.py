@@ -15,6 +15,85 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from layerviz.evaluate import EvalConfig, run
+
+    fields = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__}
+    run(EvalConfig(**fields), out=args.out)
+    return 0
+
+
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    from layerviz.data.download import download
+
+    for path in download(args.name, args.dest):
+        print(path)
+    return 0
+
+
+def _cmd_data_demo(args: argparse.Namespace) -> int:
+    from layerviz.data.bundled import demo_dir
+    from layerviz.data.demo import generate
+
+    print(generate(args.out or demo_dir()))
+    return 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from layerviz.data import PrepConfig, load
+
+    load(args.dataset, args.format, PrepConfig(args.positive_threshold, args.kcore))
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    from layerviz.evaluate import EvalConfig
+
+    d = EvalConfig()
+    p = sub.add_parser("evaluate", help="score a model's recommendations on fixed candidate lists")
+    p.add_argument("--model", default=d.model, help="preset, hub id, local folder or .gguf file")
+    p.add_argument("--dataset", default=d.dataset, help="demo | demo-electronics | demo-movies | folder | file")
+    p.add_argument("--format", default=d.format, help="dataset format (default: detect)")
+    p.add_argument("--scorer", default=d.scorer, choices=["likelihood", "yesno", "embedding"])
+    p.add_argument("--calibration", default=d.calibration, choices=["pmi", "none"],
+                   help="likelihood scorer: subtract the no-history title log-prob (pmi) or not")
+    p.add_argument("--negatives", type=int, default=d.negatives, help="negatives per user (99 or 19)")
+    p.add_argument("--sampler", default=d.sampler, choices=["uniform", "popularity"])
+    p.add_argument("--users", type=int, default=d.users, help="users to evaluate (seeded sample)")
+    p.add_argument("--split", default=d.split, choices=["test", "valid"])
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--positive-threshold", dest="positive_threshold", type=float, default=d.positive_threshold)
+    p.add_argument("--kcore", type=int, default=d.kcore)
+    p.add_argument("--history-len", dest="history_len", type=int, default=d.history_len)
+    p.add_argument("--max-title-tokens", dest="max_title_tokens", type=int, default=d.max_title_tokens)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
+    p.add_argument("--full-ranking", dest="full_ranking", action="store_true",
+                   help="embedding scorer: also rank all items")
+    p.add_argument("--candidates-dir", dest="candidates_dir", default=d.candidates_dir)
+    p.add_argument("--out", default=None, help="folder for metrics.json, ranks.parquet, manifest.json")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="datasets: download, demo, stats")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("download", help="fetch a real dataset (needs internet)")
+    d.add_argument("name", help="ml-100k | ml-1m | amazon2023-electronics")
+    d.add_argument("--dest", default="data/raw")
+    d.set_defaults(func=_cmd_data_download)
+    g = dsub.add_parser("demo", help="(re)generate the bundled synthetic demo data")
+    g.add_argument("--out", default=None)
+    g.set_defaults(func=_cmd_data_demo)
+    s = dsub.add_parser("stats", help="read a dataset and print statistics after each protocol step")
+    s.add_argument("dataset")
+    s.add_argument("--format", default="auto")
+    s.add_argument("--positive-threshold", dest="positive_threshold", type=float, default=4.0)
+    s.add_argument("--kcore", type=int, default=5)
+    s.set_defaults(func=_cmd_data_stats)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="layerviz", description="Which transformer layers does an LLM recommender need?"
@@ -23,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list model presets: layers, width, parameters, offline?")
     p.set_defaults(func=_cmd_models)
+    _add_evaluate(sub)
+    _add_data(sub)
     return parser
 
 

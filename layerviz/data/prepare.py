@@ -1,0 +1,167 @@
+"""The protocol shared by every model: positives, dedup, k-core, chronological leave-one-out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from layerviz.data.formats import DataFormatError, DataWarning, RawData
+
+
+@dataclass
+class PrepConfig:
+    """How raw interactions become train/validation/test sequences."""
+
+    positive_threshold: float = 4.0
+    """An interaction with rating >= this is a positive (the sequence keeps positives only)."""
+    kcore: int = 5
+    """Iteratively drop users and items with fewer than this many positives."""
+    history_len: int = 20
+    """Number of most recent items shown as the user's history."""
+
+
+@dataclass
+class Prepared:
+    """A dataset after the protocol: one chronological positive sequence per user, split leave-one-out."""
+
+    name: str
+    domain: str
+    config: PrepConfig
+    events: pd.DataFrame  # user_id, item_id, timestamp, split in {train, valid, test}; chronological
+    items: pd.DataFrame  # item_id, title, categories, popularity (train positives)
+    seen: pd.DataFrame  # user_id, item_id: every raw interaction (any rating) with a kept item
+    stats: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per step
+    fingerprint: str = ""
+
+    @property
+    def users(self) -> np.ndarray:
+        """All user ids, sorted."""
+        return np.sort(self.events["user_id"].unique())
+
+    def targets(self, split: str) -> pd.Series:
+        """user_id -> held-out item for split 'valid' or 'test'."""
+        _check_split(split)
+        ev = self.events[self.events["split"] == split]
+        return pd.Series(ev["item_id"].to_numpy(), index=ev["user_id"].to_numpy()).sort_index()
+
+    def histories(self, split: str, n: int | None = None) -> dict[str, list[str]]:
+        """user_id -> the last ``n`` item ids before the split's target, oldest first."""
+        _check_split(split)
+        n = n or self.config.history_len
+        allowed = ("train",) if split == "valid" else ("train", "valid")
+        ev = self.events[self.events["split"].isin(allowed)]
+        return {u: list(g.to_numpy()[-n:]) for u, g in ev.groupby("user_id", sort=True)["item_id"]}
+
+    def titles(self) -> dict[str, str]:
+        """item_id -> title."""
+        return dict(zip(self.items["item_id"], self.items["title"], strict=True))
+
+    def seen_by_user(self) -> dict[str, set[str]]:
+        """user_id -> every item the user interacted with (never a negative)."""
+        return {u: set(g) for u, g in self.seen.groupby("user_id", sort=True)["item_id"]}
+
+
+def _check_split(split: str) -> None:
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', not {split!r}")
+
+
+def _stats(step: str, df: pd.DataFrame) -> dict:
+    u, i, n = df["user_id"].nunique(), df["item_id"].nunique(), len(df)
+    return {"step": step, "users": u, "items": i, "interactions": n,
+            "density": n / (u * i) if u and i else 0.0}
+
+
+def kcore(df: pd.DataFrame, k: int, k_user: int | None = None) -> pd.DataFrame:
+    """Iterative k-core: repeat until every item has >= k and every user >= k_user (default k) rows."""
+    k_user = k if k_user is None else k_user
+    while max(k, k_user) > 1 and len(df):
+        uc = df["user_id"].map(df["user_id"].value_counts())
+        ic = df["item_id"].map(df["item_id"].value_counts())
+        keep = (uc >= k_user) & (ic >= k)
+        if keep.all():
+            break
+        df = df[keep]
+    return df
+
+
+def fingerprint_frames(*frames: pd.DataFrame, extra: dict | None = None) -> str:
+    """Stable content hash of data frames (values and column names) plus a JSON-able dict."""
+    h = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    for df in frames:
+        h.update(",".join(map(str, df.columns)).encode())
+        h.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+    return h.hexdigest()
+
+
+def prepare(raw: RawData, config: PrepConfig | None = None,
+            report: Callable[[str], None] | None = print) -> Prepared:
+    """Apply the protocol to raw data, printing users/items/interactions/density after each step."""
+    cfg = config or PrepConfig()
+    if cfg.kcore < 1:
+        raise ValueError(f"kcore must be >= 1, not {cfg.kcore}")
+    rows = []
+
+    def step(name: str, df: pd.DataFrame) -> None:
+        rows.append(_stats(name, df))
+        if report:
+            r = rows[-1]
+            report(f"  {name:<28} users={r['users']:>8,} items={r['items']:>8,} "
+                   f"interactions={r['interactions']:>10,} density={r['density']:.5f}")
+
+    if report:
+        report(f"{raw.name} ({raw.format}):")
+    df = raw.interactions
+    step("raw", df)
+    # earliest interaction wins; ties on time broken by the row order of the file
+    df = df.sort_values(["timestamp"], kind="stable").drop_duplicates(["user_id", "item_id"], keep="first")
+    step("dedup (user, item)", df)
+    all_seen = df[["user_id", "item_id"]]
+    df = df[df["rating"] >= cfg.positive_threshold]
+    step(f"positives (rating >= {cfg.positive_threshold:g})", df)
+    titled = raw.items[raw.items["title"].fillna("").str.strip() != ""]
+    missing = ~df["item_id"].isin(titled["item_id"])
+    dropped = df.loc[missing, "item_id"].nunique()
+    df = df[~missing]
+    step(f"drop untitled items ({dropped:,})", df)
+    if dropped and report:
+        report(f"  note: dropped {dropped:,} item(s) with no title in the metadata "
+               f"({int(missing.sum()):,} interactions)")
+    before = df
+    df = kcore(df, cfg.kcore)
+    step(f"{cfg.kcore}-core", df)
+    if df.empty:
+        raise DataFormatError(
+            f"{raw.name}: no users left after {cfg.kcore}-core filtering (before it: "
+            f"{before['user_id'].nunique():,} users, {before['item_id'].nunique():,} items, "
+            f"{len(before):,} positives). Lower kcore (e.g. --kcore 2) or positive_threshold."
+        )
+    short = int((df["user_id"].value_counts() < 3).sum())
+    if short:  # leave-one-out needs train, valid and test items: users need >= 3, still k-core
+        warnings.warn(f"{raw.name}: dropping {short:,} user(s) with fewer than 3 positives "
+                      "(leave-one-out needs train, valid and test items).", DataWarning, stacklevel=2)
+        df = kcore(df, cfg.kcore, k_user=3)
+        step(f"{cfg.kcore}-core, users >= 3", df)
+        if df.empty:
+            raise DataFormatError(f"{raw.name}: no user has 3 or more positives in a {cfg.kcore}-core; "
+                                  "lower positive_threshold or use more data.")
+    df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
+    pos_from_end = df.groupby("user_id").cumcount(ascending=False)
+    df["split"] = np.where(pos_from_end == 0, "test", np.where(pos_from_end == 1, "valid", "train"))
+    step("leave-one-out split", df)
+
+    items = titled[titled["item_id"].isin(df["item_id"])].copy()
+    pop = df[df["split"] == "train"]["item_id"].value_counts()
+    items["popularity"] = items["item_id"].map(pop).fillna(0).astype(np.int64)
+    items = items.sort_values("item_id").reset_index(drop=True)
+    seen = all_seen[all_seen["user_id"].isin(df["user_id"]) & all_seen["item_id"].isin(items["item_id"])]
+    seen = seen.sort_values(["user_id", "item_id"]).reset_index(drop=True)
+    events = df[["user_id", "item_id", "timestamp", "split"]]
+    fp = fingerprint_frames(events, items, seen, extra={"config": asdict(cfg), "name": raw.name})
+    return Prepared(raw.name, raw.domain, cfg, events, items, seen, pd.DataFrame(rows), fp)

@@ -1,0 +1,188 @@
+"""One trusted answer to "how well does this model recommend?": same data, same candidates, same metrics."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerviz import metrics
+from layerviz.data import CandidateConfig, Prepared, PrepConfig, candidates_for, load
+from layerviz.scoring import Request, ScoringConfig, embed_items, embed_users, score
+from layerviz.store import manifest, write_json, write_parquet
+
+
+@dataclass
+class EvalConfig:
+    """Everything that decides an evaluation's numbers (shared by the CLI, configs and notebooks)."""
+
+    model: str = "smollm2-135m"
+    """Model preset, hub id, local folder or .gguf file."""
+    dataset: str = "demo"
+    """Bundled name (demo, demo-electronics, demo-movies), dataset folder, or reviews file."""
+    format: str = "auto"
+    """Dataset format, or 'auto' to detect it."""
+    scorer: str = "likelihood"
+    """'likelihood', 'yesno' or 'embedding'."""
+    calibration: str = "pmi"
+    """likelihood scorer: 'pmi' (minus the title's no-history log-prob) or 'none'."""
+    negatives: int = 99
+    """Negatives per user: 99 gives 1+99 candidate lists, 19 gives 1+19."""
+    sampler: str = "uniform"
+    """Negative sampler: 'uniform' or 'popularity'."""
+    users: int | None = 200
+    """Users to evaluate (seeded sample); None for all."""
+    split: str = "test"
+    """'test' (last item) or 'valid' (second to last)."""
+    seed: int = 0
+    """Fixes user sample, negatives, shuffles and bootstrap."""
+    positive_threshold: float = 4.0
+    """Ratings >= this are positives."""
+    kcore: int = 5
+    """Iterative k-core threshold."""
+    history_len: int = 20
+    """Most recent history items in the prompt."""
+    max_title_tokens: int = 32
+    """Each title is cut to this many tokens."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
+    dtype: str | None = None
+    """None: bf16 on CUDA, fp32 on CPU."""
+    batch_size: int | None = None
+    """Candidates per forward pass; None picks one (and backs off on CUDA OOM)."""
+    full_ranking: bool = False
+    """With the embedding scorer, also rank every item (not just the sampled candidates)."""
+    candidates_dir: str = "results/candidates"
+    """Where the fixed candidate lists are persisted."""
+
+    def prep_config(self) -> PrepConfig:
+        return PrepConfig(self.positive_threshold, self.kcore, self.history_len)
+
+    def candidate_config(self) -> CandidateConfig:
+        return CandidateConfig(self.negatives, self.sampler, self.users, self.split, self.seed)
+
+    def scoring_config(self, domain: str) -> ScoringConfig:
+        return ScoringConfig(self.scorer, domain, self.max_title_tokens, self.batch_size, self.calibration)
+
+
+def requests_for(prep: Prepared, cands: pd.DataFrame, split: str) -> list[Request]:
+    """Scoring requests (history titles, candidate titles) for each candidate row."""
+    titles, hist = prep.titles(), prep.histories(split)
+    return [Request([titles[i] for i in hist[u]], [titles[i] for i in c])
+            for u, c in zip(cands["user_id"], cands["candidates"], strict=True)]
+
+
+def ranks_frame(cands: pd.DataFrame, scores: list[np.ndarray]) -> pd.DataFrame:
+    """One row per user: user_id, positive, pessimistic rank, n_candidates, candidates, scores."""
+    mat = np.stack(scores)
+    ranks = metrics.pessimistic_ranks(mat, cands["pos_index"].to_numpy())
+    return pd.DataFrame({
+        "user_id": cands["user_id"].to_numpy(), "positive": cands["positive"].to_numpy(),
+        "rank": ranks, "n_candidates": mat.shape[1], "candidates": cands["candidates"].to_numpy(),
+        "scores": list(mat),
+    })
+
+
+def popularity_scores(prep: Prepared, cands: pd.DataFrame) -> list[np.ndarray]:
+    """Baseline: each candidate's number of training positives."""
+    pop = dict(zip(prep.items["item_id"], prep.items["popularity"], strict=True))
+    return [np.array([pop[i] for i in c], dtype=np.float64) for c in cands["candidates"]]
+
+
+def full_ranking_ranks(model, tokenizer, prep: Prepared, cands: pd.DataFrame, cfg: ScoringConfig,
+                       split: str = "test") -> np.ndarray:
+    """Embedding scorer over ALL items: the positive's pessimistic rank among items the user never saw."""
+    titles = prep.titles()
+    item_ids = prep.items["item_id"].tolist()
+    items = embed_items(model, tokenizer, [titles[i] for i in item_ids], cfg)
+    hist, seen = prep.histories(split), prep.seen_by_user()
+    users = embed_users(model, tokenizer, [[titles[i] for i in hist[u]] for u in cands["user_id"]], cfg)
+    index = {it: k for k, it in enumerate(item_ids)}
+    ranks = []
+    for row, u in enumerate(cands["user_id"]):
+        s = (items @ users[row]).numpy().astype(np.float64)
+        pos = index[cands["positive"].iloc[row]]
+        mask = [index[i] for i in seen.get(u, ()) if i in index and index[i] != pos]
+        s[mask] = -np.inf
+        ranks.append(int((s >= s[pos]).sum()))
+    return np.array(ranks)
+
+
+def summary_dict(per_user: pd.DataFrame, seed: int) -> dict:
+    """{metric: {mean, ci_low, ci_high}} with 95% bootstrap CIs."""
+    s = metrics.summarize(per_user, seed=seed)
+    return {r.metric: {"mean": r.mean, "ci_low": r.ci_low, "ci_high": r.ci_high} for r in s.itertuples()}
+
+
+def metrics_table(results: dict[str, dict], names=("ndcg@5", "ndcg@10", "mrr", "hr@10", "precision@10")) -> pd.DataFrame:
+    """Rows = systems, columns = 'mean [low, high]' strings for printing."""
+    rows = {}
+    for system, res in results.items():
+        rows[system] = {m: (f"{res[m]['mean']:.4f} [{res[m]['ci_low']:.3f}, {res[m]['ci_high']:.3f}]"
+                            if res[m].get("ci_low") is not None else f"{res[m]['mean']:.4f}") for m in names}
+    return pd.DataFrame(rows).T
+
+
+def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> dict:
+    """Evaluate one model on one dataset; writes metrics.json, ranks.parquet, manifest.json to ``out``."""
+    from layerviz.models import load_model
+
+    t0 = time.perf_counter()
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
+    cands, cand_path = candidates_for(prep, cfg.candidate_config(), cfg.candidates_dir)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    torch.manual_seed(cfg.seed)
+    scfg = cfg.scoring_config(prep.domain)
+    t_score = time.perf_counter()
+    scores = score(model, tokenizer, requests_for(prep, cands, cfg.split), scfg, desc=f"{cfg.scorer} {cfg.model}")
+    score_seconds = time.perf_counter() - t_score
+    ranks = ranks_frame(cands, scores)
+    n_cand = int(ranks["n_candidates"].iloc[0])
+    result = summary_dict(metrics.per_user(ranks["rank"]), cfg.seed)
+    pop_ranks = ranks_frame(cands, popularity_scores(prep, cands))["rank"]
+    baselines = {
+        "popularity": summary_dict(metrics.per_user(pop_ranks), cfg.seed),
+        "chance": {m: {"mean": v, "ci_low": None, "ci_high": None} for m, v in metrics.chance(n_cand).items()},
+    }
+    paired = metrics.paired_comparison(metrics.per_user(ranks["rank"])["ndcg@10"],
+                                       metrics.per_user(pop_ranks)["ndcg@10"], seed=cfg.seed)
+    doc = {**result, "n_users": len(ranks), "n_candidates": n_cand, "baselines": baselines,
+           "vs_popularity_ndcg@10": paired, "score_seconds": score_seconds}
+    if cfg.full_ranking:
+        if cfg.scorer != "embedding":
+            raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")
+        with torch.no_grad():
+            fr = full_ranking_ranks(model, tokenizer, prep, cands, scfg, cfg.split)
+        doc["full_ranking"] = summary_dict(metrics.per_user(fr), cfg.seed)
+    if out is not None:
+        out = Path(out)
+        write_parquet(out / "ranks.parquet", ranks)
+        write_json(out / "metrics.json", doc)
+        write_json(out / "manifest.json", manifest(
+            cfg, cfg.seed, data_fingerprint=prep.fingerprint, candidates=str(cand_path),
+            dataset_stats=prep.stats.to_dict(orient="records"), wall_seconds=time.perf_counter() - t0))
+    if report:
+        table = metrics_table({cfg.model: result, **baselines})
+        report(f"\n{cfg.scorer} scorer, {len(ranks)} users x {n_cand} candidates ({cfg.split}), "
+               f"95% bootstrap CIs; scored in {score_seconds:.1f}s")
+        report(table.to_string())
+        if cfg.full_ranking:
+            report("full ranking over all items: " + ", ".join(
+                f"{m}={v['mean']:.4f}" for m, v in doc["full_ranking"].items() if m in ("ndcg@10", "hr@10", "mrr")))
+        if out is not None:
+            report(f"wrote {out}/metrics.json, ranks.parquet, manifest.json")
+    return doc
+
+
+def config_from_dict(d: dict) -> EvalConfig:
+    """Build an EvalConfig, naming any unknown key."""
+    known = set(asdict(EvalConfig()))
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown evaluate setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    return EvalConfig(**d)

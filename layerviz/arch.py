@@ -9,8 +9,10 @@ issue #56 is the cautionary tale of a silently missed final norm).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -167,3 +169,113 @@ def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     out = decoder(**kwargs)
     new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
     return out.last_hidden_state, new_cache
+
+
+def layer_signature(model: nn.Module) -> tuple[int, ...]:
+    """Identity of the layers currently in the model: changes whenever surgery changes them."""
+    return tuple(id(layer) for layer in layers(model))
+
+
+def _set_layer_types(config, types: list[str] | None) -> None:
+    if types is not None and getattr(config, "layer_types", None) is not None:
+        config.layer_types = types
+
+
+@contextmanager
+def keep_layers(model: nn.Module, keep: list[int]):
+    """Temporarily run only the decoder layers ``keep`` (ascending); restores the model on exit.
+
+    No weights are copied: the ModuleList is swapped for one holding the same layer
+    objects. Each kept attention's ``layer_idx`` is re-indexed so the KV cache works,
+    ``config.num_hidden_layers`` reports the new count, and Gemma3's per-layer attention
+    types follow their layers. Everything is restored in ``finally``, also after an error.
+    """
+    p = parts(model)
+    n = len(p.layers)
+    keep = validate_layers(keep, n)
+    config = text_config(model)
+    old_types = list(config.layer_types) if getattr(config, "layer_types", None) is not None else None
+    old_count, old_list = config.num_hidden_layers, p.layers
+    old_idx = [(m, m.layer_idx) for i in keep for m in old_list[i].modules() if hasattr(m, "layer_idx")]
+    try:
+        p.decoder.layers = nn.ModuleList([old_list[i] for i in keep])
+        config.num_hidden_layers = len(keep)
+        _set_layer_types(config, [old_types[i] for i in keep] if old_types else None)
+        for new, i in enumerate(keep):
+            for m in old_list[i].modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = new
+        yield model
+    finally:
+        p.decoder.layers = old_list
+        config.num_hidden_layers = old_count
+        _set_layer_types(config, old_types)
+        for m, idx in old_idx:
+            m.layer_idx = idx
+
+
+@contextmanager
+def skip_layers(model: nn.Module, skip: list[int]):
+    """Temporarily remove the decoder layers ``skip`` (see ``keep_layers``)."""
+    n = num_layers(model)
+    skip_set = set(validate_layers(skip, n, allow_empty=True))
+    with keep_layers(model, [i for i in range(n) if i not in skip_set]) as m:
+        yield m
+
+
+def validate_layers(layer_ids, n: int, allow_empty: bool = False) -> list[int]:
+    """Check a layer list: ints in [0, n), sorted, no duplicates; raise naming the problem."""
+    ids = list(layer_ids)
+    if not ids and not allow_empty:
+        raise ValueError("the layer list is empty: keep at least one layer")
+    bad = [i for i in ids if not isinstance(i, int | np.integer) or not 0 <= int(i) < n]
+    if bad:
+        raise ValueError(f"layer indices {bad} are out of range for a model with {n} layers (valid: 0..{n - 1})")
+    ids = [int(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"layer indices {dup} are duplicated; give each layer once")
+    if ids != sorted(ids):
+        raise ValueError(f"layer indices {ids} are not in ascending order; sort them (layers run in order)")
+    return ids
+
+
+def attention_module(layer: nn.Module) -> nn.Module:
+    """The self-attention block of a decoder layer."""
+    attn = getattr(layer, "self_attn", None)
+    if attn is None or not all(hasattr(attn, a) for a in ("q_proj", "k_proj", "head_dim")):
+        raise NotImplementedError(f"{type(layer).__name__}: no self_attn with q_proj/k_proj that layerviz knows")
+    return attn
+
+
+def attention_probs(attn: nn.Module, hidden: torch.Tensor, position_embeddings, token_mask: torch.Tensor) -> torch.Tensor:
+    """Recompute one layer's attention probabilities (batch, heads, T, T) from its queries and keys.
+
+    Follows the family's own recipe: q/k projection, q_norm/k_norm (Qwen3, Gemma3), its
+    rotary embedding, its scaling, logit softcapping (if any), causal + sliding-window +
+    padding masks. For statistics only: call under ``torch.no_grad()`` and drop the result.
+    """
+    import sys
+
+    b, t, _ = hidden.shape
+    q = attn.q_proj(hidden).view(b, t, -1, attn.head_dim)
+    k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = position_embeddings
+    rope = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, k = rope(q, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scaling
+    cap = getattr(attn, "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    pos = torch.arange(t, device=hidden.device)
+    allowed = pos[None, :] <= pos[:, None]  # causal
+    window = getattr(attn, "sliding_window", None)
+    if window:
+        allowed &= (pos[:, None] - pos[None, :]) < window
+    allowed = allowed[None, None] & token_mask[:, None, None, :].bool()
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0

@@ -76,6 +76,55 @@ def _add_evaluate(sub) -> None:
     p.set_defaults(func=_cmd_evaluate)
 
 
+def _cmd_importance(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from layerviz.importance import ImportanceConfig, run_importance, wide
+
+    fields = {k: v for k, v in vars(args).items() if k in ImportanceConfig.__dataclass_fields__ and v is not None}
+    if args.no_ablation:
+        fields["ablation"] = False
+    res = run_importance(ImportanceConfig(**fields), use_cache=not args.no_cache)
+    table = wide(res.table, "normalized")
+    cols = [c for c in ["fisher_sum", "attn_entropy", "attn_item_mass", "block_influence", "angular_distance",
+                        "norm_ratio", "kurtosis", "ablation_ndcg", "ablation_loss", "fused"] if c in table]
+    pd.set_option("display.width", 200)
+    print("\nnormalized importance (1 = most important layer by that criterion):")
+    print(table[cols].round(2).to_string())
+    if len(res.validity):
+        print("\nvalidity: Spearman correlation with the single-layer ablation ground truth (95% bootstrap CI)")
+        v = res.validity.copy()
+        v["spearman"] = v.apply(lambda r: f"{r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", axis=1)
+        print(v.pivot(index="criterion", columns="ground_truth", values="spearman").to_string())
+    print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, manifest.json")
+    if args.out:
+        import shutil
+
+        shutil.copytree(res.folder, args.out, dirs_exist_ok=True)
+        print(f"copied to {args.out}")
+    return 0
+
+
+def _add_importance(sub) -> None:
+    p = sub.add_parser("importance", help="RQ1: per-layer importance, ablation and validity")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--dataset", default="demo")
+    p.add_argument("--format", default=None)
+    p.add_argument("--samples", type=int, default=None, help="calibration examples (default 128)")
+    p.add_argument("--loss", choices=["likelihood", "yesno"], default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--history-len", dest="history_len", type=int, default=None)
+    p.add_argument("--normalization", choices=["minmax", "rank"], default=None)
+    p.add_argument("--ablation-users", dest="ablation_users", type=int, default=None)
+    p.add_argument("--no-ablation", action="store_true", help="skip the ablation ground truth")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--results-dir", dest="results_dir", default=None, help="cache root (default results/)")
+    p.add_argument("--no-cache", action="store_true", help="recompute even if cached")
+    p.add_argument("--out", default=None, help="also copy the result files here")
+    p.set_defaults(func=_cmd_importance)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets: download, demo, stats")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -103,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list model presets: layers, width, parameters, offline?")
     p.set_defaults(func=_cmd_models)
     _add_evaluate(sub)
+    _add_importance(sub)
     _add_data(sub)
     return parser
 

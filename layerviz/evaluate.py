@@ -76,6 +76,74 @@ def requests_for(prep: Prepared, cands: pd.DataFrame, split: str) -> list[Reques
             for u, c in zip(cands["user_id"], cands["candidates"], strict=True)]
 
 
+class TaskEvaluator:
+    """NDCG@10 per user on fixed candidate lists: ``evaluator(model) -> (n_users,)`` array.
+
+    The same requests are scored for every model it is called with (full, ablated, compact),
+    so differences are paired by user.
+    """
+
+    def __init__(self, prep: Prepared, cands: pd.DataFrame, tokenizer, scorer: str = "likelihood",
+                 split: str = "valid", max_title_tokens: int = 32, batch_size: int | None = None,
+                 calibration: str = "pmi"):
+        self.tokenizer = tokenizer
+        self.requests = requests_for(prep, cands, split)
+        self.pos = cands["pos_index"].to_numpy()
+        self.cfg = ScoringConfig(scorer, prep.domain, max_title_tokens, batch_size, calibration)
+        self.calls = 0
+
+    def __call__(self, model) -> np.ndarray:
+        self.calls += 1
+        scores = score(model, self.tokenizer, self.requests, self.cfg, desc="task eval")
+        return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), self.pos))["ndcg@10"].to_numpy()
+
+
+class FidelityEvaluator:
+    """Label-free: how closely a (compact) model reproduces the full model.
+
+    ``kind='kl'``: minus the KL divergence between the full and the compact model's softmax
+    over each user's candidate scores (per user). ``kind='hidden_mse'``: minus the MSE of the
+    final hidden state *before* the final norm (captured by a hook) on each user's prompt.
+    Higher is better in both; the full model scores 0.
+    """
+
+    def __init__(self, reference_model, prep: Prepared, cands: pd.DataFrame, tokenizer, kind: str = "kl",
+                 scorer: str = "likelihood", split: str = "valid", max_title_tokens: int = 32,
+                 calibration: str = "pmi"):
+        if kind not in ("kl", "hidden_mse"):
+            raise ValueError(f"unknown fidelity kind {kind!r}; use 'kl' or 'hidden_mse'")
+        self.kind, self.tokenizer = kind, tokenizer
+        self.requests = requests_for(prep, cands, split)
+        self.cfg = ScoringConfig(scorer, prep.domain, max_title_tokens, None, calibration)
+        self.reference = self._outputs(reference_model)
+
+    def _outputs(self, model):
+        if self.kind == "kl":
+            scores = score(model, self.tokenizer, self.requests, self.cfg, desc="fidelity")
+            return torch.log_softmax(torch.tensor(np.stack(scores)), dim=-1)
+        from layerviz import arch
+        from layerviz.scoring import _Text
+
+        text = _Text(self.tokenizer, self.cfg)
+        caught = []
+        h = arch.final_norm(model).register_forward_pre_hook(lambda m, a: caught.append(a[0].detach()[0]))
+        try:
+            with torch.no_grad():
+                for r in self.requests:
+                    ids = torch.tensor([text.prefix_ids(r.history, "\n-")], device=arch.embedding(model).weight.device)
+                    arch.run_decoder(model, ids)
+        finally:
+            h.remove()
+        return [c.float().cpu() for c in caught]
+
+    def __call__(self, model) -> np.ndarray:
+        out = self._outputs(model)
+        if self.kind == "kl":
+            p = self.reference.exp()
+            return -(p * (self.reference - out)).sum(-1).numpy()
+        return -np.array([float(((a - b) ** 2).mean()) for a, b in zip(self.reference, out, strict=True)])
+
+
 def ranks_frame(cands: pd.DataFrame, scores: list[np.ndarray]) -> pd.DataFrame:
     """One row per user: user_id, positive, pessimistic rank, n_candidates, candidates, scores."""
     mat = np.stack(scores)

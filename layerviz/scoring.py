@@ -85,15 +85,27 @@ class _Text:
             self._ids[title] = ids or self.tok(" ?", add_special_tokens=False).input_ids
         return self._ids[title]
 
-    def short(self, title: str) -> str:
-        return self.tok.decode(self.title_ids(title)).strip()
+    def prefix_segments(self, history: list[str], tail: str) -> tuple[list[int], list[bool]]:
+        """Prompt ids built segment by segment, and which of them are item-title tokens.
 
-    def history_text(self, history: list[str]) -> str:
-        return self.p["header"] + "".join(f"\n- {self.short(t)}" for t in history)
+        header (with BOS where the model has one), then '\n-' + title ids per history item,
+        then ``tail``. Segment-wise tokenization keeps titles identical wherever they appear.
+        """
+        ids = self.tok(self.p["header"]).input_ids
+        is_item = [False] * len(ids)
+        dash = self.ids("\n-")
+        for t in history:
+            title = self.title_ids(t)
+            ids += dash + title
+            is_item += [False] * len(dash) + [True] * len(title)
+        if tail:
+            end = self.ids(tail)
+            ids += end
+            is_item += [False] * len(end)
+        return ids, is_item
 
     def prefix_ids(self, history: list[str], tail: str) -> list[int]:
-        ids = self.tok(self.history_text(history) + tail).input_ids  # with BOS where the model has one
-        return ids
+        return self.prefix_segments(history, tail)[0]
 
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
@@ -246,7 +258,7 @@ _PRIOR_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def title_priors(model, tokenizer, titles: list[str], cfg: ScoringConfig, batch: int) -> np.ndarray:
     """Mean log p(title | prompt with an empty history), cached per (model, title)."""
     cache = _PRIOR_CACHE.setdefault(model, {})
-    key = (cfg.domain, cfg.max_title_tokens)
+    key = (cfg.domain, cfg.max_title_tokens, arch.layer_signature(model))
     todo = [t for t in dict.fromkeys(titles) if (key, t) not in cache]
     if todo:
         vals = _likelihood(model, _Text(tokenizer, cfg), Request([], todo), batch)
@@ -259,7 +271,8 @@ def embed_items(model, tokenizer, titles: list[str], cfg: ScoringConfig | None =
     cfg = cfg or ScoringConfig(scorer="embedding")
     text = _Text(tokenizer, cfg)
     cache = _ITEM_CACHE.setdefault(model, {})
-    todo = [t for t in dict.fromkeys(titles) if (cfg.max_title_tokens, t) not in cache]
+    key = (cfg.max_title_tokens, arch.layer_signature(model))  # surgery changes embeddings
+    todo = [t for t in dict.fromkeys(titles) if (key, t) not in cache]
     dev = _device(model)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
@@ -270,8 +283,8 @@ def embed_items(model, tokenizer, titles: list[str], cfg: ScoringConfig | None =
     lengths = [len(text.title_ids(t)) for t in todo]
     with torch.no_grad():
         for t, v in _batched(run, todo, _batch_size(cfg, dev), dev, lengths, _max_tokens(dev)):
-            cache[(cfg.max_title_tokens, t)] = v
-    return torch.stack([cache[(cfg.max_title_tokens, t)] for t in titles]) if titles else torch.zeros(0)
+            cache[(key, t)] = v
+    return torch.stack([cache[(key, t)] for t in titles]) if titles else torch.zeros(0)
 
 
 def embed_users(model, tokenizer, histories: list[list[str]], cfg: ScoringConfig | None = None) -> torch.Tensor:

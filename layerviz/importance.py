@@ -1,0 +1,522 @@
+"""RQ1: per-layer importance from several criteria in ONE forward+backward pass, plus ablation.
+
+Criteria (one tidy row per layer and criterion; ``normalized`` is in [0, 1], higher =
+more important after applying each criterion's direction):
+
+* ``fisher_sum`` / ``fisher_mean``: diagonal empirical Fisher, mean over samples of
+  sum (dL/dtheta)^2 over the layer's parameters (and per parameter). Gradients are
+  squared and freed in ``register_post_accumulate_grad_hook``: no full gradient is kept.
+  Exact per sample with ``batch_size=1``; larger batches use mini-batch gradients.
+* ``attn_entropy``: mean attention entropy (nats) over heads and query positions.
+* ``attn_item_mass``: share of the last prompt position's attention on item-title tokens
+  (the rest goes to template tokens); ``attn_item_share`` is the share of item tokens
+  among the visible keys, the uniform-attention reference.
+* ``block_influence`` (ShortGPT): 1 - cos(h_in, h_out), mean over tokens.
+* ``angular_distance`` (Gromov et al.): arccos(cos(h_in, h_out)) / pi, mean over tokens.
+* ``norm_ratio``: ||h_out|| / ||h_in||; ``kurtosis``: excess kurtosis of h_out over hidden units.
+* ablation ground truth: ``ablation_ndcg`` (drop of validation NDCG@10 when the layer is
+  skipped) and ``ablation_loss`` (rise of the calibration loss), via ``arch.skip_layers``.
+* ``fused``: weighted mean of normalized criteria (min-max or rank normalization).
+
+Each layer's own input and output come from forward hooks (HF ``hidden_states[-1]`` is after
+the final norm). Attention statistics are recomputed from the layer's queries and keys under
+``no_grad`` and discarded at once: ``output_attentions=True`` is never used.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from scipy.stats import rankdata, spearmanr
+
+from layerviz import arch
+from layerviz.progress import progress
+
+HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
+                 "block_influence", "angular_distance", "norm_ratio", "kurtosis"]
+ABLATION_CRITERIA = ["ablation_ndcg", "ablation_loss"]
+# +1: a larger value means a more important layer; -1: a smaller value does; 0: descriptive only
+DIRECTION = {"fisher_sum": 1, "fisher_mean": 1, "attn_entropy": -1, "attn_item_mass": 1,
+             "attn_item_share": 0, "block_influence": 1, "angular_distance": 1, "norm_ratio": 1,
+             "kurtosis": 1, "ablation_ndcg": 1, "ablation_loss": 1, "fused": 1}
+DEFAULT_FUSION = {"fisher_sum": 1.0, "block_influence": 1.0, "attn_item_mass": 1.0}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The calibration loss became NaN/inf; the message names the batch and first bad layer."""
+
+
+@dataclass
+class CalibExample:
+    """One calibration prompt: token ids, which are item-title tokens, and the loss target."""
+
+    ids: list[int]
+    item_mask: list[bool]
+    n_target: int = 0  # likelihood: the last n_target ids are the positive title
+    label: int | None = None  # yesno: 1 = Yes (the positive), 0 = No (a sampled negative)
+
+
+@dataclass
+class Calibration:
+    """Calibration examples plus what their loss is."""
+
+    examples: list[CalibExample]
+    loss: str  # "likelihood" | "yesno"
+    yes_no: tuple[int, int] | None = None
+
+
+def build_calibration(prep, tokenizer, n: int = 128, split: str = "valid", loss: str = "likelihood",
+                      max_title_tokens: int = 32, seed: int = 0) -> Calibration:
+    """Calibration prompts from held-out interactions (validation targets by default)."""
+    from layerviz.scoring import ScoringConfig, _Text, yes_no_ids
+
+    if loss not in ("likelihood", "yesno"):
+        raise ValueError(f"unknown calibration loss {loss!r}; use 'likelihood' or 'yesno'")
+    if n < 1:
+        raise ValueError(f"the calibration set is empty (n={n}); ask for at least one sample")
+    text = _Text(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=max_title_tokens))
+    rng = np.random.default_rng(seed)
+    targets = prep.targets(split)
+    users = np.sort(rng.choice(targets.index.to_numpy(), size=min(n, len(targets)), replace=False))
+    titles, hist, seen = prep.titles(), prep.histories(split), prep.seen_by_user()
+    items = prep.items["item_id"].to_numpy()
+    out = []
+    for k, u in enumerate(users):
+        history = [titles[i] for i in hist[u]]
+        if loss == "likelihood":
+            ids, mask = text.prefix_segments(history, "\n-")
+            tgt = text.title_ids(titles[targets[u]])
+            out.append(CalibExample(ids + tgt, mask + [True] * len(tgt), n_target=len(tgt)))
+        else:
+            label = k % 2
+            item = targets[u]
+            while not label and (item in seen.get(u, ()) or item == targets[u]):
+                item = items[rng.integers(len(items))]
+            ids, mask = text.prefix_segments(history, "\n")
+            cand = text.ids("Candidate:")
+            title = text.title_ids(titles[item])
+            tail = text.ids(f"\n{text.p['question']}\nAnswer:")
+            out.append(CalibExample(ids + cand + title + tail,
+                                    mask + [False] * len(cand) + [True] * len(title) + [False] * len(tail),
+                                    label=label))
+    if not out:
+        raise ValueError(f"the calibration set is empty: split {split!r} has no users")
+    return Calibration(out, loss, yes_no_ids(tokenizer) if loss == "yesno" else None)
+
+
+def _batch(cal: Calibration, idx: list[int], pad: int, device):
+    exs = [cal.examples[i] for i in idx]
+    t = max(len(e.ids) for e in exs)
+    ids = torch.full((len(exs), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(exs), t), dtype=torch.long)
+    item = torch.zeros((len(exs), t), dtype=torch.bool)
+    for r, e in enumerate(exs):
+        ids[r, : len(e.ids)] = torch.tensor(e.ids)
+        mask[r, : len(e.ids)] = 1
+        item[r, : len(e.ids)] = torch.tensor(e.item_mask)
+    return exs, ids.to(device), mask.to(device), item.to(device)
+
+
+def _query_positions(cal: Calibration, exs: list[CalibExample]) -> list[int]:
+    """The position whose output is scored: before the target title, or the answer position."""
+    return [len(e.ids) - e.n_target - 1 if cal.loss == "likelihood" else len(e.ids) - 1 for e in exs]
+
+
+def per_sample_loss(model, cal: Calibration, exs, ids, mask) -> torch.Tensor:
+    """Recommendation loss per example: title NLL (mean over its tokens) or Yes/No cross-entropy."""
+    hidden, _ = arch.run_decoder(model, ids, mask)
+    if cal.loss == "likelihood":
+        losses = []
+        for r, e in enumerate(exs):
+            end = len(e.ids)
+            pos = torch.arange(end - e.n_target - 1, end - 1, device=ids.device)
+            logp = arch.logits(model, hidden[r, pos]).float().log_softmax(-1)
+            losses.append(-logp.gather(1, ids[r, pos + 1][:, None]).mean())
+        return torch.stack(losses)
+    last = hidden[torch.arange(len(exs), device=ids.device), mask.sum(1) - 1]
+    two = arch.logits(model, last, list(cal.yes_no)).float()
+    labels = torch.tensor([1 - e.label for e in exs], device=ids.device)  # column 0 = Yes
+    return F.cross_entropy(two, labels, reduction="none")
+
+
+class _Restore:
+    """Remembers requires_grad flags, training mode and hooks; puts everything back."""
+
+    def __init__(self, model):
+        self.model, self.training = model, model.training
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.handles: list = []
+
+    def restore(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+            p.grad = None
+        self.model.train(self.training)
+
+
+def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
+              attention: bool = True, activations: bool = True, desc: str = "importance pass") -> dict[str, np.ndarray]:
+    """One forward+backward over the calibration set -> {criterion: (n_samples, n_layers)} and 'loss': (n_samples,)."""
+    if not cal.examples:
+        raise ValueError("the calibration set is empty: build it with build_calibration(prep, tok, n>0)")
+    layers = arch.layers(model)
+    n, L = len(cal.examples), len(layers)
+    dev = arch.embedding(model).weight.device
+    res = {c: np.zeros((n, L)) for c in HOOK_CRITERIA}
+    res["loss"] = np.zeros(n)
+    state: dict = {}
+    guard = _Restore(model)
+    n_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+
+    def act_hook(i):
+        def hook(mod, args, kwargs, out):
+            h_in = (args[0] if args else kwargs["hidden_states"]).detach().float()
+            h_out = (out[0] if isinstance(out, tuple) else out).detach().float()
+            if "bad_layer" not in state and not torch.isfinite(h_out).all():
+                state["bad_layer"] = i
+            if not activations:
+                return
+            m = state["mask"].float()
+            cnt = m.sum(1)
+            cos = F.cosine_similarity(h_in, h_out, dim=-1).clamp(-1, 1)
+            ratio = h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
+            x = h_out - h_out.mean(-1, keepdim=True)
+            kurt = (x**4).mean(-1) / (x**2).mean(-1).clamp_min(1e-12) ** 2 - 3
+            rows = state["rows"]
+            for name, v in (("block_influence", 1 - cos), ("angular_distance", torch.arccos(cos) / torch.pi),
+                            ("norm_ratio", ratio), ("kurtosis", kurt)):
+                res[name][rows, i] = ((v * m).sum(1) / cnt).cpu().numpy()
+        return hook
+
+    def attn_hook(i):
+        def hook(mod, args, kwargs):
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            with torch.no_grad():
+                p = arch.attention_probs(mod, hidden.detach(), kwargs["position_embeddings"], state["mask"])
+                m = state["mask"].float()
+                ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(1)  # (B, T) mean over heads
+                res["attn_entropy"][state["rows"], i] = ((ent * m).sum(1) / m.sum(1)).cpu().numpy()
+                q = state["qpos"]
+                b = torch.arange(len(q), device=p.device)
+                last = p[b, :, q, :].mean(1)  # (B, T) over heads
+                item = state["item"].float()
+                res["attn_item_mass"][state["rows"], i] = (last * item).sum(1).cpu().numpy()
+                visible = (torch.arange(item.shape[1], device=p.device)[None] <= q[:, None]).float() * m
+                res["attn_item_share"][state["rows"], i] = ((item * visible).sum(1) / visible.sum(1)).cpu().numpy()
+                del p
+        return hook
+
+    def grad_hook(i):
+        def hook(param):
+            state["fisher"][i] += float(param.grad.detach().float().pow(2).sum())
+            param.grad = None  # free it now: no full gradient is ever kept
+        return hook
+
+    try:
+        model.eval()
+        for p, _ in guard.flags:
+            p.requires_grad_(False)
+        for i, layer in enumerate(layers):
+            guard.handles.append(layer.register_forward_hook(act_hook(i), with_kwargs=True))
+            if attention:
+                guard.handles.append(arch.attention_module(layer).register_forward_pre_hook(attn_hook(i), with_kwargs=True))
+            if fisher:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+                    guard.handles.append(p.register_post_accumulate_grad_hook(grad_hook(i)))
+        pad = 0
+        for start in progress(range(0, n, batch_size), desc=desc, unit="batch"):
+            idx = list(range(start, min(n, start + batch_size)))
+            exs, ids, mask, item = _batch(cal, idx, pad, dev)
+            state.update(rows=idx, mask=mask, item=item, fisher=[0.0] * L,
+                         qpos=torch.tensor(_query_positions(cal, exs), device=dev))
+            state.pop("bad_layer", None)
+            with torch.set_grad_enabled(fisher):
+                losses = per_sample_loss(model, cal, exs, ids, mask)
+                if not torch.isfinite(losses).all():
+                    where = f"; first non-finite activation at layer {state['bad_layer']}" if "bad_layer" in state else ""
+                    raise NonFiniteLossError(
+                        f"non-finite calibration loss in batch {start // batch_size} (samples {idx}){where}. "
+                        "Check the model weights/dtype (fp16 overflows: use bf16 or fp32)."
+                    )
+                res["loss"][idx] = losses.detach().float().cpu().numpy()
+                if fisher:
+                    losses.mean().backward()
+            if fisher:
+                res["fisher_sum"][idx] = np.array(state["fisher"])[None, :]
+    finally:
+        guard.restore()
+    res["fisher_mean"] = res["fisher_sum"] / np.array(n_params)[None, :]
+    if not fisher:
+        for c in ("fisher_sum", "fisher_mean"):
+            res.pop(c)
+    if not attention:
+        for c in ("attn_entropy", "attn_item_mass", "attn_item_share"):
+            res.pop(c)
+    if not activations:
+        for c in ("block_influence", "angular_distance", "norm_ratio", "kurtosis"):
+            res.pop(c)
+    return res
+
+
+def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarray:
+    """Forward-only per-sample calibration loss."""
+    dev = arch.embedding(model).weight.device
+    out = np.zeros(len(cal.examples))
+    with torch.no_grad():
+        for start in range(0, len(cal.examples), batch_size):
+            idx = list(range(start, min(len(cal.examples), start + batch_size)))
+            exs, ids, mask, _ = _batch(cal, idx, 0, dev)
+            out[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
+    return out
+
+
+def ablate(model, cal: Calibration, evaluator: Callable | None = None, layers: list[int] | None = None,
+           batch_size: int = 8) -> dict[str, np.ndarray]:
+    """Skip each layer in turn -> per-sample loss rise (n_samples, L) and per-user NDCG@10 drop (n_users, L)."""
+    n_layers = arch.num_layers(model)
+    todo = list(range(n_layers)) if layers is None else layers
+    base_loss = calibration_losses(model, cal, batch_size)
+    out = {"ablation_loss": np.full((len(base_loss), n_layers), np.nan)}
+    base_ndcg = evaluator(model) if evaluator else None
+    if evaluator:
+        out["ablation_ndcg"] = np.full((len(base_ndcg), n_layers), np.nan)
+    for i in progress(todo, desc="ablation", unit="layer"):
+        with arch.skip_layers(model, [i]):
+            out["ablation_loss"][:, i] = calibration_losses(model, cal, batch_size) - base_loss
+            if evaluator:
+                out["ablation_ndcg"][:, i] = base_ndcg - evaluator(model)
+    out["base_loss"] = base_loss
+    if evaluator:
+        out["base_ndcg"] = base_ndcg
+    return out
+
+
+def _normalize(v: np.ndarray, direction: int, method: str) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64) * (direction or 1)
+    if method == "rank":
+        return (rankdata(v) - 1) / max(1, len(v) - 1)
+    if method != "minmax":
+        raise ValueError(f"unknown normalization {method!r}; use 'minmax' or 'rank'")
+    span = np.nanmax(v) - np.nanmin(v)
+    return (v - np.nanmin(v)) / span if span > 0 else np.zeros_like(v)
+
+
+def fuse(per_layer: dict[str, np.ndarray], weights: dict[str, float], method: str = "minmax") -> np.ndarray:
+    """Weighted mean of the normalized criteria (per layer)."""
+    unknown = set(weights) - set(per_layer)
+    if unknown:
+        raise ValueError(f"fusion weights name unknown or uncomputed criteria {sorted(unknown)}; "
+                         f"available: {sorted(per_layer)}")
+    total = sum(weights.values())
+    if total <= 0:
+        raise ValueError("fusion weights must sum to a positive number")
+    return sum(w * _normalize(per_layer[c], DIRECTION[c], method) for c, w in weights.items()) / total
+
+
+def tidy(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.DataFrame:
+    """One row per (layer, criterion): layer, depth_fraction, layer_type, criterion, value, normalized."""
+    L = arch.num_layers(model)
+    types = arch.layer_types(model)
+    rows = []
+    for c, v in per_layer.items():
+        norm = _normalize(v, DIRECTION.get(c, 1), method)
+        for i in range(L):
+            rows.append({"layer": i, "depth_fraction": i / max(1, L - 1), "layer_type": types[i],
+                         "criterion": c, "value": float(v[i]), "normalized": float(norm[i])})
+    return pd.DataFrame(rows)
+
+
+def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray], weights: dict[str, float],
+             method: str = "minmax", n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
+    """Spearman correlation of each criterion with each ablation ground truth, bootstrap CI.
+
+    Criteria and the loss ground truth are resampled over calibration examples (jointly);
+    the NDCG ground truth over evaluation users.
+    """
+    rng = np.random.default_rng(seed)
+    crits = [c for c in per_sample if c in HOOK_CRITERIA and DIRECTION[c] != 0]
+    truths = [g for g in ABLATION_CRITERIA if g in ablation]
+    n = len(per_sample["loss"])
+
+    def stats(sample_idx, user_idx):
+        means = {c: per_sample[c][sample_idx].mean(0) for c in crits}
+        if weights:
+            means["fused"] = fuse(means, weights, method)
+        gt = {"ablation_loss": ablation["ablation_loss"][sample_idx].mean(0)}
+        if "ablation_ndcg" in ablation:
+            gt["ablation_ndcg"] = ablation["ablation_ndcg"][user_idx].mean(0)
+        return {(c, g): spearmanr(means[c], gt[g]).statistic for c in means for g in truths}
+
+    n_users = len(ablation["ablation_ndcg"]) if "ablation_ndcg" in ablation else 1
+    point = stats(np.arange(n), np.arange(n_users))
+    boots = [stats(rng.integers(0, n, n), rng.integers(0, n_users, n_users)) for _ in range(n_boot)]
+    rows = []
+    for key, rho in point.items():
+        vals = np.array([b[key] for b in boots], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        lo, hi = (np.quantile(vals, [0.025, 0.975]) if len(vals) else (np.nan, np.nan))
+        rows.append({"criterion": key[0], "ground_truth": key[1], "spearman": rho, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows)
+
+
+def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
+            fusion_weights: dict[str, float] | None = None, normalization: str = "minmax",
+            batch_size: int = 1, ablation: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
+    """Per-layer importance -> tidy DataFrame (layer, depth_fraction, layer_type, criterion, value, normalized).
+
+    ``criteria`` selects among HOOK_CRITERIA (default: all); they all come from one
+    forward+backward pass. Pass the output of ``ablate`` to add the ground-truth rows.
+    """
+    criteria = criteria or HOOK_CRITERIA
+    unknown = set(criteria) - set(HOOK_CRITERIA)
+    if unknown:
+        raise ValueError(f"unknown criteria {sorted(unknown)}; available: {HOOK_CRITERIA}")
+    res = hook_pass(model, calibration, batch_size,
+                    fisher=any(c.startswith("fisher") for c in criteria),
+                    attention=any(c.startswith("attn") for c in criteria),
+                    activations=any(c in ("block_influence", "angular_distance", "norm_ratio", "kurtosis")
+                                    for c in criteria))
+    per_layer = {c: res[c].mean(0) for c in criteria}
+    if fusion_weights is None:  # the defaults fuse whichever of their criteria were computed
+        weights = {c: w for c, w in DEFAULT_FUSION.items() if c in per_layer}
+    else:
+        weights = fusion_weights
+    if weights:
+        per_layer["fused"] = fuse(per_layer, weights, normalization)
+    if ablation is not None:
+        per_layer.update({g: np.nanmean(ablation[g], 0) for g in ABLATION_CRITERIA if g in ablation})
+    df = tidy(model, per_layer, normalization)
+    df.attrs["per_sample"] = res
+    return df
+
+
+# ----------------------------------------------------------------------------- the cached study stage
+
+
+@dataclass
+class ImportanceConfig:
+    """What decides an importance run (shared by the CLI, `layerviz run` configs and notebooks)."""
+
+    model: str = "smollm2-135m"
+    """Model preset, hub id or local path."""
+    dataset: str = "demo"
+    """Bundled name, dataset folder or file."""
+    format: str = "auto"
+    """Dataset format, or 'auto'."""
+    samples: int = 128
+    """Calibration examples (validation users)."""
+    loss: str = "likelihood"
+    """Calibration loss: 'likelihood' (NLL of the positive title) or 'yesno'."""
+    batch_size: int = 1
+    """Calibration batch size; 1 gives the exact per-sample empirical Fisher."""
+    history_len: int = 20
+    """History titles in each prompt."""
+    max_title_tokens: int = 32
+    """Each title is cut to this many tokens."""
+    normalization: str = "minmax"
+    """'minmax' or 'rank'."""
+    fusion_weights: dict = field(default_factory=lambda: dict(DEFAULT_FUSION))
+    """Weights of the fused score over normalized criteria."""
+    ablation: bool = True
+    """Also measure the single-layer ablation ground truth and the validity table."""
+    ablation_users: int = 32
+    """Validation users for the ablation NDCG@10 (1 + ablation_negatives candidates each)."""
+    ablation_negatives: int = 19
+    """Negatives per user in the ablation evaluation."""
+    scorer: str = "likelihood"
+    """Scorer for the ablation NDCG@10."""
+    seed: int = 0
+    """Fixes calibration users, candidates and bootstrap."""
+    positive_threshold: float = 4.0
+    kcore: int = 5
+    device: str = "auto"
+    dtype: str | None = None
+    results_dir: str = "results"
+    """Cache root: results are stored under results_dir/importance/<key>/."""
+
+
+@dataclass
+class ImportanceResult:
+    """Tidy per-layer table, ablation table and validity table of one run."""
+
+    table: pd.DataFrame
+    validity: pd.DataFrame
+    per_sample: dict[str, np.ndarray]
+    folder: Path | None = None
+    seconds: float = 0.0
+
+
+def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache: bool = True,
+                   report=print) -> ImportanceResult:
+    """Compute (or load from the cache) importance, ablation and validity for a model and dataset."""
+    from layerviz import store
+    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.evaluate import TaskEvaluator
+    from layerviz.models import load_model
+
+    prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len),
+                report=report)
+    key = store.config_hash("importance", asdict(cfg), prep.fingerprint, store.versions()["layerviz"])
+    folder = Path(cfg.results_dir) / "importance" / f"{cfg.model.replace('/', '_')}-{key}"
+    if use_cache and (folder / "manifest.json").exists():
+        if report:
+            report(f"importance: loaded cached results from {folder}")
+        return load_importance(folder)
+    t0 = time.perf_counter()
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
+    ablation = None
+    if cfg.ablation:
+        cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users,
+                                                        "valid", cfg.seed), Path(cfg.results_dir) / "candidates")
+        evaluator = TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
+                                  max_title_tokens=cfg.max_title_tokens)
+        ablation = ablate(model, cal, evaluator)
+    table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
+                    batch_size=cfg.batch_size, ablation=ablation)
+    per_sample = dict(table.attrs.pop("per_sample"))
+    valid = pd.DataFrame()
+    if ablation is not None:
+        per_sample.update({k: v for k, v in ablation.items()})
+        valid = validity(per_sample, ablation, cfg.fusion_weights, cfg.normalization, seed=cfg.seed)
+    result = ImportanceResult(table, valid, per_sample, folder, time.perf_counter() - t0)
+    save_importance(result, cfg, prep.fingerprint)
+    return result
+
+
+def save_importance(result: ImportanceResult, cfg: ImportanceConfig, fingerprint: str) -> None:
+    """Write table/validity parquet, per-sample arrays and (last) the manifest, each atomically."""
+    from layerviz import store
+
+    folder = result.folder
+    store.write_parquet(folder / "importance.parquet", result.table)
+    store.write_parquet(folder / "validity.parquet", result.validity)
+    store.atomic_write(folder / "per_sample.npz", lambda tmp: np.savez(open(tmp, "wb"), **result.per_sample))
+    store.write_json(folder / "manifest.json", store.manifest(cfg, cfg.seed, data_fingerprint=fingerprint,
+                                                              wall_seconds=result.seconds))
+
+
+def load_importance(folder: str | Path) -> ImportanceResult:
+    """Read a cached importance run."""
+    folder = Path(folder)
+    with np.load(folder / "per_sample.npz") as z:
+        per_sample = {k: z[k] for k in z.files}
+    return ImportanceResult(pd.read_parquet(folder / "importance.parquet"),
+                            pd.read_parquet(folder / "validity.parquet"), per_sample, folder)
+
+
+def wide(table: pd.DataFrame, value: str = "normalized") -> pd.DataFrame:
+    """Layers x criteria view of the tidy table (for printing and heatmaps)."""
+    return table.pivot(index="layer", columns="criterion", values=value)

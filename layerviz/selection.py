@@ -1,0 +1,317 @@
+"""RQ2: which layers to keep. The paper's saturating greedy search against the literature.
+
+Every strategy has one interface::
+
+    select(strategy, model, evaluator, k=..., budget=..., ...) -> Selection
+
+A subset is evaluated by running the model with only those layers (``arch.keep_layers``:
+no weight copies, cost ~ k/L of a full pass). ``SubsetScorer`` caches every subset's score,
+so no subset is evaluated twice, and records one trace row per real evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from layerviz import arch
+
+STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
+              "first_k", "last_k", "uniform", "random", "reference"]
+
+
+class BudgetExhausted(RuntimeError):
+    """The evaluation budget ran out; the search returns its best answer so far."""
+
+
+@dataclass
+class Selection:
+    """Kept layers (ascending), their score, and the full evaluation trace."""
+
+    strategy: str
+    layers: list[int]
+    score: float
+    trace: pd.DataFrame
+    n_layers: int
+    meta: dict = field(default_factory=dict)
+
+    def thirds(self) -> dict[str, int]:
+        """How many kept layers fall in the lower, middle and upper third of the depth."""
+        return thirds(self.layers, self.n_layers)
+
+    def to_json(self) -> dict:
+        return {"strategy": self.strategy, "layers": self.layers, "score": self.score, "k": len(self.layers),
+                "n_layers": self.n_layers, "thirds": self.thirds(), "evaluations": len(self.trace), **self.meta}
+
+
+def thirds(layers: Sequence[int], n_layers: int) -> dict[str, int]:
+    """Counts per region: lower = depth < 1/3, middle < 2/3, upper the rest (depth = i / (L-1))."""
+    out = {"lower": 0, "middle": 0, "upper": 0}
+    for i in layers:
+        d = i / max(1, n_layers - 1)
+        out["lower" if d < 1 / 3 else "middle" if d < 2 / 3 else "upper"] += 1
+    return out
+
+
+class SubsetScorer:
+    """Scores layer subsets once each (cached), within an evaluation budget, with a trace."""
+
+    def __init__(self, model, evaluator: Callable, budget: int | None = None):
+        self.model, self.evaluator, self.budget = model, evaluator, budget
+        self.n_layers = arch.num_layers(model)
+        self.cache: dict[tuple[int, ...], float] = {}
+        self.rows: list[dict] = []
+        self.step = 0
+
+    def __call__(self, layers) -> float:
+        key = tuple(sorted(int(i) for i in layers))
+        if key in self.cache:
+            return self.cache[key]
+        if self.budget is not None and len(self.rows) >= self.budget:
+            raise BudgetExhausted(f"evaluation budget of {self.budget} used up")
+        t0 = time.perf_counter()
+        if len(key) == self.n_layers:
+            value = self.evaluator(self.model)
+        else:
+            with arch.keep_layers(self.model, list(key)):
+                value = self.evaluator(self.model)
+        score = float(np.mean(value))
+        self.cache[key] = score
+        self.rows.append({"step": self.step, "k": len(key), "layers": list(key), "score": score,
+                          "seconds": time.perf_counter() - t0})
+        return score
+
+    def trace(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=["step", "k", "layers", "score", "seconds"])
+
+
+def saturated(history: Sequence[float], window: int = 3, threshold: float = 0.01) -> bool:
+    """True when each of the last ``window`` steps improved the score by less than ``threshold`` (relative)."""
+    if len(history) < window + 1:
+        return False
+    recent = history[-(window + 1):]
+    for prev, cur in zip(recent[:-1], recent[1:], strict=True):
+        if (cur - prev) / max(abs(prev), 1e-12) >= threshold:
+            return False
+    return True
+
+
+def _check_k(k: int | None, n: int, required: bool = True) -> None:
+    if k is None:
+        if required:
+            raise ValueError("this strategy needs k, the number of layers to keep")
+        return
+    if not isinstance(k, int | np.integer) or not 0 < k <= n:
+        raise ValueError(f"k={k} is invalid for a model with {n} layers: choose 1 <= k <= {n}")
+
+
+def _check_budget(budget: int | None, need: int, strategy: str) -> None:
+    if budget is not None and budget < need:
+        raise ValueError(f"budget={budget} is too small for {strategy}: it needs at least {need} "
+                         "evaluations to produce any selection; raise the budget")
+
+
+def importance_greedy(scorer: SubsetScorer, order: Sequence[int], k: int | None = None, window: int = 3,
+                      threshold: float = 0.01) -> tuple[list[int], dict]:
+    """The paper's loop: add layers in importance order until saturation, k, or the budget."""
+    layers: list[int] = []
+    history: list[float] = []
+    reason = "order exhausted"
+    for step, cand in enumerate(order):
+        scorer.step = step
+        try:
+            history.append(scorer(sorted(layers + [cand])))
+        except BudgetExhausted:
+            reason = "budget"
+            break
+        layers.append(cand)
+        if k is not None and len(layers) >= k:
+            reason = "k reached"
+            break
+        if saturated(history, window, threshold):
+            reason = f"saturated ({window} steps < {threshold:.1%})"
+            break
+    return sorted(layers), {"stop": reason, "history": history}
+
+
+def forward_greedy(scorer: SubsetScorer, k: int) -> tuple[list[int], dict]:
+    """Grow from nothing: at each step add the layer whose addition scores best."""
+    kept: list[int] = []
+    reason = "k reached"
+    for step in range(k):
+        scorer.step = step
+        best, best_score = None, -np.inf
+        try:
+            for cand in range(scorer.n_layers):
+                if cand not in kept:
+                    s = scorer(sorted(kept + [cand]))
+                    if s > best_score:
+                        best, best_score = cand, s
+        except BudgetExhausted:
+            reason = "budget"
+            if best is None:
+                break
+        kept.append(best)
+        if reason == "budget":
+            break
+    return sorted(kept), {"stop": reason}
+
+
+def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> tuple[list[int], dict]:
+    """SLEB-style: from all layers, repeatedly remove the layer whose removal hurts least."""
+    kept = list(range(scorer.n_layers))
+    protected = {0, scorer.n_layers - 1} if protect_ends else set()
+    if k < len(protected):
+        raise ValueError(f"k={k} is below the {len(protected)} protected layers; use protect_ends=False")
+    reason = "k reached"
+    step = 0
+    while len(kept) > k:
+        scorer.step = step
+        best, best_score = None, -np.inf
+        try:
+            for cand in kept:
+                if cand in protected:
+                    continue
+                s = scorer([i for i in kept if i != cand])
+                if s > best_score:
+                    best, best_score = cand, s
+        except BudgetExhausted:
+            reason = "budget"
+            if best is None:
+                break
+        kept.remove(best)
+        step += 1
+        if reason == "budget":
+            break
+    return kept, {"stop": reason}
+
+
+def angular_distances(model, calibration, n: int) -> np.ndarray:
+    """Gromov et al.: mean over samples of arccos(cos(h_l, h_{l+n}))/pi on the last token, for each start l."""
+    import torch
+
+    from layerviz.importance import _batch
+
+    layers = arch.layers(model)
+    L = len(layers)
+    states: list = []
+    handles = [layers[0].register_forward_pre_hook(
+        lambda m, a, k: states.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)]
+    handles += [layer.register_forward_hook(
+        lambda m, a, k, o: states.append((o[0] if isinstance(o, tuple) else o).detach()), with_kwargs=True)
+        for layer in layers]
+    dev = arch.embedding(model).weight.device
+    total = np.zeros(L - n + 1)
+    try:
+        with torch.no_grad():
+            for i in range(len(calibration.examples)):
+                states.clear()
+                exs, ids, mask, _ = _batch(calibration, [i], 0, dev)
+                arch.run_decoder(model, ids, mask)
+                last = [s[0, -1].float() for s in states]  # index j = input of layer j (j = L: output)
+                for start in range(L - n + 1):
+                    cos = torch.nn.functional.cosine_similarity(last[start], last[start + n], dim=0).clamp(-1, 1)
+                    total[start] += float(torch.arccos(cos) / torch.pi)
+    finally:
+        for h in handles:
+            h.remove()
+    return total / len(calibration.examples)
+
+
+def select(strategy: str, model, evaluator: Callable | None = None, k: int | None = None,
+           budget: int | None = None, importance: pd.DataFrame | None = None, criterion: str = "fused",
+           highest: bool = True, window: int = 3, threshold: float = 0.01, protect_ends: bool = True,
+           calibration=None, seed: int = 0, reference: Sequence[int] | None = None) -> Selection:
+    """Run one strategy -> Selection (kept layers ascending, final score, trace)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
+    n = arch.num_layers(model)
+    _check_k(k, n, required=strategy not in ("importance_greedy", "reference"))
+    if budget is not None and budget < 1:
+        raise ValueError(f"budget={budget} is too small to evaluate anything; give at least 1")
+    scorer = SubsetScorer(model, evaluator, budget) if evaluator is not None else None
+    meta: dict = {}
+    if strategy in ("importance_greedy", "top_k"):
+        order = importance_order(importance, criterion, highest, n)
+        meta["criterion"] = criterion
+    if strategy == "importance_greedy":
+        _need_evaluator(scorer, strategy)
+        layers, meta2 = importance_greedy(scorer, order, k, window, threshold)
+        meta.update(meta2, window=window, threshold=threshold)
+    elif strategy == "forward_greedy":
+        _need_evaluator(scorer, strategy)
+        _check_budget(budget, n, strategy)
+        layers, meta = forward_greedy(scorer, k)
+    elif strategy == "backward_greedy":
+        _need_evaluator(scorer, strategy)
+        _check_budget(budget, n - (2 if protect_ends else 0), strategy)
+        layers, meta = backward_greedy(scorer, k, protect_ends)
+    elif strategy == "contiguous_block":
+        if calibration is None:
+            raise ValueError("contiguous_block needs calibration examples to measure angular distances")
+        drop = n - k
+        if drop == 0:
+            layers = list(range(n))
+        else:
+            d = angular_distances(model, calibration, drop)
+            start = int(np.argmin(d))
+            layers = [i for i in range(n) if not start <= i < start + drop]
+            meta = {"removed_block": [start, start + drop - 1], "angular_distance": float(d[start])}
+    elif strategy == "top_k":
+        layers = sorted(order[:k])
+    elif strategy == "first_k":
+        layers = list(range(k))
+    elif strategy == "last_k":
+        layers = list(range(n - k, n))
+    elif strategy == "uniform":
+        layers = sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+    elif strategy == "random":
+        layers = sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
+        meta = {"seed": seed}
+    else:  # reference
+        if reference is None:
+            raise ValueError("strategy 'reference' needs the reference layer list (see load_reference)")
+        bad = [i for i in reference if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"reference layers {bad} are out of range for this model's {n} layers "
+                             f"(valid 0..{n - 1}); the reference was reported for another layer count")
+        layers = sorted(int(i) for i in reference)
+    score = float("nan")
+    if scorer is not None:
+        try:
+            score = scorer(layers)
+        except BudgetExhausted:
+            score = scorer.cache.get(tuple(layers), float("nan"))
+    trace = scorer.trace() if scorer is not None else pd.DataFrame(columns=["step", "k", "layers", "score", "seconds"])
+    return Selection(strategy, layers, score, trace, n, meta)
+
+
+def _need_evaluator(scorer, strategy: str) -> None:
+    if scorer is None:
+        raise ValueError(f"{strategy} searches by evaluating subsets: pass an evaluator")
+
+
+def importance_order(table: pd.DataFrame | None, criterion: str, highest: bool, n: int) -> list[int]:
+    """Layers sorted by a criterion of an importance table (most important first when highest)."""
+    if table is None:
+        raise ValueError("this strategy needs an importance table (layerviz.importance.analyze / run_importance)")
+    rows = table[table["criterion"] == criterion]
+    if rows.empty:
+        raise ValueError(f"unknown criterion {criterion!r}; the importance table has: "
+                         f"{', '.join(sorted(table['criterion'].unique()))}")
+    if len(rows) != n:
+        raise ValueError(f"the importance table has {len(rows)} layers for {criterion!r}, the model {n}")
+    rows = rows.sort_values(["normalized", "layer"], ascending=[not highest, True])
+    return rows["layer"].astype(int).tolist()
+
+
+def load_reference(path: str | Path | None = None) -> dict:
+    """The paper's reported layer lists (data/reference_selections.json)."""
+    path = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "reference_selections.json"
+    return json.loads(path.read_text())

@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+
+from layerviz import arch, load_model
+from layerviz import importance as imp
+from layerviz.data import CandidateConfig, build_candidates
+from layerviz.evaluate import TaskEvaluator
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    import os
+
+    from layerviz.data import PrepConfig, load
+
+    os.environ.setdefault("LAYERVIZ_DEMO_DIR", str(tmp_path_factory.mktemp("demo")))
+    return load("demo", config=PrepConfig(history_len=5), report=None)
+
+
+@pytest.fixture()
+def fresh(request):
+    """A fresh tiny model of each family (these tests change weights)."""
+    return load_model(request.param, device="cpu")
+
+
+FAMILIES = ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"]
+
+
+@pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
+@pytest.mark.parametrize("loss", ["likelihood", "yesno"])
+def test_every_criterion_is_finite_for_every_layer(fresh, demo, loss):
+    model, tok = fresh
+    cal = imp.build_calibration(demo, tok, n=4, loss=loss)
+    df = imp.analyze(model, cal)
+    L = arch.num_layers(model)
+    assert set(df.criterion) == set(imp.HOOK_CRITERIA) | {"fused"}
+    assert (df.groupby("criterion").size() == L).all()
+    assert np.isfinite(df.value).all() and df.normalized.between(0, 1).all()
+    assert df.depth_fraction.min() == 0 and df.depth_fraction.max() == 1
+    assert list(df[df.criterion == "fused"].layer_type) == arch.layer_types(model)
+    fisher = df[df.criterion == "fisher_sum"].value
+    assert (fisher > 0).all()  # every layer gets gradient
+    mass = df[df.criterion == "attn_item_mass"].value
+    assert mass.between(0, 1).all()
+
+
+@pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
+def test_model_restored_no_hooks_no_grads(fresh, demo):
+    model, tok = fresh
+    model.requires_grad_(False)  # frozen, eval mode: handled and restored
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cal = imp.build_calibration(demo, tok, n=3)
+    imp.analyze(model, cal)
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.training
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert all(not p._post_accumulate_grad_hooks for p in model.parameters() if hasattr(p, "_post_accumulate_grad_hooks"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("fresh", ["tiny-llama3"], indirect=True)
+def test_hooks_removed_after_nonfinite_loss(fresh, demo):
+    model, tok = fresh
+    cal = imp.build_calibration(demo, tok, n=3)
+    layer = arch.layers(model)[7]
+    with torch.no_grad():
+        layer.mlp.down_proj.weight.fill_(float("inf"))
+    with pytest.raises(imp.NonFiniteLossError, match="batch 0.*layer 7"):
+        imp.analyze(model, cal)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    assert arch.num_layers(model) == 32
+
+
+def test_empty_calibration_and_bad_names(tiny, demo):
+    _, model, tok = tiny
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        imp.build_calibration(demo, tok, n=0)
+    with pytest.raises(ValueError, match="calibration set is empty"):
+        imp.analyze(model, imp.Calibration([], "likelihood"))
+    cal = imp.build_calibration(demo, tok, n=2)
+    with pytest.raises(ValueError, match="unknown criteria"):
+        imp.analyze(model, cal, criteria=["vibes"])
+    with pytest.raises(ValueError, match="unknown or uncomputed"):
+        imp.analyze(model, cal, criteria=["block_influence"], fusion_weights={"fisher_sum": 1})
+
+
+@pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
+def test_planted_identity_layer(fresh, demo):
+    """A layer whose output projections are zero is a no-op: BI ~ 0 and its ablation changes nothing."""
+    model, tok = fresh
+    planted = 4
+    layer = arch.layers(model)[planted]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+    cal = imp.build_calibration(demo, tok, n=4)
+    cands = build_candidates(demo, CandidateConfig(negatives=9, users=4, split="valid"))
+    ev = TaskEvaluator(demo, cands, tok, split="valid")
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    abl = imp.ablate(model, cal, ev, layers=[planted, planted + 1])
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())  # bit-identical
+    assert np.abs(abl["ablation_loss"][:, planted]).max() < 1e-5
+    assert np.abs(abl["ablation_ndcg"][:, planted]).max() == 0
+    assert np.abs(abl["ablation_loss"][:, planted + 1]).max() > 1e-4
+    df = imp.analyze(model, cal, criteria=["block_influence", "angular_distance"])
+    bi = df[df.criterion == "block_influence"].set_index("layer").value
+    assert bi[planted] < 1e-5 and bi.drop(planted).min() > 1e-3
+
+
+def test_validity_and_fusion(demo):
+    model, tok = load_model("tiny-gemma3")
+    cal = imp.build_calibration(demo, tok, n=4)
+    cands = build_candidates(demo, CandidateConfig(negatives=9, users=3, split="valid"))
+    abl = imp.ablate(model, cal, TaskEvaluator(demo, cands, tok, split="valid"))
+    df = imp.analyze(model, cal, ablation=abl, normalization="rank")
+    assert {"ablation_loss", "ablation_ndcg"} <= set(df.criterion)
+    per = dict(df.attrs["per_sample"], **abl)
+    v = imp.validity(per, abl, imp.DEFAULT_FUSION, n_boot=20)
+    assert set(v.ground_truth) == {"ablation_loss", "ablation_ndcg"}
+    assert "fused" in set(v.criterion)
+    ok = v.dropna()
+    assert ((ok.ci_low <= ok.spearman + 1e-9) & (ok.spearman <= ok.ci_high + 1e-9)).all()
+    ranks = imp._normalize(np.array([3.0, 1.0, 2.0]), 1, "rank")
+    assert ranks.tolist() == [1.0, 0.0, 0.5]
+    assert imp._normalize(np.array([3.0, 1.0, 2.0]), -1, "minmax").tolist() == [0.0, 1.0, 0.5]
+
+
+def test_run_importance_caches(tmp_path, demo, monkeypatch):
+    cfg = imp.ImportanceConfig(model="tiny-gemma3", samples=3, ablation_users=3, ablation_negatives=9,
+                               history_len=5, results_dir=str(tmp_path))
+    first = imp.run_importance(cfg, report=None)
+    assert (first.folder / "manifest.json").exists() and len(first.validity)
+    calls = []
+    monkeypatch.setattr(imp, "hook_pass", lambda *a, **k: calls.append(1))
+    second = imp.run_importance(cfg, report=None)
+    assert not calls
+    assert second.table.equals(first.table)

@@ -125,6 +125,49 @@ def _add_importance(sub) -> None:
     p.set_defaults(func=_cmd_importance)
 
 
+def _cmd_select(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from layerviz import store
+    from layerviz.selection import SelectConfig, run_select
+
+    fields = {k: v for k, v in vars(args).items() if k in SelectConfig.__dataclass_fields__ and v is not None}
+    cfg = SelectConfig(**fields)
+    s, ctx = run_select(cfg)
+    t = s.thirds()
+    print(f"\n{s.strategy}: kept {len(s.layers)} of {s.n_layers} layers: {s.layers}")
+    print(f"  depth thirds: lower {t['lower']}, middle {t['middle']}, upper {t['upper']}")
+    print(f"  {cfg.evaluator} score {s.score:.4f} (full model {ctx['full_score']:.4f}); "
+          f"validation NDCG@10 {ctx['task_ndcg@10']:.4f} vs full {ctx['full_task_ndcg@10']:.4f}, "
+          f"chance {ctx['chance_ndcg@10']:.4f}; {len(s.trace)} evaluations")
+    if args.out:
+        store.write_json(f"{args.out}/selection.json", {**s.to_json(), **ctx, "config": asdict(cfg)})
+        store.write_parquet(f"{args.out}/trace.parquet", s.trace)
+        print(f"wrote {args.out}/selection.json, trace.parquet")
+    return 0
+
+
+def _add_select(sub) -> None:
+    from layerviz.selection import STRATEGIES
+
+    p = sub.add_parser("select", help="RQ2: choose layers with one strategy")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--strategy", choices=STRATEGIES, default=None)
+    p.add_argument("--criterion", default=None, help="importance criterion (default fused)")
+    p.add_argument("--k", type=int, default=None)
+    p.add_argument("--budget", type=int, default=None)
+    p.add_argument("--evaluator", choices=["task", "fidelity", "hidden_mse"], default=None)
+    p.add_argument("--users", type=int, default=None)
+    p.add_argument("--reference", default=None, help="reference key, e.g. llama3-8b")
+    p.add_argument("--history-len", dest="history_len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--results-dir", dest="results_dir", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_select)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets: download, demo, stats")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -153,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
     _add_evaluate(sub)
     _add_importance(sub)
+    _add_select(sub)
     _add_data(sub)
     return parser
 

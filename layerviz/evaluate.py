@@ -199,6 +199,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
     """Evaluate one model on one dataset; writes metrics.json, ranks.parquet, manifest.json to ``out``."""
     from layerviz.models import load_model
 
+    if cfg.full_ranking and cfg.scorer != "embedding":
+        raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")
     t0 = time.perf_counter()
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     cands, cand_path = candidates_for(prep, cfg.candidate_config(), cfg.candidates_dir)
@@ -222,8 +224,6 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
     doc = {**result, "n_users": len(ranks), "n_candidates": n_cand, "baselines": baselines,
            "vs_popularity_ndcg@10": paired, "score_seconds": score_seconds}
     if cfg.full_ranking:
-        if cfg.scorer != "embedding":
-            raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")
         with torch.no_grad():
             fr = full_ranking_ranks(model, tokenizer, prep, cands, scfg, cfg.split)
         doc["full_ranking"] = summary_dict(metrics.per_user(fr), cfg.seed)

@@ -315,3 +315,98 @@ def load_reference(path: str | Path | None = None) -> dict:
     """The paper's reported layer lists (data/reference_selections.json)."""
     path = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "reference_selections.json"
     return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------- the study stage
+
+
+@dataclass
+class SelectConfig:
+    """What decides a selection run (shared by the CLI, `layerviz run` configs and notebooks)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "demo"
+    format: str = "auto"
+    strategy: str = "importance_greedy"
+    """One of STRATEGIES."""
+    criterion: str = "fused"
+    """Importance criterion ordering importance_greedy / top_k."""
+    highest: bool = True
+    """top_k keeps the highest values of the criterion (ShortGPT keeps the highest Block Influence)."""
+    k: int | None = 8
+    """Layers to keep (importance_greedy: an upper bound; None lets saturation decide)."""
+    budget: int | None = None
+    """Maximum number of subset evaluations."""
+    window: int = 3
+    """Saturation: this many consecutive small improvements stop importance_greedy."""
+    threshold: float = 0.01
+    """Saturation: a relative improvement below this is small."""
+    protect_ends: bool = True
+    """backward_greedy never removes the first and last layer (SLEB)."""
+    evaluator: str = "task"
+    """'task' (validation NDCG@10), 'fidelity' (-KL to the full model) or 'hidden_mse'."""
+    users: int = 32
+    """Validation users the evaluator scores (1 + negatives candidates each)."""
+    negatives: int = 19
+    seed: int = 0
+    reference: str | None = None
+    """strategy 'reference': key in data/reference_selections.json (e.g. llama3-8b)."""
+    history_len: int = 20
+    max_title_tokens: int = 32
+    device: str = "auto"
+    dtype: str | None = None
+    results_dir: str = "results"
+    importance: dict = field(default_factory=dict)
+    """Overrides for the ImportanceConfig whose table orders importance_greedy / top_k."""
+
+
+def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> tuple[Selection, dict]:
+    """Run one strategy on real data -> (Selection, context with full-model score and chance)."""
+    from layerviz import metrics
+    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.evaluate import FidelityEvaluator, TaskEvaluator
+    from layerviz.importance import ImportanceConfig, build_calibration, run_importance
+    from layerviz.models import load_model
+
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
+    prep = load(cfg.dataset, cfg.format, PrepConfig(history_len=cfg.history_len), report=report)
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+    _check_k(cfg.k, arch.num_layers(model), required=cfg.strategy not in ("importance_greedy", "reference"))
+    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "valid", cfg.seed),
+                              Path(cfg.results_dir) / "candidates")
+    task = TaskEvaluator(prep, cands, tokenizer, split="valid", max_title_tokens=cfg.max_title_tokens)
+    if cfg.evaluator == "task":
+        evaluator = task
+    elif cfg.evaluator in ("fidelity", "hidden_mse"):
+        evaluator = FidelityEvaluator(model, prep, cands, tokenizer, "kl" if cfg.evaluator == "fidelity" else "hidden_mse",
+                                      split="valid", max_title_tokens=cfg.max_title_tokens)
+    else:
+        raise ValueError(f"unknown evaluator {cfg.evaluator!r}; use 'task', 'fidelity' or 'hidden_mse'")
+    table = None
+    if cfg.strategy in ("importance_greedy", "top_k"):
+        icfg = ImportanceConfig(**{"model": cfg.model, "dataset": cfg.dataset, "format": cfg.format,
+                                   "seed": cfg.seed, "results_dir": cfg.results_dir, "history_len": cfg.history_len,
+                                   **cfg.importance})
+        table = run_importance(icfg, model, tokenizer, report=report).table
+    calibration = build_calibration(prep, tokenizer, 16, seed=cfg.seed) if cfg.strategy == "contiguous_block" else None
+    reference = None
+    if cfg.strategy == "reference":
+        refs = load_reference()["selections"]
+        if cfg.reference not in refs:
+            raise ValueError(f"unknown reference {cfg.reference!r}; available: {', '.join(refs)}")
+        reference = refs[cfg.reference]["layers"]
+    s = select(cfg.strategy, model, evaluator, k=cfg.k, budget=cfg.budget, importance=table,
+               criterion=cfg.criterion, highest=cfg.highest, window=cfg.window, threshold=cfg.threshold,
+               protect_ends=cfg.protect_ends, calibration=calibration, seed=cfg.seed, reference=reference)
+    context = {"evaluator": cfg.evaluator, "full_score": float(np.mean(evaluator(model))),
+               "task_ndcg@10": float(np.mean(_with_layers(model, s.layers, task))),
+               "full_task_ndcg@10": float(np.mean(task(model))),
+               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"]}
+    return s, context
+
+
+def _with_layers(model, layers: list[int], evaluator):
+    with arch.keep_layers(model, layers):
+        return evaluator(model)

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from layerviz import arch
 from layerviz.cli import main as cli
@@ -108,3 +109,37 @@ def test_smollm2_finds_signal_on_demo_data(smollm2, tmp_path, monkeypatch):
                      candidates_dir=str(tmp_path / "c"))
     doc = run(cfg, out=tmp_path / "o", model=model, tokenizer=tok, report=None)
     assert doc["ndcg@10"]["mean"] > doc["baselines"]["chance"]["ndcg@10"]["mean"]
+
+
+def test_cuda_oom_backoff_halves_the_batch():
+    """The CUDA out-of-memory path, exercised on CPU with a stand-in that fails on big batches."""
+    from layerviz.scoring import _batched
+
+    seen = []
+
+    def run(chunk):
+        seen.append(len(chunk))
+        if len(chunk) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return [x * 10 for x in chunk]
+
+    items = list(range(10))
+    out = _batched(run, items, 8, torch.device("cuda"), lengths=[5 - (i % 5) for i in items])
+    assert out == [x * 10 for x in items]  # input order kept despite length sorting
+    assert seen[0] == 8 and max(seen[1:]) <= 3
+    with pytest.raises(torch.OutOfMemoryError):  # on CPU an OOM is not retried
+        _batched(run, items, 8, torch.device("cpu"))
+
+
+def test_embedding_full_ranking(tmp_path, monkeypatch):
+    from layerviz.evaluate import EvalConfig, run
+
+    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    cfg = EvalConfig(model="tiny-gemma3", scorer="embedding", users=4, negatives=19, history_len=3,
+                     full_ranking=True, candidates_dir=str(tmp_path / "c"))
+    doc = run(cfg, report=None)
+    fr = doc["full_ranking"]
+    assert 0 <= fr["ndcg@10"]["mean"] <= 1 and fr["mrr"]["mean"] > 0
+    with pytest.raises(ValueError, match="full_ranking needs scorer='embedding'"):
+        run(EvalConfig(model="tiny-gemma3", users=2, negatives=19, history_len=3, full_ranking=True,
+                       candidates_dir=str(tmp_path / "c")), report=None)

@@ -132,6 +132,9 @@ def _cmd_select(args: argparse.Namespace) -> int:
     from layerviz.selection import SelectConfig, run_select
 
     fields = {k: v for k, v in vars(args).items() if k in SelectConfig.__dataclass_fields__ and v is not None}
+    # the importance run that orders the layers: same settings as `layerviz importance` to reuse its cache
+    fields["importance"] = {k: v for k, v in (("samples", args.importance_samples),
+                                              ("ablation_users", args.importance_ablation_users)) if v is not None}
     cfg = SelectConfig(**fields)
     s, ctx = run_select(cfg)
     t = s.thirds()
@@ -160,6 +163,9 @@ def _add_select(sub) -> None:
     p.add_argument("--evaluator", choices=["task", "fidelity", "hidden_mse"], default=None)
     p.add_argument("--users", type=int, default=None)
     p.add_argument("--reference", default=None, help="reference key, e.g. llama3-8b")
+    p.add_argument("--importance-samples", dest="importance_samples", type=int, default=None,
+                   help="calibration samples of the importance run that orders the layers")
+    p.add_argument("--importance-ablation-users", dest="importance_ablation_users", type=int, default=None)
     p.add_argument("--history-len", dest="history_len", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)

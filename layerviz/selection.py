@@ -292,6 +292,15 @@ def select(strategy: str, model, evaluator: Callable | None = None, k: int | Non
     return Selection(strategy, layers, score, trace, n, meta)
 
 
+def random_baseline(model, evaluator: Callable, k: int, seeds: Sequence[int] = range(10)) -> pd.DataFrame:
+    """The random baseline as a distribution: one row per seed (seed, layers, score)."""
+    rows = []
+    for seed in seeds:
+        s = select("random", model, evaluator, k=k, seed=seed)
+        rows.append({"seed": seed, "layers": s.layers, "score": s.score})
+    return pd.DataFrame(rows)
+
+
 def _need_evaluator(scorer, strategy: str) -> None:
     if scorer is None:
         raise ValueError(f"{strategy} searches by evaluating subsets: pass an evaluator")

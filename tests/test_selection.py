@@ -153,6 +153,13 @@ def test_bad_input(planted, kwargs, msg):
         sel.select(strategy, planted, ev, importance=_table(8, list(range(8))), **kwargs)
 
 
+def test_random_baseline_is_a_distribution(planted):
+    ev = HiddenFidelity(planted)
+    dist = sel.random_baseline(planted, ev, k=4, seeds=range(5))
+    assert list(dist.seed) == [0, 1, 2, 3, 4] and dist.layers.map(len).eq(4).all()
+    assert dist.score.nunique() > 1 and (dist.score <= 0).all()
+
+
 def test_subset_evaluation_restores_the_model(planted):
     ev = HiddenFidelity(planted)
     sel.select("backward_greedy", planted, ev, k=5)

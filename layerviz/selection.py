@@ -140,27 +140,31 @@ def importance_greedy(scorer: SubsetScorer, order: Sequence[int], k: int | None 
     return sorted(layers), {"stop": reason, "history": history}
 
 
+def _best_move(scorer: SubsetScorer, moves) -> tuple[int | None, bool]:
+    """Score each (candidate, subset) move -> (best candidate, whether the budget ran out)."""
+    best, best_score = None, -np.inf
+    try:
+        for cand, subset in moves:
+            s = scorer(subset)
+            if s > best_score:
+                best, best_score = cand, s
+    except BudgetExhausted:
+        return best, True
+    return best, False
+
+
 def forward_greedy(scorer: SubsetScorer, k: int) -> tuple[list[int], dict]:
     """Grow from nothing: at each step add the layer whose addition scores best."""
     kept: list[int] = []
-    reason = "k reached"
     for step in range(k):
         scorer.step = step
-        best, best_score = None, -np.inf
-        try:
-            for cand in range(scorer.n_layers):
-                if cand not in kept:
-                    s = scorer(sorted(kept + [cand]))
-                    if s > best_score:
-                        best, best_score = cand, s
-        except BudgetExhausted:
-            reason = "budget"
-            if best is None:
-                break
-        kept.append(best)
-        if reason == "budget":
-            break
-    return sorted(kept), {"stop": reason}
+        best, exhausted = _best_move(scorer, ((c, sorted(kept + [c])) for c in range(scorer.n_layers)
+                                              if c not in kept))
+        if best is not None:
+            kept.append(best)
+        if exhausted:
+            return sorted(kept), {"stop": "budget"}
+    return sorted(kept), {"stop": "k reached"}
 
 
 def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> tuple[list[int], dict]:
@@ -169,27 +173,17 @@ def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> 
     protected = {0, scorer.n_layers - 1} if protect_ends else set()
     if k < len(protected):
         raise ValueError(f"k={k} is below the {len(protected)} protected layers; use protect_ends=False")
-    reason = "k reached"
     step = 0
     while len(kept) > k:
         scorer.step = step
-        best, best_score = None, -np.inf
-        try:
-            for cand in kept:
-                if cand in protected:
-                    continue
-                s = scorer([i for i in kept if i != cand])
-                if s > best_score:
-                    best, best_score = cand, s
-        except BudgetExhausted:
-            reason = "budget"
-            if best is None:
-                break
-        kept.remove(best)
+        best, exhausted = _best_move(scorer, ((c, [i for i in kept if i != c]) for c in kept
+                                              if c not in protected))
+        if best is not None:
+            kept.remove(best)
+        if exhausted:
+            return kept, {"stop": "budget"}
         step += 1
-        if reason == "budget":
-            break
-    return kept, {"stop": reason}
+    return kept, {"stop": "k reached"}
 
 
 def angular_distances(model, calibration, n: int) -> np.ndarray:

@@ -165,3 +165,13 @@ def test_subset_evaluation_restores_the_model(planted):
     sel.select("backward_greedy", planted, ev, k=5)
     assert arch.num_layers(planted) == 8 and planted.config.num_hidden_layers == 8
     assert ev(planted) == 0.0
+
+
+def test_greedy_searches_stop_on_the_budget(planted):
+    ev = HiddenFidelity(planted)
+    s = sel.select("forward_greedy", planted, ev, k=4, budget=10)
+    assert len(s.trace) == 10 and s.meta["stop"] == "budget" and len(s.layers) == 2
+    ev = HiddenFidelity(planted)
+    s = sel.select("backward_greedy", planted, ev, k=4, budget=8)
+    # 6 removals scored in step 0 (one layer removed), 2 in step 1 (the better of those removed)
+    assert len(s.trace) == 8 and s.meta["stop"] == "budget" and len(s.layers) == 6

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -245,12 +245,3 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
         if out is not None:
             report(f"wrote {out}/metrics.json, ranks.parquet, manifest.json")
     return doc
-
-
-def config_from_dict(d: dict) -> EvalConfig:
-    """Build an EvalConfig, naming any unknown key."""
-    known = set(asdict(EvalConfig()))
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"unknown evaluate setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    return EvalConfig(**d)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import gzip
 import json
-import logging
 import re
 import warnings
 from collections.abc import Callable, Iterator
@@ -22,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-
-log = logging.getLogger(__name__)
 
 INTERACTION_COLUMNS = ["user_id", "item_id", "rating", "timestamp"]
 ITEM_COLUMNS = ["item_id", "title", "categories"]

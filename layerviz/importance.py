@@ -467,7 +467,8 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
 
     prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len),
                 report=report)
-    key = store.config_hash("importance", asdict(cfg), prep.fingerprint, store.versions()["layerviz"])
+    settings = {k: v for k, v in asdict(cfg).items() if k != "results_dir"}  # where, not what
+    key = store.config_hash("importance", settings, prep.fingerprint, store.versions()["layerviz"])
     folder = Path(cfg.results_dir) / "importance" / f"{cfg.model.replace('/', '_')}-{key}"
     if use_cache and (folder / "manifest.json").exists():
         if report:

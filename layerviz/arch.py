@@ -9,8 +9,10 @@ issue #56 is the cautionary tale of a silently missed final norm).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 import torch
@@ -171,9 +173,68 @@ def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     return out.last_hidden_state, new_cache
 
 
-def layer_signature(model: nn.Module) -> tuple[int, ...]:
-    """Identity of the layers currently in the model: changes whenever surgery changes them."""
-    return tuple(id(layer) for layer in layers(model))
+def layer_signature(model: nn.Module) -> tuple:
+    """Identity of the layers currently in the model: changes whenever surgery changes them.
+
+    Layers with a ``version`` (compact models' adapter-carrying layers) add it, so training
+    their adapters invalidates results cached under the old signature.
+    """
+    return tuple((id(layer), getattr(layer, "version", 0)) for layer in layers(model))
+
+
+def indexed_modules(layer: nn.Module) -> list[nn.Module]:
+    """Submodules of a decoder layer that carry ``layer_idx`` (their KV-cache slot)."""
+    return [m for m in layer.modules() if hasattr(m, "layer_idx")]
+
+
+@contextmanager
+def layer_index(modules: list[nn.Module], idx: int):
+    """Temporarily give a layer's attention the KV-cache slot ``idx`` (shared layers keep theirs)."""
+    old = [m.layer_idx for m in modules]
+    try:
+        for m in modules:
+            m.layer_idx = idx
+        yield
+    finally:
+        for m, i in zip(modules, old, strict=True):
+            m.layer_idx = i
+
+
+def assemble(model: nn.Module, new_layers: list[nn.Module], types: list[str] | None = None,
+             share: bool = True) -> nn.Module:
+    """A new causal LM of ``model``'s class running ``new_layers`` between its embedding and final norm.
+
+    ``new_layers`` are modules with the decoder-layer call signature (e.g. wrappers around
+    kept layers). Everything else (embedding, rotary embedding, final norm, LM head) is
+    shared with ``model`` when ``share`` is true, otherwise deep-copied (tied weights stay
+    tied). The config reports ``len(new_layers)`` layers with per-layer attention ``types``.
+    The shell is built on the meta device, so nothing is allocated twice.
+    """
+    p = parts(model)
+    if p.decoder is not getattr(model, "model", None):
+        raise NotImplementedError(
+            f"{type(model).__name__} nests its text stack (multimodal wrapper); compact models need the "
+            "text-only causal LM, e.g. Gemma3ForCausalLM loaded from the text checkpoint."
+        )
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = len(new_layers)
+    _set_layer_types(config, types)
+    with torch.device("meta"):
+        shell = type(model)(config)
+    outer = {n: m for n, m in model.named_children() if n != "model"}
+    inner = {n: m for n, m in p.decoder.named_children() if n != "layers"}
+    if not share:  # one deepcopy call: tied embedding/head stay one tensor
+        outer, inner, new_layers = copy.deepcopy((outer, inner, new_layers))
+    for n, m in inner.items():
+        setattr(shell.model, n, m)
+    shell.model.layers = nn.ModuleList(new_layers)
+    for n, m in outer.items():
+        setattr(shell, n, m)
+    shell.generation_config = copy.deepcopy(model.generation_config)
+    left = [n for n, t in chain(shell.named_parameters(), shell.named_buffers()) if t.is_meta and not p.embedding.weight.is_meta]
+    if left:
+        raise NotImplementedError(f"{type(model).__name__}: layerviz does not know where {left[:3]} come from")
+    return shell.eval()
 
 
 def _set_layer_types(config, types: list[str] | None) -> None:

@@ -174,6 +174,124 @@ def _add_select(sub) -> None:
     p.set_defaults(func=_cmd_select)
 
 
+def _cmd_adapt(args: argparse.Namespace) -> int:
+    from layerviz.compact import AdaptConfig, run_adapt
+
+    fields = {k: v for k, v in vars(args).items() if k in AdaptConfig.__dataclass_fields__ and v is not None}
+    if args.layers is not None:
+        try:
+            fields["layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--layers must be comma-separated integers like 0,3,7, got {args.layers!r}") from None
+    fields["policy"] = {k: v for k, v in (("rank", args.rank), ("force", args.adapter)) if v is not None}
+    if args.full_rank:
+        fields["policy"]["rank"] = None
+    fields["train"] = {k: v for k, v in (("init", args.init), ("stage1_epochs", args.stage1_epochs),
+                                         ("stage2_epochs", args.stage2_epochs), ("lr", args.lr),
+                                         ("reg", args.reg)) if v is not None}
+    res = run_adapt(AdaptConfig(**fields), out=args.out, use_cache=not args.no_cache)
+    s = res["summary"]
+    print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}")
+    print(f"  adapters: {s['adapter_params']:,} parameters = {s['params_pct_of_base']:.3f}% of the base, "
+          f"{s['params_pct_of_kept_layers']:.2f}% of the kept layers; {s['flops_pct']:.3f}% FLOPs per token")
+    print(f"  full model NDCG@10 {s['full_ndcg@10']:.4f}, chance {s['chance_ndcg@10']:.4f}; "
+          f"training {s['train_seconds']:.1f} s")
+    print(res["retention"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"wrote {res['folder']}")
+    return 0
+
+
+def _add_adapt(sub) -> None:
+    from layerviz.adapters import KINDS
+
+    p = sub.add_parser("adapt", help="RQ3: build a compact model from kept layers, train its adapters, measure retention")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--layers", default=None, help="kept layers, comma-separated (e.g. 0,1,3,11,20,21,23,29)")
+    p.add_argument("--selection", default=None, help="selection.json (or its folder) from `layerviz select --out`")
+    p.add_argument("--adapter", choices=KINDS, default=None, help="one adapter type for every gap (default: the policy)")
+    p.add_argument("--rank", type=int, default=None, help="adapter rank (default 64)")
+    p.add_argument("--full-rank", dest="full_rank", action="store_true", help="full-rank adapters")
+    p.add_argument("--init", choices=["identity", "lstsq"], default=None)
+    p.add_argument("--stage1-epochs", dest="stage1_epochs", type=int, default=None)
+    p.add_argument("--stage2-epochs", dest="stage2_epochs", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--reg", type=float, default=None, help="lambda of the distance-to-identity penalty")
+    p.add_argument("--samples", type=int, default=None, help="calibration prompts (default 64)")
+    p.add_argument("--users", type=int, default=None, help="test users for retention (default 100)")
+    p.add_argument("--negatives", type=int, default=None)
+    p.add_argument("--history-len", dest="history_len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--results-dir", dest="results_dir", default=None)
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--out", default=None, help="folder for the compact model and its tables")
+    p.set_defaults(func=_cmd_adapt)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from layerviz.bench import BenchConfig, run_bench
+
+    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
+    if args.keep is not None:
+        fields["keep"] = [int(x) for x in args.keep.split(",") if x.strip()]
+    if args.no_adapters:
+        fields["adapters"] = False
+    df = run_bench(BenchConfig(**fields), out=args.out)
+    cols = ["config", "k", "prefill_ms", "speedup", "bound", "measured_over_bound", "latency_ms", "qps",
+            "peak_mb", "memory_ratio"]
+    print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if args.out:
+        print(f"wrote {args.out}/bench.csv, bench.parquet")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="RQ4: latency, throughput, peak memory of full vs compact models, and the FLOP bound")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dataset", default=None)
+    p.add_argument("--keep", default=None, help="values of k, comma-separated (default 4,8,12,16)")
+    p.add_argument("--selection", default=None, help="selection.json: its layers are used at its k")
+    p.add_argument("--no-adapters", dest="no_adapters", action="store_true", help="skip the with-adapter variants")
+    p.add_argument("--rank", type=int, default=None)
+    p.add_argument("--runs", type=int, default=None)
+    p.add_argument("--seq-len", dest="seq_len", type=int, default=None)
+    p.add_argument("--prefill-batch", dest="prefill_batch", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from layerviz.study import StudyConfig, run_study
+
+    cfg = StudyConfig.from_yaml(args.config)  # fails here, before any work, on a bad config
+    if args.results_dir:
+        cfg.results_dir = args.results_dir
+    out = run_study(cfg)
+    t = out["tables"]
+    with pd_options():
+        print("\nheadline:\n" + t["headline"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+        print("\nhypotheses:\n" + t["hypotheses"][["model", "claim", "evidence", "value", "ci_low", "ci_high",
+                                                   "verdict"]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nwrote {cfg.folder}/headline.csv, headline.tex, thirds.csv, cross_model.csv, cross_domain.csv, "
+          "hypotheses.csv")
+    return 0
+
+
+def pd_options():
+    import pandas as pd
+
+    return pd.option_context("display.max_colwidth", 60, "display.width", 200)
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run (or resume) a whole study from a YAML config, e.g. configs/demo.yaml")
+    p.add_argument("config")
+    p.add_argument("--results-dir", dest="results_dir", default=None)
+    p.set_defaults(func=_cmd_run)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets: download, demo, stats")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -203,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_importance(sub)
     _add_select(sub)
+    _add_adapt(sub)
+    _add_bench(sub)
+    _add_run(sub)
     _add_data(sub)
     return parser
 

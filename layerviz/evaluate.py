@@ -93,9 +93,13 @@ class TaskEvaluator:
         self.calls = 0
 
     def __call__(self, model) -> np.ndarray:
+        return self.metrics(model)["ndcg@10"].to_numpy()
+
+    def metrics(self, model) -> pd.DataFrame:
+        """Every ranking metric per user (rows in candidate order)."""
         self.calls += 1
         scores = score(model, self.tokenizer, self.requests, self.cfg, desc="task eval")
-        return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), self.pos))["ndcg@10"].to_numpy()
+        return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), self.pos))
 
 
 class FidelityEvaluator:

@@ -77,3 +77,18 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: in
     boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
     p = 2 * min((boot <= 0).mean(), (boot >= 0).mean()) if d.any() else 1.0
     return {"diff": mean, "ci_low": lo, "ci_high": hi, "p_value": float(min(1.0, p)), "n": len(d)}
+
+
+def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """(ratio, low, high): mean(num) / mean(den) with a paired percentile bootstrap over users (retention)."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape or len(num) == 0:
+        raise ValueError(f"ratio_ci needs the same, non-empty users: {num.shape} vs {den.shape}")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        boot = num[idx].mean(1) / den[idx].mean(1)
+        ratio = num.mean() / den.mean()
+    boot[~np.isfinite(boot)] = np.nan  # resamples whose denominator is 0
+    a = (1 - level) / 2
+    return float(ratio), float(np.nanquantile(boot, a)), float(np.nanquantile(boot, 1 - a))

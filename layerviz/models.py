@@ -401,6 +401,7 @@ def load_model(
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(dev).eval()
+    model.layerviz_source = str(local_path or spec)  # what compact models record as their base
     return model, tokenizer
 
 

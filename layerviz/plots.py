@@ -98,3 +98,87 @@ def ablation_curve(table: pd.DataFrame, title: str = ""):
         ax1.legend(handles=lines, loc="upper center", fontsize=8)
         fig.tight_layout()
     return fig
+
+
+KIND_COLORS = {"identity": "#bbbbbb", "linear": "C0", "residual": "C1", "mlp": "C2"}
+
+
+def adapter_placement(placement: pd.DataFrame, n_layers: int, title: str = ""):
+    """Which adapter type sits in which gap of a selection: kept layers as dark cells, gaps coloured by kind."""
+    kept = sorted(set(placement["next"]) - {n_layers})
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(max(6.5, 0.26 * (n_layers + 2) + 1.5), 2.3))
+        for i in range(n_layers):
+            ax.add_patch(plt.Rectangle((i - 0.45, 0.1), 0.9, 0.8, color="#222222" if i in kept else "#eeeeee",
+                                       ec="#999999", lw=0.5))
+        for end, name in ((-1, "emb"), (n_layers, "norm")):
+            ax.add_patch(plt.Rectangle((end - 0.45, 0.1), 0.9, 0.8, color="white", ec="#555555", lw=0.8))
+            ax.text(end, 0.5, name, ha="center", va="center", fontsize=7, rotation=90)
+        for _, g in placement.iterrows():
+            if g["kind"] == "identity":
+                continue
+            x0, x1 = g["prev"] + 0.5, g["next"] - 0.5
+            ax.annotate("", xy=(x1, 1.15), xytext=(x0, 1.15),
+                        arrowprops=dict(arrowstyle="-|>", color=KIND_COLORS[g["kind"]], lw=2))
+            rank = "" if pd.isna(g["rank"]) else f" r{int(g['rank'])}"
+            ax.text((x0 + x1) / 2, 1.3, f"{g['kind']}{rank}", ha="center", va="bottom", fontsize=7,
+                    color=KIND_COLORS[g["kind"]])
+        handles = [plt.Rectangle((0, 0), 1, 1, color="#222222"), plt.Rectangle((0, 0), 1, 1, color="#eeeeee", ec="#999999")]
+        handles += [plt.Line2D([], [], color=KIND_COLORS[k], lw=2) for k in ("linear", "residual", "mlp")]
+        ax.legend(handles, ["kept layer", "skipped layer", "linear adapter", "residual adapter", "MLP adapter"],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=5, frameon=False)
+        for f in (1 / 3, 2 / 3):  # region boundaries: depth i / (L-1) crosses a third
+            ax.axvline((n_layers - 1) * f, color="#888888", lw=0.6, ls=":")
+        ax.set_xlim(-1.6, n_layers + 0.6)
+        ax.set_ylim(0, 1.75)
+        ax.set_yticks([])
+        step = max(1, n_layers // 15)
+        ax.set_xticks(range(0, n_layers, step))
+        ax.set_xlabel("layer (dotted: thirds of the depth)")
+        ax.spines["left"].set_visible(False)
+        ax.set_title(title or f"Adapter placement: {len(kept)} of {n_layers} layers kept")
+        fig.tight_layout()
+    return fig
+
+
+def training_curves(curve: pd.DataFrame, title: str = ""):
+    """Validation MSE per epoch: stage 1 (one line per gap, local) and stage 2 (end to end)."""
+    stages = [s for s in ("stage1", "stage2") if (curve["stage"] == s).any()]
+    with paper_style():
+        fig, axes = plt.subplots(1, max(1, len(stages)), figsize=(4.2 * max(1, len(stages)), 3.2), squeeze=False)
+        for ax, stage in zip(axes[0], stages, strict=False):
+            rows = curve[curve["stage"] == stage]
+            for gap, g in rows.groupby("gap", sort=False):
+                ax.plot(g["epoch"], g["val_mse"], "-o", ms=2.5, label=str(gap))
+            ax.set_yscale("log")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel("validation MSE")
+            ax.set_title("stage 1: each adapter vs teacher state" if stage == "stage1"
+                         else "stage 2: final hidden state (pre-norm)")
+            ax.legend(title="gap" if stage == "stage1" else None, fontsize=7, ncol=2 if rows["gap"].nunique() > 5 else 1)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
+def retention_bars(retention: pd.DataFrame, full: float, chance: float, title: str = ""):
+    """NDCG@10 of the compact model before training, after stage 1 and after stage 2 (95% CIs)."""
+    names = {"drop": "layer dropping\n(no training)", "stage1": "adapters,\nstage 1", "stage2": "adapters,\nstage 2"}
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(5.2, 3.4))
+        x = np.arange(len(retention))
+        err = np.vstack([retention["ndcg@10"] - retention["ndcg@10_low"],
+                         retention["ndcg@10_high"] - retention["ndcg@10"]]).clip(min=0)
+        ax.bar(x, retention["ndcg@10"], yerr=err, capsize=3, color=[f"C{i}" for i in range(len(x))])
+        for xi, (_, r) in zip(x, retention.iterrows(), strict=True):
+            ax.text(xi, r["ndcg@10_high"] + 0.005, f"{100 * r['retention']:.0f}%", ha="center", va="bottom", fontsize=8)
+        ax.axhline(full, color="black", lw=1, label=f"full model ({full:.3f})")
+        ax.axhline(chance, color="grey", lw=1, ls="--", label=f"chance ({chance:.3f})")
+        ax.set_xticks(x, [names.get(s, s) for s in retention["stage"]])
+        ax.set_ylabel("NDCG@10 (test users)")
+        ax.set_ylim(0, max(full, retention["ndcg@10_high"].max()) * 1.2)
+        ax.set_title(title or "Retention of the compact model")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+    return fig

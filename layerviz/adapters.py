@@ -1,0 +1,525 @@
+"""RQ3: light adapters that join non-contiguous kept layers, and how they are trained.
+
+An adapter sits in each *gap*: between the embedding and the first kept layer, between
+consecutive kept layers, and (``tail``) between the last kept layer and the final norm.
+The gap size is the number of skipped layers. The paper's placement policy:
+
+* gap 0 (nothing skipped): no adapter (identity);
+* a gap that starts at the embedding, or whose kept ends lie in different depth thirds
+  (lower/middle/upper): MLP adapter ``h + W2 gelu(W1 h)``, W2 = 0 at init;
+* gap <= 3: linear adapter ``W h``, W = I at init;
+* gap > 3: residual adapter ``h + W h``, W = 0 at init.
+
+Every adapter has a full-rank form and a rank-r form. Rank r: linear becomes
+``diag(s) h + U D h`` (s = 1, U = 0 at init: identity plus a low-rank correction, with a
+per-channel scale that can follow the norm growth of the skipped layers), residual
+``h + U D h`` (U = 0), MLP ``h + W2 gelu(W1 h)`` with r hidden units. So at init every
+adapter is the identity and the compact model equals plain layer dropping.
+
+Training (``train_adapters``) minimizes MSE to the original model's hidden states plus
+lambda times each adapter's squared distance from the identity map:
+stage 1 fits each adapter locally on cached teacher states (optionally starting from the
+closed-form least-squares bridge, as in ReplaceMe); stage 2 trains all adapters end to end
+on the final hidden state *before* the final norm, read by a hook.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layerviz import arch
+from layerviz.progress import progress
+
+KINDS = ("identity", "linear", "residual", "mlp")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the adapters were reset to their last good state."""
+
+
+# ----------------------------------------------------------------------------- placement policy
+
+
+@dataclass
+class AdapterPolicy:
+    """Which adapter goes in which gap (defaults: the paper's policy, in rank-64 form)."""
+
+    linear_max_gap: int = 3
+    """Gaps of 1..linear_max_gap skipped layers get a linear adapter; larger ones a residual one."""
+    rank: int | None = 64
+    """Low-rank form with this rank; None for full-rank adapters."""
+    boundary: str | None = "mlp"
+    """Kind for a gap whose kept ends lie in different depth thirds; None: no special rule."""
+    embedding: str | None = "mlp"
+    """Kind for a gap that starts at the embedding; None: no special rule."""
+    tail: bool = True
+    """Also place an adapter after the last kept layer when layers after it were skipped."""
+    force: str | None = None
+    """One kind for every non-empty gap (e.g. 'identity' = plain layer dropping); None: the policy."""
+
+    def __post_init__(self):
+        for name in ("boundary", "embedding", "force"):
+            v = getattr(self, name)
+            if v is not None and v not in KINDS:
+                raise ValueError(f"unknown adapter type {v!r} for {name}; use one of {', '.join(KINDS)}")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"adapter rank must be >= 1 or None (full rank), got {self.rank}")
+        if self.linear_max_gap < 0:
+            raise ValueError(f"linear_max_gap must be >= 0, got {self.linear_max_gap}")
+
+
+@dataclass
+class AdapterSpec:
+    """One gap: the kept layer before it (-1 = embedding), after it (L = final norm), and its adapter."""
+
+    prev: int
+    next: int
+    skipped: int
+    kind: str
+    rank: int | None
+    reason: str
+    n_layers: int
+
+    @property
+    def label(self) -> str:
+        """e.g. 'emb→0', '3→7', '25→norm'."""
+        return f"{'emb' if self.prev < 0 else self.prev}→{'norm' if self.next >= self.n_layers else self.next}"
+
+
+def region(i: int, n_layers: int) -> str:
+    """'embedding', 'lower', 'middle', 'upper' (depth i/(L-1) in thirds) or 'norm' (i >= L)."""
+    if i < 0:
+        return "embedding"
+    if i >= n_layers:
+        return "norm"
+    d = i / max(1, n_layers - 1)
+    return "lower" if d < 1 / 3 else "middle" if d < 2 / 3 else "upper"
+
+
+def plan(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) -> list[AdapterSpec]:
+    """The adapter for every gap of a selection, with the reason for each choice."""
+    policy = policy or AdapterPolicy()
+    layers = arch.validate_layers(layers, n_layers)
+    ends = [-1, *layers] + ([n_layers] if policy.tail else [])
+    specs = []
+    for prev, nxt in zip(ends[:-1], ends[1:], strict=True):
+        gap = nxt - prev - 1
+        a, b = region(prev, n_layers), region(min(nxt, n_layers - 1), n_layers)
+        if gap == 0:
+            kind, why = "identity", "no layer skipped"
+        elif policy.force is not None:
+            kind, why = policy.force, f"forced {policy.force}"
+        elif prev < 0 and policy.embedding:
+            kind, why = policy.embedding, f"starts at the embedding, skips {gap}"
+        elif a != b and policy.boundary:
+            kind, why = policy.boundary, f"spans the {a}/{b} boundary, skips {gap}"
+        elif gap <= policy.linear_max_gap:
+            kind, why = "linear", f"skips {gap} <= {policy.linear_max_gap}"
+        else:
+            kind, why = "residual", f"skips {gap} > {policy.linear_max_gap}"
+        rank = policy.rank if kind != "identity" else None
+        specs.append(AdapterSpec(prev, nxt, gap, kind, rank, why, n_layers))
+    return specs
+
+
+# ----------------------------------------------------------------------------- the adapter module
+
+
+class Adapter(nn.Module):
+    """One gap's map h -> h' (identity at init); weights in fp32 (master weights under autocast)."""
+
+    def __init__(self, kind: str, hidden: int, rank: int | None = None, device=None, seed: int = 0):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown adapter type {kind!r}; use one of {', '.join(KINDS)}")
+        self.kind, self.hidden, self.rank = kind, hidden, rank
+        d, f32 = hidden, dict(device=device, dtype=torch.float32)
+        gen = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):  # seeded on CPU, then moved: same init on every device
+            w = torch.randn(*shape, generator=gen) / math.sqrt(shape[-1])
+            return w.to(**f32) if device != "meta" else torch.empty(*shape, **f32)
+
+        if kind == "identity":
+            return
+        width = rank or d
+        if kind == "mlp":
+            self.w1 = nn.Parameter(rand(width, d))
+            self.w2 = nn.Parameter(torch.zeros(d, width, **f32))
+        elif rank is None:  # full rank: linear W = I, residual W = 0
+            self.weight = nn.Parameter(torch.eye(d, **f32) if kind == "linear" else torch.zeros(d, d, **f32))
+        else:
+            self.down = nn.Parameter(rand(rank, d))
+            self.up = nn.Parameter(torch.zeros(d, rank, **f32))
+            if kind == "linear":
+                self.scale = nn.Parameter(torch.ones(d, **f32))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.kind == "identity":
+            return h
+        x = h.to(torch.float32) if not torch.is_autocast_enabled(h.device.type) else h
+        if self.kind == "mlp":
+            y = x + F.linear(F.gelu(F.linear(x, self.w1)), self.w2)
+        elif self.rank is None:
+            y = F.linear(x, self.weight) + (x if self.kind == "residual" else 0)
+        else:
+            y = F.linear(F.linear(x, self.down), self.up) + (x * self.scale if self.kind == "linear" else x)
+        return y.to(h.dtype)
+
+    def distance_to_identity(self) -> torch.Tensor:
+        """Squared Frobenius distance of the map from the identity (0 at init): the default regularizer."""
+        if self.kind == "identity":
+            return torch.zeros(())
+        if self.kind == "mlp":
+            return self.w2.pow(2).sum()
+        if self.rank is None:
+            eye = torch.eye(self.hidden, device=self.weight.device) if self.kind == "linear" else 0
+            return (self.weight - eye).pow(2).sum()
+        # ||U D||_F^2 = sum((U^T U) * (D D^T)), all r x r
+        low = ((self.up.T @ self.up) * (self.down @ self.down.T)).sum()
+        if self.kind == "residual":
+            return low
+        s1 = self.scale - 1  # ||diag(s-1) + U D||^2 = ||s-1||^2 + ||UD||^2 + 2 sum_i (s_i-1)(UD)_ii
+        return s1.pow(2).sum() + low + 2 * (s1 * (self.up * self.down.T).sum(1)).sum()
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds x 2 of one token through the adapter (elementwise ops not counted)."""
+        if self.kind == "identity":
+            return 0
+        return 2 * sum(p.numel() for n, p in self.named_parameters() if n != "scale")
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, hidden={self.hidden}, rank={self.rank}"
+
+
+@torch.no_grad()
+def fit_lstsq(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-4) -> None:
+    """Closed-form least-squares bridge from inputs x (N, d) to targets y (N, d), in float64.
+
+    Linear/residual full rank: the ridge solution. Rank r: reduced-rank regression of y - x
+    on x (the rank-r solution with the smallest squared error). MLP: W2 by least squares on
+    the fixed random features gelu(W1 x). ``ridge`` is relative to the mean diagonal of x^T x.
+    """
+    if adapter.kind == "identity":
+        return
+    x64, y64 = x.double(), y.double()
+
+    def solve(a, b):
+        g = a.T @ a
+        g += torch.eye(g.shape[0], dtype=g.dtype, device=g.device) * (ridge * g.diagonal().mean() + 1e-12)
+        return torch.linalg.solve(g, a.T @ b)
+
+    if adapter.kind == "mlp":
+        phi = F.gelu(x64 @ adapter.w1.double().T)
+        adapter.w2.copy_(solve(phi, y64 - x64).T)
+    elif adapter.rank is None:
+        target = y64 if adapter.kind == "linear" else y64 - x64
+        adapter.weight.copy_(solve(x64, target).T)
+    else:
+        m = solve(x64, y64 - x64)  # d x d, h -> h @ m
+        _, vecs = torch.linalg.eigh((x64 @ m).T @ (x64 @ m))
+        v = vecs[:, -adapter.rank:]  # top right-singular vectors of the fitted values
+        adapter.down.copy_((m @ v).T)
+        adapter.up.copy_(v)
+        if adapter.kind == "linear":
+            adapter.scale.fill_(1.0)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainConfig:
+    """How adapters are trained (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
+
+    init: str = "identity"
+    """Stage-1 start: 'identity' (the adapters' own init) or 'lstsq' (closed-form bridge first)."""
+    stage1_epochs: int = 20
+    """Local training epochs per adapter (0: skip the gradient steps of stage 1)."""
+    stage2_epochs: int = 3
+    """End-to-end epochs on the final hidden state (0: no stage 2)."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    stage2_lr: float = 2e-4
+    """AdamW learning rate in stage 2."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (pulls towards 0, not the identity; the default reg does that)."""
+    reg: float = 1e-4
+    """lambda: weight of each adapter's squared distance from the identity map."""
+    clip: float = 1.0
+    """Gradient-norm clipping."""
+    patience: int = 3
+    """Early stopping: epochs without a better validation MSE."""
+    token_batch: int = 2048
+    """Stage 1: tokens per step."""
+    sample_batch: int = 4
+    """Stage 2: prompts per step."""
+    val_fraction: float = 0.25
+    """Share of the calibration prompts held out for validation and early stopping."""
+    skip_first: bool = True
+    """Leave the first position out of the MSE: its attention-sink state has huge norms that would dominate."""
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.init not in ("identity", "lstsq"):
+            raise ValueError(f"unknown adapter init {self.init!r}; use 'identity' or 'lstsq'")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def _padded(examples, idx, pad, device):
+    seqs = [examples[i].ids for i in idx]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+    return ids.to(device), mask.to(device)
+
+
+def _loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
+    m = mask.bool().clone()
+    if skip_first:
+        m[:, 0] = False
+    return m
+
+
+@torch.no_grad()
+def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8, skip_first: bool = True,
+                   desc: str = "teacher states") -> dict[int, list[torch.Tensor]]:
+    """Hidden states *entering* layer i for each i in ``points`` (i = L: entering the final norm).
+
+    Returns {i: [per-example (tokens, d) fp32 tensors on the model's device]}, masked tokens only.
+    """
+    n = arch.num_layers(model)
+    dev = arch.embedding(model).weight.device
+    out: dict[int, list[torch.Tensor]] = {i: [] for i in points}
+    caught: dict[int, torch.Tensor] = {}
+
+    def hook(i):
+        def fn(_module, args, kwargs):
+            caught[i] = args[0] if args else kwargs["hidden_states"]
+        return fn
+
+    mods = {i: (arch.layers(model)[i] if i < n else arch.final_norm(model)) for i in points}
+    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in mods.items()]
+    try:
+        for s in progress(range(0, len(examples), batch), desc=desc, unit="batch"):
+            idx = list(range(s, min(s + batch, len(examples))))
+            ids, mask = _padded(examples, idx, pad, dev)
+            arch.run_decoder(model, ids, mask)
+            keep = _loss_mask(mask, skip_first)
+            for i in points:
+                for r in range(len(idx)):
+                    out[i].append(caught[i][r][keep[r]].float())
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
+class _Frozen:
+    """Freeze every parameter except ``trainable``; restore the requires_grad flags on exit."""
+
+    def __init__(self, model, trainable):
+        self.model, self.trainable = model, {id(p) for p in trainable}
+
+    def __enter__(self):
+        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
+        for p, _ in self.flags:
+            p.requires_grad_(id(p) in self.trainable)
+
+    def __exit__(self, *exc):
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+
+
+def _state(adapters: list[Adapter]) -> list[dict]:
+    return [{k: v.detach().clone() for k, v in a.state_dict().items()} for a in adapters]
+
+
+def _load_state(adapters: list[Adapter], states: list[dict]) -> None:
+    for a, s in zip(adapters, states, strict=True):
+        a.load_state_dict(s)
+
+
+def _check_finite(loss: torch.Tensor, adapters, good, where: str) -> None:
+    if not torch.isfinite(loss):
+        _load_state(adapters, good)
+        raise NonFiniteLossError(
+            f"non-finite loss ({loss.item()}) in {where}; the adapters were reset to their last good "
+            "state. Lower the learning rate (lr / stage2_lr) or raise the gradient clipping."
+        )
+
+
+def _local_stage(adapter: Adapter, x_tr, y_tr, x_va, y_va, cfg: TrainConfig, label: str, curve: list) -> None:
+    params = list(adapter.parameters())
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        best, best_state, bad = F.mse_loss(adapter(x_va), y_va).item(), _state([adapter]), 0
+    curve.append({"stage": "stage1", "gap": label, "epoch": 0, "train_mse": float("nan"), "val_mse": best})
+    if cfg.stage1_epochs == 0:
+        return
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch in range(1, cfg.stage1_epochs + 1):
+        order = torch.randperm(len(x_tr), generator=gen).to(x_tr.device)
+        losses = []
+        for s in range(0, len(order), cfg.token_batch):
+            b = order[s : s + cfg.token_batch]
+            good = _state([adapter])
+            mse = F.mse_loss(adapter(x_tr[b]), y_tr[b])
+            loss = mse + cfg.reg * adapter.distance_to_identity()
+            _check_finite(loss, [adapter], good, f"stage 1, gap {label}, epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            losses.append(mse.item())
+        with torch.no_grad():
+            val = F.mse_loss(adapter(x_va), y_va).item()
+        _check_finite(torch.tensor(val), [adapter], best_state, f"stage 1 validation, gap {label}")
+        curve.append({"stage": "stage1", "gap": label, "epoch": epoch, "train_mse": float(np.mean(losses)),
+                      "val_mse": val})
+        if val < best * (1 - 1e-4):
+            best, best_state, bad = val, _state([adapter]), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    _load_state([adapter], best_state)
+
+
+def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int, skip_first: bool,
+              grad: bool = False):
+    """Mean squared error of ``model``'s pre-final-norm hidden states against ``targets`` (per-example tensors).
+
+    Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens.
+    """
+    dev = arch.embedding(model).weight.device
+    caught = {}
+    h = arch.final_norm(model).register_forward_pre_hook(lambda m, a: caught.__setitem__("h", a[0]))
+    total, count = torch.zeros((), device=dev), 0
+    try:
+        for s in range(0, len(examples), batch):
+            idx = list(range(s, min(s + batch, len(examples))))
+            ids, mask = _padded(examples, idx, pad, dev)
+            with torch.set_grad_enabled(grad), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+                arch.run_decoder(model, ids, mask)
+            keep = _loss_mask(mask, skip_first)
+            pred = caught["h"][keep].float()
+            tgt = torch.cat([targets[i] for i in idx])
+            total = total + F.mse_loss(pred, tgt, reduction="sum") / pred.shape[-1]
+            count += len(pred)
+    finally:
+        h.remove()
+    return total / max(count, 1)
+
+
+def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, pad: int = 0,
+                   report=print, on_stage=None) -> pd.DataFrame:
+    """Train the compact model's adapters to reproduce ``base``; return the loss curve (tidy frame).
+
+    Rows: stage ('stage1' per gap, 'stage2'), gap, epoch, train_mse, val_mse. Only adapter
+    parameters change; the base weights are frozen (and shared, so they stay bit-identical).
+    ``on_stage(stage, val_mse, val_nmse, seconds)`` is called before training ('drop'), after
+    stage 1 and after stage 2, with the validation MSE of the pre-norm final hidden state
+    (nmse: divided by the teacher's mean square). On a NaN/inf loss the adapters are reset to
+    their last good state and NonFiniteLossError is raised.
+    """
+    cfg = cfg or TrainConfig()
+    examples = calibration.examples if hasattr(calibration, "examples") else calibration
+    if len(examples) < 2:
+        raise ValueError("adapter training needs at least 2 calibration prompts (train + validation)")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(len(examples))
+    n_val = max(1, int(round(len(examples) * cfg.val_fraction)))
+    val_idx, tr_idx = sorted(order[:n_val]), sorted(order[n_val:])
+    specs, adapters = compact.specs, compact.adapters()
+    n = compact.n_base_layers
+    points = sorted({s.prev + 1 for s in specs} | {s.next for s in specs} | {n})
+    teacher = teacher_states(base, examples, points, pad, skip_first=cfg.skip_first)
+    va, va_t = [examples[i] for i in val_idx], [teacher[n][i] for i in val_idx]
+    energy = torch.cat(va_t).pow(2).mean().item()
+    curve: list[dict] = []
+    t0, outside = time.perf_counter(), [0.0]  # time spent in checkpoints is not training time
+
+    def checkpoint(stage: str) -> None:
+        t1 = time.perf_counter()
+        seconds = t1 - t0 - outside[0]
+        with torch.no_grad():
+            mse = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
+        if report:
+            report(f"{stage}: validation MSE {mse:.4g} (relative {mse / energy:.4f}) after {seconds:.1f} s")
+        if on_stage is not None:
+            on_stage(stage, mse, mse / energy, seconds)
+        outside[0] += time.perf_counter() - t1
+
+    checkpoint("drop")
+    torch.manual_seed(cfg.seed)
+    with _Frozen(compact, [p for a in adapters for p in a.parameters()]):
+        for spec, adapter in progress(list(zip(specs, adapters, strict=True)), desc="stage 1", unit="adapter"):
+            if adapter.kind == "identity":
+                continue
+            x, y = teacher[spec.prev + 1], teacher[spec.next]
+            x_tr, y_tr = torch.cat([x[i] for i in tr_idx]), torch.cat([y[i] for i in tr_idx])
+            x_va, y_va = torch.cat([x[i] for i in val_idx]), torch.cat([y[i] for i in val_idx])
+            if cfg.init == "lstsq":
+                fit_lstsq(adapter, x_tr, y_tr)
+            _local_stage(adapter, x_tr, y_tr, x_va, y_va, cfg, spec.label, curve)
+        checkpoint("stage1")
+        trainable = [p for a in adapters for p in a.parameters()]
+        if cfg.stage2_epochs and trainable:
+            _end_to_end(compact, examples, teacher[n], tr_idx, val_idx, trainable, adapters, cfg, pad, curve)
+            checkpoint("stage2")
+    out = pd.DataFrame(curve, columns=["stage", "gap", "epoch", "train_mse", "val_mse"])
+    out.attrs["train_seconds"] = time.perf_counter() - t0 - outside[0]
+    return out
+
+
+def _end_to_end(compact, examples, final, tr_idx, val_idx, params, adapters, cfg: TrainConfig, pad, curve):
+    tr = [examples[i] for i in tr_idx]
+    va, va_t = [examples[i] for i in val_idx], [final[i] for i in val_idx]
+    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
+    gen = np.random.default_rng(cfg.seed)
+    with torch.no_grad():
+        best = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
+    best_state, bad = _state(adapters), 0
+    curve.append({"stage": "stage2", "gap": "all", "epoch": 0, "train_mse": float("nan"), "val_mse": best})
+    for epoch in progress(range(1, cfg.stage2_epochs + 1), desc="stage 2", unit="epoch"):
+        perm = gen.permutation(len(tr))
+        losses = []
+        for s in range(0, len(perm), cfg.sample_batch):
+            b = [int(i) for i in perm[s : s + cfg.sample_batch]]
+            good = _state(adapters)
+            mse = final_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, len(b),
+                            cfg.skip_first, grad=True)
+            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters)
+            _check_finite(loss, adapters, good, f"stage 2, epoch {epoch}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            losses.append(mse.item())
+        with torch.no_grad():
+            val = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
+        _check_finite(torch.tensor(val), adapters, best_state, "stage 2 validation")
+        curve.append({"stage": "stage2", "gap": "all", "epoch": epoch, "train_mse": float(np.mean(losses)),
+                      "val_mse": val})
+        if val < best * (1 - 1e-4):
+            best, best_state, bad = val, _state(adapters), 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    _load_state(adapters, best_state)

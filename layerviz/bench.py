@@ -1,0 +1,305 @@
+"""RQ4 efficiency: measured latency, throughput and peak memory of full and compact models, against a FLOP bound.
+
+Every configuration (the full model; compact models at several k, with and without adapters)
+is measured in one run, side by side:
+
+* ``prefill``: one forward over ``prefill_batch`` prompts of ``seq_len`` tokens (logits at
+  every position), median and IQR over ``runs`` after ``warmup`` runs. Its full/compact ratio
+  is the measured speedup compared with the bound.
+* ``latency``: one query = scoring one user's candidate list with the harness's scorer.
+* ``qps``: queries per second over ``qps_queries`` queries, at the best candidate batch size.
+* ``peak memory``: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the peak resident set
+  (VmHWM, reset after set-up) of a separate process per configuration, with the compact model
+  standalone (its own copy of the kept weights) and the base freed, so numbers do not mix.
+
+The bound (``flop_bound``) is the full model's FLOPs per token over the compact model's:
+2 FLOPs per weight of every layer run and of the LM head, the attention-score terms (which
+depend on the context length), the adapters, and 0 for the embedding lookup.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from layerviz import arch
+
+# ----------------------------------------------------------------------------- the bound
+
+
+def layer_costs(model) -> dict:
+    """Parameter counts and attention shapes per layer, from the modules (works on the meta device)."""
+    out = {"layer_params": [], "heads": [], "head_dim": [], "window": []}
+    cfg = arch.text_config(model)
+    types = arch.layer_types(model)
+    for layer, kind in zip(arch.layers(model), types, strict=True):
+        attn = arch.attention_module(layer)
+        out["layer_params"].append(sum(p.numel() for p in layer.parameters()))
+        out["heads"].append(int(attn.q_proj.out_features // attn.head_dim))
+        out["head_dim"].append(int(attn.head_dim))
+        out["window"].append(int(getattr(cfg, "sliding_window", 0) or 0) if kind == "sliding_attention" else 0)
+    out["head_params"] = arch.lm_head(model).weight.numel()
+    out["embedding_params"] = arch.embedding(model).weight.numel()
+    return out
+
+
+def attention_flops(heads: int, head_dim: int, context: int, window: int = 0) -> float:
+    """Per-token FLOPs of QK^T and AV, averaged over the positions of a causal prefill of ``context`` tokens."""
+    t = np.arange(1, context + 1)
+    keys = np.minimum(t, window) if window else t
+    return float(4 * heads * head_dim * keys.mean())
+
+
+def flops_per_token(costs: dict, layers: list[int], context: int, adapter_flops: float = 0.0) -> dict:
+    """FLOPs per token of a forward through ``layers`` (+ head, adapters): parts and total."""
+    w = 2.0 * sum(costs["layer_params"][i] for i in layers)
+    a = sum(attention_flops(costs["heads"][i], costs["head_dim"][i], context, costs["window"][i]) for i in layers)
+    parts = {"layers": w, "attention": a, "head": 2.0 * costs["head_params"], "embedding": 0.0,
+             "adapters": float(adapter_flops)}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def flop_bound(costs: dict, layers: list[int], context: int, adapter_flops: float = 0.0) -> float:
+    """Speedup a compact model running ``layers`` can reach at most: full FLOPs / compact FLOPs."""
+    n = len(costs["layer_params"])
+    full = flops_per_token(costs, list(range(n)), context)["total"]
+    return full / flops_per_token(costs, layers, context, adapter_flops)["total"]
+
+
+def adapter_flops(layers: list[int], n_layers: int, hidden: int, rank: int | None) -> float:
+    """FLOPs per token of the default policy's adapters for a selection (no model needed)."""
+    from layerviz.adapters import Adapter, AdapterPolicy, plan
+
+    return float(sum(Adapter(s.kind, hidden, s.rank, device="meta").flops_per_token()
+                     for s in plan(layers, n_layers, AdapterPolicy(rank=rank))))
+
+
+def layers_for_k(k: int, n_layers: int, selection: list[int] | None = None) -> list[int]:
+    """The selection's layers when it has k of them, else k evenly spaced layers (first and last kept)."""
+    if selection is not None and len(selection) == k:
+        return sorted(selection)
+    if not 1 <= k <= n_layers:
+        raise ValueError(f"k={k} is out of range for a model with {n_layers} layers (1..{n_layers})")
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers - 1, k)})
+
+
+# ----------------------------------------------------------------------------- measuring one configuration
+
+
+@dataclass
+class BenchConfig:
+    """What the efficiency benchmark measures (shared by `layerviz bench`, `layerviz run` and notebooks)."""
+
+    model: str = "smollm2-135m"
+    dataset: str = "demo"
+    keep: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
+    """Values of k to measure (those >= L are skipped)."""
+    selection: str | None = None
+    """selection.json whose layers are used at its k; other k use evenly spaced layers."""
+    adapters: bool = True
+    """Also measure every k with the default adapter policy (rank ``rank``)."""
+    rank: int | None = 64
+    runs: int = 5
+    """Timed repetitions (median and IQR reported)."""
+    warmup: int = 1
+    prefill_batch: int = 4
+    """Prompts per prefill forward."""
+    seq_len: int = 128
+    """Tokens per prefill prompt (also the context of the bound's attention term)."""
+    qps_queries: int = 3
+    """Queries scored back to back for the throughput."""
+    query_batches: list[int] = field(default_factory=lambda: [8, 20])
+    """Candidate batch sizes tried for the throughput; the best is reported."""
+    negatives: int = 19
+    history_len: int = 10
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None
+    isolate: bool = True
+    """CPU: measure each configuration in its own process (clean peak memory)."""
+    results_dir: str = "results"
+
+
+def _reset_peak(device: torch.device) -> bool:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux: writing 5 to clear_refs resets VmHWM to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _read_peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, runs: int, warmup: int, device: torch.device) -> np.ndarray:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(runs):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        out.append(time.perf_counter() - t0)
+    return np.array(out)
+
+
+def measure(model, tokenizer, request, cfg: BenchConfig) -> dict:
+    """Prefill time, query latency, throughput and peak memory of one (full or compact) model."""
+    from layerviz.scoring import ScoringConfig, score
+
+    dev = arch.embedding(model).weight.device
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = arch.lm_head(model).out_features
+    ids = torch.randint(0, vocab, (cfg.prefill_batch, cfg.seq_len), generator=gen).to(dev)
+    tracked = _reset_peak(dev)
+    with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
+        prefill = _timed(lambda: model(input_ids=ids), cfg.runs, cfg.warmup, dev)
+    out = {"prefill_ms": 1e3 * float(np.median(prefill)),
+           "prefill_iqr_ms": 1e3 * float(np.subtract(*np.percentile(prefill, [75, 25])))}
+    if request is not None and tokenizer is not None:
+        sc = ScoringConfig(max_title_tokens=32)
+        lat = _timed(lambda: score(model, tokenizer, [request], sc), cfg.runs, cfg.warmup, dev)
+        out.update(latency_ms=1e3 * float(np.median(lat)),
+                   latency_iqr_ms=1e3 * float(np.subtract(*np.percentile(lat, [75, 25]))))
+        best = (0.0, None)
+        for b in cfg.query_batches:
+            sb = ScoringConfig(max_title_tokens=32, batch_size=b)
+            t = _timed(lambda sb=sb: score(model, tokenizer, [request] * cfg.qps_queries, sb), 1, 0, dev)[0]
+            best = max(best, (cfg.qps_queries / t, b), key=lambda x: x[0])
+        out.update(qps=best[0], qps_batch=best[1])
+    out["peak_mb"] = _read_peak_mb(dev) if tracked else float("nan")
+    return out
+
+
+def _build(model, layers: list[int] | None, adapters: bool, rank: int | None, standalone: bool):
+    from layerviz.adapters import AdapterPolicy
+    from layerviz.compact import build_compact
+
+    if layers is None:
+        return model
+    policy = AdapterPolicy(rank=rank) if adapters else AdapterPolicy(force="identity")
+    return build_compact(model, layers, policy, share=not standalone)
+
+
+def _worker(spec: dict) -> dict:
+    """One configuration in this process: load, build standalone, free the base, measure."""
+    import ctypes
+
+    from layerviz.models import load_model
+    from layerviz.scoring import Request
+
+    cfg = BenchConfig(**spec["config"])
+    torch.manual_seed(cfg.seed)
+    model, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    target = _build(model, spec["layers"], spec["adapters"], cfg.rank, standalone=True)
+    if target is not model:
+        del model
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed base weights back to the OS
+    except OSError:
+        pass
+    req = Request(**spec["request"]) if spec.get("request") else None
+    return measure(target, tok, req, cfg)
+
+
+def _isolated(spec: dict) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", LAYERVIZ_PROGRESS="0")
+    r = subprocess.run([sys.executable, "-m", "layerviz.bench", "--worker"], input=json.dumps(spec),
+                       capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench worker for {spec['name']} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None) -> list[dict]:
+    """The full model, then every k < L without and (optionally) with adapters."""
+    out = [{"name": "full", "k": n_layers, "layers": None, "adapters": False}]
+    for k in sorted(set(cfg.keep)):
+        if k >= n_layers:
+            continue
+        layers = layers_for_k(k, n_layers, selection)
+        for ad in ([False, True] if cfg.adapters else [False]):
+            out.append({"name": f"k{k}{'+adapters' if ad else ''}", "k": k, "layers": layers, "adapters": ad})
+    return out
+
+
+def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> pd.DataFrame:
+    """Measure every configuration side by side -> one row each (times in ms, memory in MiB, ratios to full)."""
+    from layerviz import store
+    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.evaluate import requests_for
+    from layerviz.models import load_model, resolve_device
+    from layerviz.progress import progress
+
+    dev = resolve_device(cfg.device)
+    prep = load(cfg.dataset, "auto", PrepConfig(history_len=cfg.history_len), report=None)
+    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", 1, "test", cfg.seed),
+                              Path(cfg.results_dir) / "candidates")
+    request = requests_for(prep, cands, "test")[0]
+    if model is None:
+        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    n = arch.num_layers(model)
+    selection = None
+    if cfg.selection:
+        path = Path(cfg.selection)
+        selection = json.loads((path / "selection.json" if path.is_dir() else path).read_text())["layers"]
+    costs = layer_costs(model)
+    isolate = cfg.isolate and dev.type == "cpu"
+    rows = []
+    for c in progress(configurations(n, cfg, selection), desc="bench", unit="config"):
+        spec = {**c, "config": asdict(cfg), "request": asdict(request)}
+        if isolate:
+            m = _isolated(spec)
+        else:
+            target = _build(model, c["layers"], c["adapters"], cfg.rank, standalone=False)
+            m = measure(target, tokenizer, request, cfg)
+        layers = c["layers"] if c["layers"] is not None else list(range(n))
+        ad_flops = adapter_flops(layers, n, arch.hidden_size(model), cfg.rank) if c["adapters"] else 0.0
+        rows.append({"model": cfg.model, "config": c["name"], "L": n, "k": c["k"], "adapters": c["adapters"],
+                     "layers": layers, **m, "bound": flop_bound(costs, layers, cfg.seq_len, ad_flops)})
+        if report:
+            report(f"  {c['name']:>14}: prefill {m['prefill_ms']:.1f} ms, peak {m['peak_mb']:.0f} MiB"
+                   + (f", query {m['latency_ms']:.0f} ms, {m['qps']:.2f} q/s" if "latency_ms" in m else ""))
+    df = pd.DataFrame(rows)
+    full = df.iloc[0]
+    df["speedup"] = full["prefill_ms"] / df["prefill_ms"]
+    df["latency_speedup"] = full.get("latency_ms", np.nan) / df.get("latency_ms", np.nan)
+    df["measured_over_bound"] = df["speedup"] / df["bound"]
+    df["memory_ratio"] = df["peak_mb"] / full["peak_mb"]
+    df["device"] = str(dev)
+    df["isolated"] = isolate
+    if out is not None:
+        store.write_parquet(Path(out) / "bench.parquet", df)
+        store.atomic_write(Path(out) / "bench.csv", lambda tmp: df.drop(columns=["layers"]).to_csv(tmp, index=False))
+    return df
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    print(json.dumps(_worker(json.loads(sys.stdin.read()))))

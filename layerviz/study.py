@@ -1,0 +1,619 @@
+"""The study runner: ``layerviz run CONFIG`` executes every stage for every model and dataset.
+
+Stages, per model on domain A: importance, selection (each strategy), test evaluation of the
+full model and the ablations the hypotheses need, adapters on the primary selection, bench.
+Per cross-domain model, on domain B: importance, B's own selection and adapters, and A's
+selection and adapters evaluated on B. Then the tables: headline, cross-model, cross-domain,
+hypotheses. Each stage writes its files atomically and a ``done.json`` (with the stage's key)
+last, so a rerun skips finished stages and a run killed mid-stage leaves no corrupt cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from layerviz import arch, metrics, store
+
+REGIONS = ("lower", "middle", "upper")
+
+
+@dataclass
+class StudyConfig:
+    """A whole study (configs/*.yaml). Unknown keys and bad values are refused before any work."""
+
+    name: str = "demo"
+    """Folder name under results_dir."""
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
+    """Model presets, hub ids or local paths."""
+    domain_a: str = "demo-electronics"
+    """Domain A dataset: selection, adapters and the headline are measured here."""
+    domain_b: str = "demo-movies"
+    """Domain B dataset: the cross-domain transfer target."""
+    cross_domain_models: list[str] | None = None
+    """Models that run the cross-domain study (default: the first model)."""
+    strategies: list[str] = field(default_factory=lambda: ["importance_greedy", "top_k", "first_k", "last_k",
+                                                             "uniform"])
+    """Selection strategies compared (RQ2)."""
+    primary: str = "importance_greedy"
+    """The strategy whose selection gets adapters, bench and transfer."""
+    k_fraction: float = 0.25
+    """k = round(L * k_fraction) (the plan's 8 of 32)."""
+    reference: str = "llama3-8b"
+    """Key in data/reference_selections.json, mapped onto each model's depth for the hypothesis check."""
+    history_len: int = 10
+    select_users: int = 16
+    """Validation users scored per subset during selection (1 + 19 candidates)."""
+    eval_users: int = 40
+    """Test users for every reported NDCG (1 + 19 candidates)."""
+    negatives: int = 19
+    importance: dict = field(default_factory=dict)
+    """Overrides of ImportanceConfig (samples, ablation, ablation_users, ...)."""
+    adapters: dict = field(default_factory=dict)
+    """Overrides of AdaptConfig: samples, policy {...}, train {...}."""
+    bench: dict = field(default_factory=dict)
+    """Overrides of BenchConfig (keep, runs, ...)."""
+    seed: int = 0
+    device: str = "auto"
+    dtype: str | None = None
+    results_dir: str = "results"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.results_dir) / self.name
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> StudyConfig:
+        """Read and validate a YAML config; raise naming the key and the reason."""
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no config file {path}; see configs/demo.yaml for an example")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a mapping of keys to values")
+        return cls.from_dict(raw, where=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict, where: str = "config") -> StudyConfig:
+        known = {f.name for f in fields(cls)}
+        for key in raw:
+            if key not in known:
+                raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
+        cfg = cls(**raw)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str = "config") -> None:
+        """Check every value that would otherwise fail hours into a run."""
+        from layerviz.adapters import AdapterPolicy, TrainConfig
+        from layerviz.bench import BenchConfig
+        from layerviz.compact import AdaptConfig
+        from layerviz.data.bundled import BUNDLED
+        from layerviz.importance import ImportanceConfig
+        from layerviz.models import PRESETS
+        from layerviz.selection import STRATEGIES, load_reference
+
+        def bad(key, why):
+            raise ValueError(f"{where}: {key}: {why}")
+
+        if not isinstance(self.models, list) or not self.models:
+            bad("models", "give a non-empty list of model presets, hub ids or paths")
+        for m in self.models:
+            if not isinstance(m, str) or not (m in PRESETS or Path(m).exists() or m.count("/") == 1):
+                bad("models", f"{m!r} is not a preset ({', '.join(PRESETS)}), an existing path or a hub id")
+        for key in ("domain_a", "domain_b"):
+            v = getattr(self, key)
+            if not isinstance(v, str) or not (v in BUNDLED or Path(v).exists()):
+                bad(key, f"{v!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing path")
+        for m in self.cross_domain_models or []:
+            if m not in self.models:
+                bad("cross_domain_models", f"{m!r} is not one of models")
+        if not self.strategies or any(s not in STRATEGIES for s in self.strategies):
+            bad("strategies", f"{self.strategies!r}: each must be one of {', '.join(STRATEGIES)}")
+        if self.primary not in self.strategies:
+            bad("primary", f"{self.primary!r} must be one of strategies")
+        if self.primary in ("random",):
+            bad("primary", "pick a deterministic strategy")
+        if not (isinstance(self.k_fraction, int | float) and 0 < self.k_fraction <= 1):
+            bad("k_fraction", f"{self.k_fraction!r} must be in (0, 1]")
+        if self.reference not in load_reference()["selections"]:
+            bad("reference", f"{self.reference!r} is not in data/reference_selections.json")
+        for key in ("history_len", "select_users", "eval_users", "negatives"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(key, f"{v!r} must be a positive integer")
+        for key, cls, allowed in (("importance", ImportanceConfig, None), ("bench", BenchConfig, None),
+                                  ("adapters", AdaptConfig, {"samples", "policy", "train", "max_title_tokens"})):
+            section = getattr(self, key)
+            if not isinstance(section, dict):
+                bad(key, "must be a mapping")
+            names = allowed or {f.name for f in fields(cls)} - {"model", "dataset", "results_dir", "device"}
+            for k in section:
+                if k not in names:
+                    bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
+        try:
+            AdapterPolicy(**self.adapters.get("policy", {}))
+            TrainConfig(**self.adapters.get("train", {}))
+            BenchConfig(**self.bench)
+        except (TypeError, ValueError) as e:
+            bad("adapters/bench", str(e))
+
+
+# ----------------------------------------------------------------------------- cached stages
+
+
+class Stages:
+    """Runs named stages once: files written atomically, ``done.json`` (with the key) last."""
+
+    def __init__(self, root: Path, report=print):
+        self.root, self.report, self.ran, self.skipped = Path(root), report, [], []
+
+    def __call__(self, name: str, key_parts, compute: Callable[[Path], dict]) -> dict:
+        folder = self.root / name
+        key = store.config_hash(name, key_parts, store.versions()["layerviz"])
+        done = folder / "done.json"
+        if done.exists():
+            meta = json.loads(done.read_text())
+            if meta.get("key") == key:
+                self.skipped.append(name)
+                return _read_outputs(folder, meta["files"])
+        if self.report:
+            self.report(f"[{name}] running")
+        t0 = time.perf_counter()
+        result = compute(folder)
+        files = []
+        for fname, obj in result.items():
+            if isinstance(obj, pd.DataFrame):
+                store.write_parquet(folder / f"{fname}.parquet", obj)
+                files.append(f"{fname}.parquet")
+            else:
+                store.write_json(folder / f"{fname}.json", obj)
+                files.append(f"{fname}.json")
+        seconds = time.perf_counter() - t0
+        store.write_json(done, {"key": key, "files": files, "seconds": seconds, "versions": store.versions()})
+        self.ran.append(name)
+        if self.report:
+            self.report(f"[{name}] done in {seconds:.0f} s")
+        return result
+
+
+def _read_outputs(folder: Path, files: list[str]) -> dict:
+    out = {}
+    for f in files:
+        p = folder / f
+        out[p.stem] = pd.read_parquet(p) if p.suffix == ".parquet" else json.loads(p.read_text())
+    return out
+
+
+# ----------------------------------------------------------------------------- analysis helpers
+
+
+def depth(layers, n_layers: int) -> np.ndarray:
+    """Normalized depth i / (L - 1) in [0, 1]."""
+    return np.asarray(layers, dtype=float) / max(1, n_layers - 1)
+
+
+def profile_on_grid(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A per-layer profile interpolated onto a common normalized-depth grid."""
+    return np.interp(grid, depth(range(len(values)), len(values)), values)
+
+
+def spearman_ci(a: np.ndarray, b: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Spearman rho with a bootstrap CI over paired points."""
+    from scipy.stats import spearmanr
+
+    rho = float(spearmanr(a, b).statistic)
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(a), len(a))
+        if np.ptp(a[i]) > 0 and np.ptp(b[i]) > 0:
+            boots.append(spearmanr(a[i], b[i]).statistic)
+    return rho, float(np.nanquantile(boots, 0.025)), float(np.nanquantile(boots, 0.975))
+
+
+def depth_overlap(a: list[int], la: int, b: list[int], lb: int, bins: int = 10) -> float:
+    """Jaccard overlap of the depth bins (tenths of the depth) two selections occupy."""
+    ba = set(np.minimum((depth(a, la) * bins).astype(int), bins - 1))
+    bb = set(np.minimum((depth(b, lb) * bins).astype(int), bins - 1))
+    return len(ba & bb) / max(1, len(ba | bb))
+
+
+def map_reference(layers: list[int], ref_layers: int, n_layers: int) -> list[int]:
+    """A reference selection reported for ``ref_layers`` layers, mapped onto ``n_layers`` by depth."""
+    return sorted({int(round(x)) for x in depth(layers, ref_layers) * (n_layers - 1)})
+
+
+def verdict(low: float, high: float, threshold: float = 0.0) -> str:
+    """'supported' when the CI lies above the threshold, 'contradicted' below it, else 'inconclusive'."""
+    if low > threshold:
+        return "supported"
+    if high < threshold:
+        return "contradicted"
+    return "inconclusive"
+
+
+def _region_contrast(values: np.ndarray, seed: int) -> tuple[float, float, float, dict]:
+    """Mean of the upper third minus the larger of the other two, with a bootstrap CI over layers."""
+    from layerviz.adapters import region
+
+    n = len(values)
+    reg = np.array([region(i, n) for i in range(n)])
+    means = {r: float(values[reg == r].mean()) for r in REGIONS}
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(2000):
+        m = {r: values[reg == r][rng.integers(0, (reg == r).sum(), (reg == r).sum())].mean() for r in REGIONS}
+        diffs.append(m["upper"] - max(m["lower"], m["middle"]))
+    point = means["upper"] - max(means["lower"], means["middle"])
+    return point, float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975)), means
+
+
+# ----------------------------------------------------------------------------- the study
+
+
+class Study:
+    """Executes a StudyConfig; every stage cached under results_dir/name/."""
+
+    def __init__(self, cfg: StudyConfig, report=print):
+        self.cfg, self.report = cfg, report
+        self.stages = Stages(cfg.folder, report)
+        self._models: dict = {}
+        self._preps: dict = {}
+
+    # -- shared resources, loaded lazily (a fully cached rerun loads nothing)
+    def model(self, spec: str):
+        from layerviz.models import load_model
+
+        if spec not in self._models:
+            self._models.clear()  # one model in memory at a time
+            self._models[spec] = load_model(spec, device=self.cfg.device, dtype=self.cfg.dtype, seed=self.cfg.seed)
+        return self._models[spec]
+
+    def prep(self, dataset: str):
+        from layerviz.data import PrepConfig, load
+
+        if dataset not in self._preps:
+            self._preps[dataset] = load(dataset, "auto", PrepConfig(history_len=self.cfg.history_len), report=None)
+        return self._preps[dataset]
+
+    def evaluator(self, spec: str, dataset: str, split: str, users: int):
+        from layerviz.data import CandidateConfig, candidates_for
+        from layerviz.evaluate import TaskEvaluator
+
+        prep = self.prep(dataset)
+        cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed),
+                                  Path(self.cfg.results_dir) / "candidates")
+        return TaskEvaluator(prep, cands, self.model(spec)[1], split=split), cands
+
+    def n_layers(self, spec: str) -> int:
+        from layerviz.models import PRESETS
+
+        return PRESETS[spec].num_layers if spec in PRESETS else arch.num_layers(self.model(spec)[0])
+
+    def k(self, spec: str) -> int:
+        return max(1, int(round(self.n_layers(spec) * self.cfg.k_fraction)))
+
+    def _key(self, *parts):
+        c = self.cfg
+        return [c.history_len, c.negatives, c.seed, c.dtype, *parts]
+
+    # -- stages
+    def importance(self, spec: str, dataset: str, ablation: bool = True) -> dict:
+        from layerviz.importance import ImportanceConfig, run_importance
+
+        over = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
+        icfg = ImportanceConfig(model=spec, dataset=dataset, history_len=self.cfg.history_len, seed=self.cfg.seed,
+                                device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **over)
+
+        def compute(folder):
+            model, tok = self.model(spec)
+            res = run_importance(icfg, model, tok, report=None)
+            return {"importance": res.table, "validity": res.validity}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/importance", asdict(icfg), compute)
+
+    def selection(self, spec: str, dataset: str, strategy: str) -> dict:
+        from layerviz.selection import select
+
+        k = self.k(spec)
+
+        def compute(folder):
+            model, _ = self.model(spec)
+            ev, _ = self.evaluator(spec, dataset, "valid", self.cfg.select_users)
+            table = None
+            if strategy in ("importance_greedy", "top_k"):
+                table = self.importance(spec, dataset, ablation=dataset == self.cfg.domain_a)["importance"]
+            s = select(strategy, model, ev, k=k, importance=table, seed=self.cfg.seed)
+            return {"selection": {**s.to_json(), "model": spec, "dataset": dataset}, "trace": s.trace}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/select-{strategy}",
+                           self._key(spec, dataset, strategy, k, self.cfg.select_users, self.cfg.importance), compute)
+
+    def evaluation(self, spec: str) -> dict:
+        """Test NDCG of the full model, popularity, and the plain-dropping ablations the hypotheses use."""
+        from layerviz.evaluate import popularity_scores
+        from layerviz.selection import load_reference
+
+        cfg, n = self.cfg, self.n_layers(spec)
+        ref = load_reference()["selections"][cfg.reference]
+        variants = {"full": list(range(n)),
+                    "drop_lower_third": [i for i in range(n) if i / max(1, n - 1) >= 1 / 3],
+                    "reference_mapped": map_reference(ref["layers"], ref["real_num_layers"], n)}
+        for s in cfg.strategies:
+            variants[f"select:{s}"] = self.selection(spec, cfg.domain_a, s)["selection"]["layers"]
+
+        def compute(folder):
+            model, _ = self.model(spec)
+            ev, cands = self.evaluator(spec, cfg.domain_a, "test", cfg.eval_users)
+            cols, rows = {}, []
+            pos = cands["pos_index"].to_numpy()
+            pop = metrics.per_user(metrics.pessimistic_ranks(np.stack(popularity_scores(self.prep(cfg.domain_a), cands)), pos))
+            for name, layers in variants.items():
+                with arch.keep_layers(model, layers):
+                    m = ev.metrics(model)
+                for metric in ("ndcg@5", "ndcg@10"):
+                    cols[f"{name}:{metric}"] = m[metric].to_numpy()
+                rows.append({"variant": name, "layers": layers, "k": len(layers)})
+            cols["popularity:ndcg@10"] = pop["ndcg@10"].to_numpy()
+            cols["popularity:ndcg@5"] = pop["ndcg@5"].to_numpy()
+            return {"per_user": pd.DataFrame(cols), "variants": pd.DataFrame(rows)}
+
+        return self.stages(f"{_slug(spec)}/{_slug(cfg.domain_a)}/evaluation",
+                           self._key(spec, cfg.eval_users, variants), compute)
+
+    def adapters(self, spec: str, dataset: str, layers: list[int]) -> dict:
+        from layerviz.compact import AdaptConfig, run_adapt
+
+        acfg = AdaptConfig(model=spec, dataset=dataset, layers=layers, users=self.cfg.eval_users,
+                           negatives=self.cfg.negatives, history_len=self.cfg.history_len, seed=self.cfg.seed,
+                           device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir,
+                           **self.cfg.adapters)
+
+        def compute(folder):
+            model, tok = self.model(spec)
+            res = run_adapt(acfg, out=folder / "adapt", model=model, tokenizer=tok, use_cache=False, report=None)
+            return {k: res[k] for k in ("summary", "retention", "curve", "placement", "per_user")}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/adapters", asdict(acfg), compute)
+
+    def bench(self, spec: str, selection_layers: list[int]) -> dict:
+        from layerviz.bench import BenchConfig, run_bench
+
+        bcfg = BenchConfig(model=spec, dataset=self.cfg.domain_a, history_len=self.cfg.history_len,
+                           negatives=self.cfg.negatives, seed=self.cfg.seed, device=self.cfg.device,
+                           dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **self.cfg.bench)
+        bcfg.keep = sorted(set(bcfg.keep) | {len(selection_layers)})  # the headline's k is always measured
+
+        def compute(folder):
+            sel = folder / "selection.json"
+            store.write_json(sel, {"layers": selection_layers})
+            bcfg.selection = str(sel)
+            self._models.clear()  # the workers load their own copy; keep the parent's memory low
+            return {"bench": run_bench(bcfg, report=self.report)}
+
+        return self.stages(f"{_slug(spec)}/bench", [asdict(bcfg), selection_layers], compute)
+
+    def transfer(self, spec: str, a_adapt_folder: Path, a_layers: list[int], b_adapt: dict) -> dict:
+        """A's selection (plain and with A's adapters) evaluated on domain B's test users."""
+        from layerviz.compact import load_compact
+        from layerviz.evaluate import popularity_scores
+
+        cfg = self.cfg
+
+        def compute(folder):
+            model, _ = self.model(spec)
+            ev, cands = self.evaluator(spec, cfg.domain_b, "test", cfg.eval_users)
+            with arch.keep_layers(model, a_layers):
+                plain = ev(model)
+            compact = load_compact(a_adapt_folder / "adapt" / "compact", base=model)
+            adapted = ev(compact)
+            pos = cands["pos_index"].to_numpy()
+            pop = metrics.per_user(metrics.pessimistic_ranks(np.stack(popularity_scores(self.prep(cfg.domain_b), cands)), pos))
+            return {"per_user": pd.DataFrame({"a_selection_plain": plain, "a_selection_adapters": adapted,
+                                              "popularity": pop["ndcg@10"].to_numpy()})}
+
+        return self.stages(f"{_slug(spec)}/{_slug(cfg.domain_b)}/transfer",
+                           self._key(spec, a_layers, str(a_adapt_folder), b_adapt["summary"]["layers"],
+                                     cfg.eval_users), compute)
+
+    # -- the whole thing
+    def run(self) -> dict:
+        cfg = self.cfg
+        out = {"models": {}}
+        cd_models = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
+        for spec in cfg.models:
+            r = {"importance": self.importance(spec, cfg.domain_a)}
+            r["selections"] = {s: self.selection(spec, cfg.domain_a, s) for s in cfg.strategies}
+            primary = r["selections"][cfg.primary]["selection"]["layers"]
+            r["evaluation"] = self.evaluation(spec)
+            r["adapters"] = self.adapters(spec, cfg.domain_a, primary)
+            if spec in cd_models:
+                r["b_selection"] = self.selection(spec, cfg.domain_b, cfg.primary)
+                r["b_adapters"] = self.adapters(spec, cfg.domain_b, r["b_selection"]["selection"]["layers"])
+                r["transfer"] = self.transfer(spec, cfg.folder / _slug(spec) / _slug(cfg.domain_a) / "adapters",
+                                              primary, r["b_adapters"])
+            r["bench"] = self.bench(spec, primary)
+            out["models"][spec] = r
+        self._models.clear()
+        tables = self.tables(out)
+        for name, df in tables.items():
+            store.write_parquet(cfg.folder / f"{name}.parquet", df)
+            store.atomic_write(cfg.folder / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
+        store.atomic_write(cfg.folder / "headline.tex", lambda tmp: Path(tmp).write_text(
+            tables["headline"].to_latex(index=False, float_format="%.2f", escape=True)))
+        store.write_json(cfg.folder / "manifest.json", store.manifest(cfg, cfg.seed, stages_run=self.stages.ran,
+                                                                      stages_cached=self.stages.skipped))
+        out["tables"] = tables
+        return out
+
+    # -- tables
+    def tables(self, out: dict) -> dict[str, pd.DataFrame]:
+        return {"headline": headline(out, self.cfg), "thirds": thirds_table(out, self.cfg),
+                "cross_model": cross_model(out, self.cfg), "cross_domain": cross_domain(out, self.cfg),
+                "hypotheses": hypotheses(out, self.cfg)}
+
+
+def _slug(s: str) -> str:
+    return s.replace("/", "_").replace("\\", "_").strip("._") or "x"
+
+
+def headline(out: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """model | L | k | compression | measured speedup | bound | memory ratio | NDCG@5/@10 retention [CI]."""
+    rows = []
+    for spec, r in out["models"].items():
+        b = r["bench"]["bench"]
+        ad = r["adapters"]
+        s = ad["summary"]
+        ret = ad["retention"].set_index("stage").iloc[-1]
+        k_row = b[(b["k"] == s["k"]) & (b["adapters"])]
+        k_row = k_row.iloc[0] if len(k_row) else None
+        rows.append({"model": spec, "L": s["n_layers"], "k": s["k"], "compression": s["n_layers"] / s["k"],
+                     "speedup": k_row["speedup"] if k_row is not None else np.nan,
+                     "bound": k_row["bound"] if k_row is not None else np.nan,
+                     "memory_ratio": k_row["memory_ratio"] if k_row is not None else np.nan,
+                     "ndcg5_retention": ret["retention@5"], "ndcg5_low": ret["retention@5_low"],
+                     "ndcg5_high": ret["retention@5_high"], "ndcg10_retention": ret["retention"],
+                     "ndcg10_low": ret["retention_low"], "ndcg10_high": ret["retention_high"]})
+    return pd.DataFrame(rows)
+
+
+def thirds_table(out: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """Share of selected layers in the lower, middle and upper thirds, per model and strategy."""
+    rows = []
+    for spec, r in out["models"].items():
+        for strategy, s in r["selections"].items():
+            sel = s["selection"]
+            t = sel["thirds"]
+            rows.append({"model": spec, "strategy": strategy, "L": sel["n_layers"], "k": sel["k"],
+                         **{f"{x}_share": t[x] / max(1, sel["k"]) for x in REGIONS},
+                         "layers": sel["layers"], "depths": [round(float(d), 3) for d in depth(sel["layers"], sel["n_layers"])]})
+    return pd.DataFrame(rows)
+
+
+def _fused(r: dict) -> np.ndarray:
+    t = r["importance"]["importance"]
+    return t[t["criterion"] == "fused"].sort_values("layer")["value"].to_numpy()
+
+
+def cross_model(out: dict, cfg: StudyConfig, grid_points: int = 21) -> pd.DataFrame:
+    """Per model pair: rank correlation of importance profiles on a common depth grid, and selection overlap."""
+    grid = np.linspace(0, 1, grid_points)
+    specs = list(out["models"])
+    rows = []
+    for i, a in enumerate(specs):
+        for b in specs[i + 1:]:
+            ra, rb = out["models"][a], out["models"][b]
+            rho, lo, hi = spearman_ci(profile_on_grid(_fused(ra), grid), profile_on_grid(_fused(rb), grid), seed=cfg.seed)
+            row = {"model_a": a, "model_b": b, "criterion": "fused", "spearman": rho, "ci_low": lo, "ci_high": hi}
+            for s in cfg.strategies:
+                sa, sb = ra["selections"][s]["selection"], rb["selections"][s]["selection"]
+                row[f"overlap:{s}"] = depth_overlap(sa["layers"], sa["n_layers"], sb["layers"], sb["n_layers"])
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cross_domain(out: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """Transfer ratio: NDCG@10 on B with A's selection over NDCG@10 on B with B's own, plus baselines."""
+    rows = []
+    chance = metrics.chance(cfg.negatives + 1)["ndcg@10"]
+    for spec, r in out["models"].items():
+        if "transfer" not in r:
+            continue
+        t, bpu = r["transfer"]["per_user"], r["b_adapters"]["per_user"]
+        last = r["b_adapters"]["retention"]["stage"].iloc[-1]
+        own, own_plain, full = bpu[f"{last}:ndcg@10"], bpu["drop:ndcg@10"], bpu["full:ndcg@10"]
+        for name, num, den in (("adapters", t["a_selection_adapters"], own), ("plain", t["a_selection_plain"], own_plain)):
+            ratio, lo, hi = metrics.ratio_ci(num, den, seed=cfg.seed)
+            rows.append({"model": spec, "domain_a": cfg.domain_a, "domain_b": cfg.domain_b, "variant": name,
+                         "a_layers": r["selections"][cfg.primary]["selection"]["layers"],
+                         "b_layers": r["b_selection"]["selection"]["layers"],
+                         "ndcg10_b_with_a": float(np.mean(num)), "ndcg10_b_with_b": float(np.mean(den)),
+                         "transfer_ratio": ratio, "ci_low": lo, "ci_high": hi,
+                         "full_b": float(np.mean(full)), "popularity_b": float(t["popularity"].mean()),
+                         "chance_b": chance, "gap_over_popularity": float(np.mean(num) - t["popularity"].mean()),
+                         "gap_over_chance": float(np.mean(num)) - chance})
+    return pd.DataFrame(rows)
+
+
+def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """One row per claim of the paper plan, with measured evidence and a verdict computed from CIs."""
+    rows = []
+    for spec, r in out["models"].items():
+        pu = r["evaluation"]["per_user"]
+        L = r["adapters"]["summary"]["n_layers"]
+        imp = r["importance"]["importance"]
+        # H1: upper layers are the most important (fused score and single-layer ablation ground truth)
+        for crit in ("ablation_loss", "fused"):
+            vals = imp[imp["criterion"] == crit].sort_values("layer")["value"].to_numpy()
+            if len(vals) == 0:
+                continue
+            d, lo, hi, means = _region_contrast(vals, cfg.seed)
+            rows.append({"model": spec, "claim": "upper layers are the most important", "evidence": crit,
+                         "value": d, "ci_low": lo, "ci_high": hi, "verdict": verdict(lo, hi),
+                         "detail": "upper-third mean minus the larger other-third mean; means "
+                                   + ", ".join(f"{k} {v:.3g}" for k, v in means.items())})
+        # H1 also via selections: last_k and the reference (mapped by depth) against the primary selection
+        for variant in ("select:last_k", "reference_mapped"):
+            col = f"{variant}:ndcg@10"
+            if col in pu and f"select:{cfg.primary}:ndcg@10" in pu:
+                c = metrics.paired_comparison(pu[col], pu[f"select:{cfg.primary}:ndcg@10"], seed=cfg.seed)
+                rows.append({"model": spec, "claim": "upper layers are the most important",
+                             "evidence": f"{variant} minus {cfg.primary} (test NDCG@10, no adapters)",
+                             "value": c["diff"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+                             "verdict": verdict(c["ci_low"], c["ci_high"]),
+                             "detail": f"{variant} NDCG@10 {pu[col].mean():.3f}"})
+        # H2: lower layers can be dropped (keep >= 90% of NDCG@10 without the lower third)
+        ratio, lo, hi = metrics.ratio_ci(pu["drop_lower_third:ndcg@10"], pu["full:ndcg@10"], seed=cfg.seed)
+        rows.append({"model": spec, "claim": "lower layers can be dropped",
+                     "evidence": "NDCG@10 retention without the lower third (threshold 0.9)",
+                     "value": ratio, "ci_low": lo, "ci_high": hi, "verdict": verdict(lo, hi, 0.9),
+                     "detail": f"full {pu['full:ndcg@10'].mean():.3f}, without lower third "
+                               f"{pu['drop_lower_third:ndcg@10'].mean():.3f}"})
+        # H3: non-contiguous selections work with adapters (trained adapters beat plain dropping)
+        apu = r["adapters"]["per_user"]
+        last = r["adapters"]["retention"]["stage"].iloc[-1]
+        c = metrics.paired_comparison(apu[f"{last}:ndcg@10"], apu["drop:ndcg@10"], seed=cfg.seed)
+        rows.append({"model": spec, "claim": "non-contiguous selections work with adapters",
+                     "evidence": f"NDCG@10 with adapters ({last}) minus plain dropping, {cfg.primary} selection",
+                     "value": c["diff"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+                     "verdict": verdict(c["ci_low"], c["ci_high"]),
+                     "detail": f"layers {r['adapters']['summary']['layers']}"})
+        # H5: 8 of 32 layers give 4x speed with ~90% NDCG retained (k = L / 4 here)
+        b = r["bench"]["bench"]
+        s = r["adapters"]["summary"]
+        row = b[(b["k"] == s["k"]) & (b["adapters"])]
+        speed = float(row["speedup"].iloc[0]) if len(row) else np.nan
+        ret = r["adapters"]["retention"].set_index("stage").loc[last]
+        fast = speed >= 0.9 * 4
+        kept = ret["retention_high"] >= 0.9
+        v = "supported" if fast and ret["retention_low"] >= 0.8 and kept else (
+            "contradicted" if (not fast or not kept) else "inconclusive")
+        rows.append({"model": spec, "claim": f"{s['k']} of {L} layers: 4x speed with ~90% NDCG retained",
+                     "evidence": "measured prefill speedup; NDCG@10 retention with adapters",
+                     "value": speed, "ci_low": ret["retention_low"], "ci_high": ret["retention_high"],
+                     "verdict": v, "detail": f"speedup {speed:.2f}x (FLOP bound "
+                                             f"{float(row['bound'].iloc[0]) if len(row) else np.nan:.2f}x), "
+                                             f"retention {ret['retention']:.2f}"})
+    # H4: the pattern generalizes across models
+    for _, c in cross_model(out, cfg).iterrows():
+        rows.append({"model": f"{c['model_a']} vs {c['model_b']}", "claim": "the pattern generalizes across models",
+                     "evidence": "Spearman of fused importance on a common depth grid",
+                     "value": c["spearman"], "ci_low": c["ci_low"], "ci_high": c["ci_high"],
+                     "verdict": verdict(c["ci_low"], c["ci_high"]),
+                     "detail": ", ".join(f"{k} {v:.2f}" for k, v in c.items() if str(k).startswith("overlap:"))})
+    return pd.DataFrame(rows)
+
+
+def run_study(path_or_cfg, report=print) -> dict:
+    """``layerviz run CONFIG``: validate first, then run (or resume) every stage."""
+    cfg = path_or_cfg if isinstance(path_or_cfg, StudyConfig) else StudyConfig.from_yaml(path_or_cfg)
+    return Study(cfg, report).run()

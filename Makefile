@@ -29,14 +29,7 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	$(VENV)/bin/layerviz models
-	$(VENV)/bin/layerviz evaluate --model smollm2-135m --dataset demo --scorer likelihood \
-		--negatives 19 --users 200 --history-len 10 --out results/demo/evaluate
-	$(VENV)/bin/layerviz importance --model smollm2-135m --dataset demo --samples 32 \
-		--ablation-users 8 --history-len 10 --out results/demo/importance
-	$(VENV)/bin/layerviz select --model smollm2-135m --dataset demo --strategy importance_greedy \
-		--criterion fused --k 8 --evaluator task --users 16 --history-len 10 \
-		--importance-samples 32 --importance-ablation-users 8 --out results/demo/select
-
+	$(VENV)/bin/layerviz run configs/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

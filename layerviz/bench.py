@@ -108,7 +108,9 @@ class BenchConfig:
     selection: str | None = None
     """selection.json whose layers are used at its k; other k use evenly spaced layers."""
     adapters: bool = True
-    """Also measure every k with the default adapter policy (rank ``rank``)."""
+    """Also measure compact models with the default adapter policy (rank ``rank``)."""
+    adapter_k: list[int] | None = None
+    """The k measured with adapters (None: every k)."""
     rank: int | None = 64
     runs: int = 5
     """Timed repetitions (median and IQR reported)."""
@@ -123,6 +125,7 @@ class BenchConfig:
     """Candidate batch sizes tried for the throughput; the best is reported."""
     negatives: int = 19
     history_len: int = 10
+    max_title_tokens: int = 32
     seed: int = 0
     device: str = "auto"
     dtype: str | None = None
@@ -183,13 +186,13 @@ def measure(model, tokenizer, request, cfg: BenchConfig) -> dict:
     out = {"prefill_ms": 1e3 * float(np.median(prefill)),
            "prefill_iqr_ms": 1e3 * float(np.subtract(*np.percentile(prefill, [75, 25])))}
     if request is not None and tokenizer is not None:
-        sc = ScoringConfig(max_title_tokens=32)
+        sc = ScoringConfig(max_title_tokens=cfg.max_title_tokens)
         lat = _timed(lambda: score(model, tokenizer, [request], sc), cfg.runs, cfg.warmup, dev)
         out.update(latency_ms=1e3 * float(np.median(lat)),
                    latency_iqr_ms=1e3 * float(np.subtract(*np.percentile(lat, [75, 25]))))
         best = (0.0, None)
         for b in cfg.query_batches:
-            sb = ScoringConfig(max_title_tokens=32, batch_size=b)
+            sb = ScoringConfig(max_title_tokens=cfg.max_title_tokens, batch_size=b)
             t = _timed(lambda sb=sb: score(model, tokenizer, [request] * cfg.qps_queries, sb), 1, 0, dev)[0]
             best = max(best, (cfg.qps_queries / t, b), key=lambda x: x[0])
         out.update(qps=best[0], qps_batch=best[1])
@@ -230,7 +233,7 @@ def _worker(spec: dict) -> dict:
 
 
 def _isolated(spec: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", LAYERVIZ_PROGRESS="0")
+    env = dict(os.environ, LAYERVIZ_PROGRESS="0")
     r = subprocess.run([sys.executable, "-m", "layerviz.bench", "--worker"], input=json.dumps(spec),
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -245,7 +248,8 @@ def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None)
         if k >= n_layers:
             continue
         layers = layers_for_k(k, n_layers, selection)
-        for ad in ([False, True] if cfg.adapters else [False]):
+        with_ad = cfg.adapters and (cfg.adapter_k is None or k in cfg.adapter_k)
+        for ad in ([False, True] if with_ad else [False]):
             out.append({"name": f"k{k}{'+adapters' if ad else ''}", "k": k, "layers": layers, "adapters": ad})
     return out
 

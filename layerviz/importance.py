@@ -431,7 +431,7 @@ class ImportanceConfig:
     ablation: bool = True
     """Also measure the single-layer ablation ground truth and the validity table."""
     ablation_users: int = 32
-    """Validation users for the ablation NDCG@10 (1 + ablation_negatives candidates each)."""
+    """Validation users for the ablation NDCG@10 (1 + ablation_negatives candidates each); 0: loss only."""
     ablation_negatives: int = 19
     """Negatives per user in the ablation evaluation."""
     scorer: str = "likelihood"
@@ -480,10 +480,12 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
     cal = build_calibration(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
     ablation = None
     if cfg.ablation:
-        cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users,
-                                                        "valid", cfg.seed), Path(cfg.results_dir) / "candidates")
-        evaluator = TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
-                                  max_title_tokens=cfg.max_title_tokens)
+        evaluator = None  # ablation_users=0: the calibration-loss ground truth only
+        if cfg.ablation_users:
+            cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users,
+                                                            "valid", cfg.seed), Path(cfg.results_dir) / "candidates")
+            evaluator = TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
+                                      max_title_tokens=cfg.max_title_tokens)
         ablation = ablate(model, cal, evaluator)
     table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
                     batch_size=cfg.batch_size, ablation=ablation)

@@ -182,3 +182,85 @@ def retention_bars(retention: pd.DataFrame, full: float, chance: float, title: s
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
     return fig
+
+
+def depth_heatmap(profiles: dict[str, np.ndarray], selections: dict[str, list[int]] | None = None,
+                  grid_points: int = 41, title: str = ""):
+    """Models x normalized depth: colour = importance (per-model min-max), markers = selected layers.
+
+    ``profiles`` maps a model name to its per-layer importance (layer order); layer counts may
+    differ, so each profile is interpolated onto a common depth grid in [0, 1].
+    """
+    grid = np.linspace(0, 1, grid_points)
+    names = list(profiles)
+    rows = []
+    for n in names:
+        v = np.asarray(profiles[n], dtype=float)
+        v = (v - v.min()) / (np.ptp(v) or 1.0)
+        rows.append(np.interp(grid, np.linspace(0, 1, len(v)), v))
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(names) + 1.6))
+        im = ax.imshow(np.array(rows), aspect="auto", cmap=CMAP, vmin=0, vmax=1, extent=(0, 1, len(names) - 0.5, -0.5))
+        for r, n in enumerate(names):
+            sel = (selections or {}).get(n)
+            if sel:
+                L = len(profiles[n])
+                ax.scatter(np.asarray(sel) / max(1, L - 1), [r] * len(sel), marker="v", s=36, color="#d55e00",
+                           edgecolor="white", linewidth=0.6, zorder=3, label="selected layer" if r == 0 else None)
+        ax.set_yticks(range(len(names)), [f"{n} (L={len(profiles[n])})" for n in names])
+        for f in (1 / 3, 2 / 3):
+            ax.axvline(f, color="white", lw=0.8, ls=":")
+        ax.set_xlabel("normalized depth (layer / (L-1)); dotted: thirds")
+        ax.set_title(title or "Layer importance by normalized depth")
+        fig.colorbar(im, ax=ax, label="importance (min-max per model)")
+        if selections:
+            ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+        fig.tight_layout()
+    return fig
+
+
+def speedup_curve(bench: pd.DataFrame, title: str = ""):
+    """Measured prefill speedup against k, with and without adapters, and the FLOP bound."""
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(5.6, 3.6))
+        for m_i, (model, g) in enumerate(bench.groupby("model", sort=False)):
+            g = g[g["config"] != "full"]
+            color = f"C{m_i}"
+            plain, ad = g[~g["adapters"]].sort_values("k"), g[g["adapters"]].sort_values("k")
+            ax.plot(plain["k"], plain["speedup"], "-o", color=color, ms=4, label=f"{model}: measured")
+            if len(ad):
+                ax.plot(ad["k"], ad["speedup"], "--s", color=color, ms=4, mfc="white", label=f"{model}: + adapters")
+            ax.plot(plain["k"], plain["bound"], ":", color=color, lw=1.5, label=f"{model}: FLOP bound")
+        ax.axhline(1, color="grey", lw=0.6)
+        ax.set_xlabel("kept layers k")
+        ax.set_ylabel("prefill speedup over the full model (x)")
+        ax.set_title(title or "Speedup against k")
+        ax.legend(fontsize=7, loc="upper right")
+        fig.tight_layout()
+    return fig
+
+
+def efficiency_bars(bench: pd.DataFrame, title: str = ""):
+    """Query latency (median, IQR), throughput and peak memory per configuration and model."""
+    cols = [("latency_ms", "query latency (ms)"), ("qps", "queries / s"), ("peak_mb", "peak memory (MiB)")]
+    cols = [(c, lab) for c, lab in cols if c in bench]
+    models = list(dict.fromkeys(bench["model"]))
+    with paper_style():
+        fig, axes = plt.subplots(len(models), len(cols), figsize=(3.3 * len(cols), 2.6 * len(models)), squeeze=False)
+        for r, model in enumerate(models):
+            g = bench[bench["model"] == model]
+            x = np.arange(len(g))
+            for c, (col, lab) in enumerate(cols):
+                ax = axes[r, c]
+                err = g["latency_iqr_ms"] / 2 if col == "latency_ms" and "latency_iqr_ms" in g else None
+                ax.bar(x, g[col], yerr=err, capsize=2, color=["#555555" if k == "full" else
+                                                                  ("C1" if a else "C0")
+                                                                  for k, a in zip(g["config"], g["adapters"], strict=True)])
+                ax.set_xticks(x, g["config"], rotation=45, ha="right")
+                ax.set_ylabel(lab)
+                if c == 0:
+                    ax.set_title(model, loc="left")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig

@@ -48,11 +48,15 @@ class StudyConfig:
     reference: str = "llama3-8b"
     """Key in data/reference_selections.json, mapped onto each model's depth for the hypothesis check."""
     history_len: int = 10
+    max_title_tokens: int = 32
+    """Each title is cut to this many tokens (prompt length, and the LM-head work per candidate)."""
     select_users: int = 16
     """Validation users scored per subset during selection (1 + 19 candidates)."""
     eval_users: int = 40
     """Test users for every reported NDCG (1 + 19 candidates)."""
     negatives: int = 19
+    eval_strategies: list[str] = field(default_factory=lambda: ["last_k"])
+    """Strategies (besides the primary) whose selections are also evaluated on the test users, without adapters."""
     importance: dict = field(default_factory=dict)
     """Overrides of ImportanceConfig (samples, ablation, ablation_users, ...)."""
     adapters: dict = field(default_factory=dict)
@@ -122,20 +126,23 @@ class StudyConfig:
             bad("primary", f"{self.primary!r} must be one of strategies")
         if self.primary in ("random",):
             bad("primary", "pick a deterministic strategy")
+        if any(s not in self.strategies for s in self.eval_strategies):
+            bad("eval_strategies", f"{self.eval_strategies!r}: each must be one of strategies")
         if not (isinstance(self.k_fraction, int | float) and 0 < self.k_fraction <= 1):
             bad("k_fraction", f"{self.k_fraction!r} must be in (0, 1]")
         if self.reference not in load_reference()["selections"]:
             bad("reference", f"{self.reference!r} is not in data/reference_selections.json")
-        for key in ("history_len", "select_users", "eval_users", "negatives"):
+        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"{v!r} must be a positive integer")
         for key, cls, allowed in (("importance", ImportanceConfig, None), ("bench", BenchConfig, None),
-                                  ("adapters", AdaptConfig, {"samples", "policy", "train", "max_title_tokens"})):
+                                  ("adapters", AdaptConfig, {"samples", "policy", "train"})):
             section = getattr(self, key)
             if not isinstance(section, dict):
                 bad(key, "must be a mapping")
-            names = allowed or {f.name for f in fields(cls)} - {"model", "dataset", "results_dir", "device"}
+            names = allowed or {f.name for f in fields(cls)} - {"model", "dataset", "results_dir", "device", "seed",
+                                                                "history_len", "max_title_tokens", "dtype"}
             for k in section:
                 if k not in names:
                     bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
@@ -153,14 +160,15 @@ class StudyConfig:
 class Stages:
     """Runs named stages once: files written atomically, ``done.json`` (with the key) last."""
 
-    def __init__(self, root: Path, report=print):
+    def __init__(self, root: Path, report=print, use_cache: bool = True):
         self.root, self.report, self.ran, self.skipped = Path(root), report, [], []
+        self.use_cache = use_cache
 
     def __call__(self, name: str, key_parts, compute: Callable[[Path], dict]) -> dict:
         folder = self.root / name
-        key = store.config_hash(name, key_parts, store.versions()["layerviz"])
+        key = store.config_hash(name, _where_free(key_parts), store.versions()["layerviz"])
         done = folder / "done.json"
-        if done.exists():
+        if done.exists() and self.use_cache:
             meta = json.loads(done.read_text())
             if meta.get("key") == key:
                 self.skipped.append(name)
@@ -183,6 +191,15 @@ class Stages:
         if self.report:
             self.report(f"[{name}] done in {seconds:.0f} s")
         return result
+
+
+def _where_free(obj):
+    """Key parts without ``results_dir``: where results live is not what they are."""
+    if isinstance(obj, dict):
+        return {k: _where_free(v) for k, v in obj.items() if k != "results_dir"}
+    if isinstance(obj, list | tuple):
+        return [_where_free(v) for v in obj]
+    return obj
 
 
 def _read_outputs(folder: Path, files: list[str]) -> dict:
@@ -263,9 +280,9 @@ def _region_contrast(values: np.ndarray, seed: int) -> tuple[float, float, float
 class Study:
     """Executes a StudyConfig; every stage cached under results_dir/name/."""
 
-    def __init__(self, cfg: StudyConfig, report=print):
+    def __init__(self, cfg: StudyConfig, report=print, use_cache: bool = True):
         self.cfg, self.report = cfg, report
-        self.stages = Stages(cfg.folder, report)
+        self.stages = Stages(cfg.folder, report, use_cache)
         self._models: dict = {}
         self._preps: dict = {}
 
@@ -292,7 +309,8 @@ class Study:
         prep = self.prep(dataset)
         cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed),
                                   Path(self.cfg.results_dir) / "candidates")
-        return TaskEvaluator(prep, cands, self.model(spec)[1], split=split), cands
+        return TaskEvaluator(prep, cands, self.model(spec)[1], split=split,
+                             max_title_tokens=self.cfg.max_title_tokens), cands
 
     def n_layers(self, spec: str) -> int:
         from layerviz.models import PRESETS
@@ -304,7 +322,7 @@ class Study:
 
     def _key(self, *parts):
         c = self.cfg
-        return [c.history_len, c.negatives, c.seed, c.dtype, *parts]
+        return [c.history_len, c.max_title_tokens, c.negatives, c.seed, c.dtype, *parts]
 
     # -- stages
     def importance(self, spec: str, dataset: str, ablation: bool = True) -> dict:
@@ -312,6 +330,7 @@ class Study:
 
         over = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
         icfg = ImportanceConfig(model=spec, dataset=dataset, history_len=self.cfg.history_len, seed=self.cfg.seed,
+                                max_title_tokens=self.cfg.max_title_tokens,
                                 device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **over)
 
         def compute(folder):
@@ -339,17 +358,20 @@ class Study:
                            self._key(spec, dataset, strategy, k, self.cfg.select_users, self.cfg.importance), compute)
 
     def evaluation(self, spec: str) -> dict:
-        """Test NDCG of the full model, popularity, and the plain-dropping ablations the hypotheses use."""
+        """Test NDCG of popularity and of the plain-dropping ablations the hypotheses use.
+
+        The full model and the primary selection are evaluated on the same users by the adapters stage.
+        """
         from layerviz.evaluate import popularity_scores
         from layerviz.selection import load_reference
 
         cfg, n = self.cfg, self.n_layers(spec)
         ref = load_reference()["selections"][cfg.reference]
-        variants = {"full": list(range(n)),
-                    "drop_lower_third": [i for i in range(n) if i / max(1, n - 1) >= 1 / 3],
+        variants = {"drop_lower_third": [i for i in range(n) if i / max(1, n - 1) >= 1 / 3],
                     "reference_mapped": map_reference(ref["layers"], ref["real_num_layers"], n)}
-        for s in cfg.strategies:
-            variants[f"select:{s}"] = self.selection(spec, cfg.domain_a, s)["selection"]["layers"]
+        for s in cfg.eval_strategies:
+            if s != cfg.primary:
+                variants[f"select:{s}"] = self.selection(spec, cfg.domain_a, s)["selection"]["layers"]
 
         def compute(folder):
             model, _ = self.model(spec)
@@ -375,8 +397,8 @@ class Study:
 
         acfg = AdaptConfig(model=spec, dataset=dataset, layers=layers, users=self.cfg.eval_users,
                            negatives=self.cfg.negatives, history_len=self.cfg.history_len, seed=self.cfg.seed,
-                           device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir,
-                           **self.cfg.adapters)
+                           max_title_tokens=self.cfg.max_title_tokens, device=self.cfg.device, dtype=self.cfg.dtype,
+                           results_dir=self.cfg.results_dir, **self.cfg.adapters)
 
         def compute(folder):
             model, tok = self.model(spec)
@@ -389,9 +411,12 @@ class Study:
         from layerviz.bench import BenchConfig, run_bench
 
         bcfg = BenchConfig(model=spec, dataset=self.cfg.domain_a, history_len=self.cfg.history_len,
+                           max_title_tokens=self.cfg.max_title_tokens,
                            negatives=self.cfg.negatives, seed=self.cfg.seed, device=self.cfg.device,
                            dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **self.cfg.bench)
         bcfg.keep = sorted(set(bcfg.keep) | {len(selection_layers)})  # the headline's k is always measured
+        if bcfg.adapter_k is not None:
+            bcfg.adapter_k = sorted(set(bcfg.adapter_k) | {len(selection_layers)})
 
         def compute(folder):
             sel = folder / "selection.json"
@@ -402,7 +427,7 @@ class Study:
 
         return self.stages(f"{_slug(spec)}/bench", [asdict(bcfg), selection_layers], compute)
 
-    def transfer(self, spec: str, a_adapt_folder: Path, a_layers: list[int], b_adapt: dict) -> dict:
+    def transfer(self, spec: str, a_adapt_stage: str, a_layers: list[int], b_adapt: dict) -> dict:
         """A's selection (plain and with A's adapters) evaluated on domain B's test users."""
         from layerviz.compact import load_compact
         from layerviz.evaluate import popularity_scores
@@ -414,7 +439,7 @@ class Study:
             ev, cands = self.evaluator(spec, cfg.domain_b, "test", cfg.eval_users)
             with arch.keep_layers(model, a_layers):
                 plain = ev(model)
-            compact = load_compact(a_adapt_folder / "adapt" / "compact", base=model)
+            compact = load_compact(self.stages.root / a_adapt_stage / "adapt" / "compact", base=model)
             adapted = ev(compact)
             pos = cands["pos_index"].to_numpy()
             pop = metrics.per_user(metrics.pessimistic_ranks(np.stack(popularity_scores(self.prep(cfg.domain_b), cands)), pos))
@@ -422,7 +447,7 @@ class Study:
                                               "popularity": pop["ndcg@10"].to_numpy()})}
 
         return self.stages(f"{_slug(spec)}/{_slug(cfg.domain_b)}/transfer",
-                           self._key(spec, a_layers, str(a_adapt_folder), b_adapt["summary"]["layers"],
+                           self._key(spec, a_layers, a_adapt_stage, b_adapt["summary"]["layers"],
                                      cfg.eval_users), compute)
 
     # -- the whole thing
@@ -434,12 +459,12 @@ class Study:
             r = {"importance": self.importance(spec, cfg.domain_a)}
             r["selections"] = {s: self.selection(spec, cfg.domain_a, s) for s in cfg.strategies}
             primary = r["selections"][cfg.primary]["selection"]["layers"]
-            r["evaluation"] = self.evaluation(spec)
             r["adapters"] = self.adapters(spec, cfg.domain_a, primary)
+            r["evaluation"] = self.evaluation(spec)
             if spec in cd_models:
                 r["b_selection"] = self.selection(spec, cfg.domain_b, cfg.primary)
                 r["b_adapters"] = self.adapters(spec, cfg.domain_b, r["b_selection"]["selection"]["layers"])
-                r["transfer"] = self.transfer(spec, cfg.folder / _slug(spec) / _slug(cfg.domain_a) / "adapters",
+                r["transfer"] = self.transfer(spec, f"{_slug(spec)}/{_slug(cfg.domain_a)}/adapters",
                                               primary, r["b_adapters"])
             r["bench"] = self.bench(spec, primary)
             out["models"][spec] = r
@@ -548,7 +573,9 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
     """One row per claim of the paper plan, with measured evidence and a verdict computed from CIs."""
     rows = []
     for spec, r in out["models"].items():
-        pu = r["evaluation"]["per_user"]
+        apu = r["adapters"]["per_user"]
+        pu = r["evaluation"]["per_user"].assign(**{"full:ndcg@10": apu["full:ndcg@10"],
+                                                  f"select:{cfg.primary}:ndcg@10": apu["drop:ndcg@10"]})
         L = r["adapters"]["summary"]["n_layers"]
         imp = r["importance"]["importance"]
         # H1: upper layers are the most important (fused score and single-layer ablation ground truth)
@@ -579,7 +606,6 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
                      "detail": f"full {pu['full:ndcg@10'].mean():.3f}, without lower third "
                                f"{pu['drop_lower_third:ndcg@10'].mean():.3f}"})
         # H3: non-contiguous selections work with adapters (trained adapters beat plain dropping)
-        apu = r["adapters"]["per_user"]
         last = r["adapters"]["retention"]["stage"].iloc[-1]
         c = metrics.paired_comparison(apu[f"{last}:ndcg@10"], apu["drop:ndcg@10"], seed=cfg.seed)
         rows.append({"model": spec, "claim": "non-contiguous selections work with adapters",
@@ -611,6 +637,19 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
                      "verdict": verdict(c["ci_low"], c["ci_high"]),
                      "detail": ", ".join(f"{k} {v:.2f}" for k, v in c.items() if str(k).startswith("overlap:"))})
     return pd.DataFrame(rows)
+
+
+def smoke_config(models: list[str] | None = None, results_dir: str = "results", **over) -> StudyConfig:
+    """A whole study at toy sizes on tiny random models (CI smoke runs of the notebooks and tests)."""
+    raw = dict(name="smoke", models=["tiny-gemma3", "tiny-llama3"] if models is None else models, strategies=["importance_greedy", "last_k"],
+               history_len=3, select_users=3, eval_users=4, negatives=9,
+               importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
+               adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
+               bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
+                      "query_batches": [10], "isolate": False},
+               device="cpu", results_dir=results_dir)
+    raw.update(over)
+    return StudyConfig.from_dict(raw, where="smoke config")
 
 
 def run_study(path_or_cfg, report=print) -> dict:

@@ -12,15 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_config(tmp_path, **over) -> StudyConfig:
-    raw = dict(name="t", models=["tiny-gemma3", "tiny-llama3"], domain_a="demo-electronics", domain_b="demo-movies",
-               strategies=["importance_greedy", "last_k"], k_fraction=0.25, history_len=3, select_users=3,
-               eval_users=4, negatives=9, importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
-               adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
-               bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
-                      "query_batches": [10], "isolate": False},
-               device="cpu", results_dir=str(tmp_path / "results"))
-    raw.update(over)
-    return StudyConfig.from_dict(raw)
+    return study.smoke_config(results_dir=str(tmp_path / "results"), name="t", **over)
 
 
 def test_shipped_configs_parse():
@@ -103,7 +95,7 @@ def test_runner_resumes_after_a_kill_without_repeating_work(tmp_path, monkeypatc
         study.run_study(cfg, report=None)
     root = cfg.folder
     done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
-    assert done == ["tiny-gemma3/demo-electronics/evaluation", "tiny-gemma3/demo-electronics/importance",
+    assert done == ["tiny-gemma3/demo-electronics/importance",
                     "tiny-gemma3/demo-electronics/select-importance_greedy",
                     "tiny-gemma3/demo-electronics/select-last_k"]
     assert not (root / "tiny-gemma3/demo-electronics/adapters/done.json").exists()

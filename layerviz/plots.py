@@ -206,13 +206,14 @@ def depth_heatmap(profiles: dict[str, np.ndarray], selections: dict[str, list[in
             if sel:
                 L = len(profiles[n])
                 ax.scatter(np.asarray(sel) / max(1, L - 1), [r] * len(sel), marker="v", s=36, color="#d55e00",
-                           edgecolor="white", linewidth=0.6, zorder=3, label="selected layer" if r == 0 else None)
+                           edgecolor="white", linewidth=0.6, zorder=3, clip_on=False,
+                           label="selected layer" if r == 0 else None)
         ax.set_yticks(range(len(names)), [f"{n} (L={len(profiles[n])})" for n in names])
         for f in (1 / 3, 2 / 3):
             ax.axvline(f, color="white", lw=0.8, ls=":")
         ax.set_xlabel("normalized depth (layer / (L-1)); dotted: thirds")
         ax.set_title(title or "Layer importance by normalized depth")
-        fig.colorbar(im, ax=ax, label="importance (min-max per model)")
+        fig.colorbar(im, ax=ax, label="importance\n(min-max per model)")
         if selections:
             ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
         fig.tight_layout()

@@ -279,13 +279,9 @@ class TrainConfig:
 
 
 def _padded(examples, idx, pad, device):
-    seqs = [examples[i].ids for i in idx]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    return ids.to(device), mask.to(device)
+    from layerviz.scoring import _pad_right
+
+    return _pad_right([examples[i].ids for i in idx], pad, device)
 
 
 def _loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
@@ -363,41 +359,58 @@ def _check_finite(loss: torch.Tensor, adapters, good, where: str) -> None:
         )
 
 
-def _local_stage(adapter: Adapter, x_tr, y_tr, x_va, y_va, cfg: TrainConfig, label: str, curve: list) -> None:
-    params = list(adapter.parameters())
-    gen = torch.Generator().manual_seed(cfg.seed)
+def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg: TrainConfig, curve: list,
+         stage: str, gap: str, where: str, desc: str | None = None) -> None:
+    """AdamW + clipping + early stopping on ``validate()``; the adapters end at their best validation state.
+
+    ``batches()`` yields, per epoch, callables that return one batch's MSE (with grad). Every step adds
+    ``cfg.reg`` x the adapters' distance from the identity. Rows (epoch 0 = before training) go to ``curve``.
+    """
+    params = [p for a in adapters for p in a.parameters()]
     with torch.no_grad():
-        best, best_state, bad = F.mse_loss(adapter(x_va), y_va).item(), _state([adapter]), 0
-    curve.append({"stage": "stage1", "gap": label, "epoch": 0, "train_mse": float("nan"), "val_mse": best})
-    if cfg.stage1_epochs == 0:
+        best = validate()
+    best_state, bad = _state(adapters), 0
+    curve.append({"stage": stage, "gap": gap, "epoch": 0, "train_mse": float("nan"), "val_mse": best})
+    if epochs == 0:
         return
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    for epoch in range(1, cfg.stage1_epochs + 1):
-        order = torch.randperm(len(x_tr), generator=gen).to(x_tr.device)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    steps = range(1, epochs + 1)
+    for epoch in (progress(steps, desc=desc, unit="epoch") if desc else steps):
         losses = []
-        for s in range(0, len(order), cfg.token_batch):
-            b = order[s : s + cfg.token_batch]
-            good = _state([adapter])
-            mse = F.mse_loss(adapter(x_tr[b]), y_tr[b])
-            loss = mse + cfg.reg * adapter.distance_to_identity()
-            _check_finite(loss, [adapter], good, f"stage 1, gap {label}, epoch {epoch}")
+        for batch_mse in batches():
+            good = _state(adapters)
+            mse = batch_mse()
+            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters)
+            _check_finite(loss, adapters, good, f"{where}, epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             losses.append(mse.item())
         with torch.no_grad():
-            val = F.mse_loss(adapter(x_va), y_va).item()
-        _check_finite(torch.tensor(val), [adapter], best_state, f"stage 1 validation, gap {label}")
-        curve.append({"stage": "stage1", "gap": label, "epoch": epoch, "train_mse": float(np.mean(losses)),
-                      "val_mse": val})
+            val = validate()
+        _check_finite(torch.tensor(val), adapters, best_state, f"{where} validation")
+        curve.append({"stage": stage, "gap": gap, "epoch": epoch, "train_mse": float(np.mean(losses)), "val_mse": val})
         if val < best * (1 - 1e-4):
-            best, best_state, bad = val, _state([adapter]), 0
+            best, best_state, bad = val, _state(adapters), 0
         else:
             bad += 1
             if bad >= cfg.patience:
                 break
-    _load_state([adapter], best_state)
+    _load_state(adapters, best_state)
+
+
+def _local_stage(adapter: Adapter, x_tr, y_tr, x_va, y_va, cfg: TrainConfig, label: str, curve: list) -> None:
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def batches():
+        order = torch.randperm(len(x_tr), generator=gen).to(x_tr.device)
+        for s in range(0, len(order), cfg.token_batch):
+            b = order[s : s + cfg.token_batch]
+            yield lambda b=b: F.mse_loss(adapter(x_tr[b]), y_tr[b])
+
+    _fit([adapter], cfg.lr, cfg.stage1_epochs, batches, lambda: F.mse_loss(adapter(x_va), y_va).item(), cfg, curve,
+         "stage1", label, f"stage 1, gap {label}")
 
 
 def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int, skip_first: bool,
@@ -478,48 +491,26 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
                 fit_lstsq(adapter, x_tr, y_tr)
             _local_stage(adapter, x_tr, y_tr, x_va, y_va, cfg, spec.label, curve)
         checkpoint("stage1")
-        trainable = [p for a in adapters for p in a.parameters()]
-        if cfg.stage2_epochs and trainable:
-            _end_to_end(compact, examples, teacher[n], tr_idx, val_idx, trainable, adapters, cfg, pad, curve)
+        if cfg.stage2_epochs and any(a.n_params() for a in adapters):
+            _end_to_end(compact, examples, teacher[n], tr_idx, val_idx, adapters, cfg, pad, curve)
             checkpoint("stage2")
     out = pd.DataFrame(curve, columns=["stage", "gap", "epoch", "train_mse", "val_mse"])
     out.attrs["train_seconds"] = time.perf_counter() - t0 - outside[0]
     return out
 
 
-def _end_to_end(compact, examples, final, tr_idx, val_idx, params, adapters, cfg: TrainConfig, pad, curve):
+def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainConfig, pad, curve):
     tr = [examples[i] for i in tr_idx]
     va, va_t = [examples[i] for i in val_idx], [final[i] for i in val_idx]
-    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr, weight_decay=cfg.weight_decay)
     gen = np.random.default_rng(cfg.seed)
-    with torch.no_grad():
-        best = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
-    best_state, bad = _state(adapters), 0
-    curve.append({"stage": "stage2", "gap": "all", "epoch": 0, "train_mse": float("nan"), "val_mse": best})
-    for epoch in progress(range(1, cfg.stage2_epochs + 1), desc="stage 2", unit="epoch"):
+
+    def batches():
         perm = gen.permutation(len(tr))
-        losses = []
         for s in range(0, len(perm), cfg.sample_batch):
             b = [int(i) for i in perm[s : s + cfg.sample_batch]]
-            good = _state(adapters)
-            mse = final_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, len(b),
-                            cfg.skip_first, grad=True)
-            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters)
-            _check_finite(loss, adapters, good, f"stage 2, epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
-            losses.append(mse.item())
-        with torch.no_grad():
-            val = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
-        _check_finite(torch.tensor(val), adapters, best_state, "stage 2 validation")
-        curve.append({"stage": "stage2", "gap": "all", "epoch": epoch, "train_mse": float(np.mean(losses)),
-                      "val_mse": val})
-        if val < best * (1 - 1e-4):
-            best, best_state, bad = val, _state(adapters), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    _load_state(adapters, best_state)
+            yield lambda b=b: final_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, len(b),
+                                        cfg.skip_first, grad=True)
+
+    _fit(adapters, cfg.stage2_lr, cfg.stage2_epochs, batches,
+         lambda: final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item(), cfg, curve,
+         "stage2", "all", "stage 2", desc="stage 2")

@@ -379,15 +379,15 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
                "full_ndcg@5": float(full["ndcg@5"].mean()),
                "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
                **compact.overhead()}
-    retention = pd.DataFrame(rows)
+    retention, placement = pd.DataFrame(rows), compact.placement()
     store.write_parquet(folder / "retention.parquet", retention)
     store.write_parquet(folder / "curve.parquet", curve)
-    store.write_parquet(folder / "placement.parquet", compact.placement())
+    store.write_parquet(folder / "placement.parquet", placement)
     store.write_parquet(folder / "per_user.parquet", pd.DataFrame({k: np.asarray(v) for k, v in per_user.items()}))
     store.write_json(folder / "summary.json", summary)
     store.write_json(folder / "manifest.json", store.manifest(cfg, cfg.seed, key=key, data_fingerprint=prep.fingerprint,
                                                               base_fingerprint=compact.base["fingerprint"]))
-    return {"summary": summary, "retention": retention, "curve": curve, "placement": compact.placement(),
+    return {"summary": summary, "retention": retention, "curve": curve, "placement": placement,
             "per_user": pd.read_parquet(folder / "per_user.parquet"), "folder": folder, "compact": compact}
 
 

@@ -312,6 +312,13 @@ class Study:
         return TaskEvaluator(prep, cands, self.model(spec)[1], split=split,
                              max_title_tokens=self.cfg.max_title_tokens), cands
 
+    def popularity(self, dataset: str, cands: pd.DataFrame) -> pd.DataFrame:
+        """Per-user metrics of the popularity baseline on these candidate lists."""
+        from layerviz.evaluate import popularity_scores
+
+        scores = np.stack(popularity_scores(self.prep(dataset), cands))
+        return metrics.per_user(metrics.pessimistic_ranks(scores, cands["pos_index"].to_numpy()))
+
     def n_layers(self, spec: str) -> int:
         from layerviz.models import PRESETS
 
@@ -362,7 +369,6 @@ class Study:
 
         The full model and the primary selection are evaluated on the same users by the adapters stage.
         """
-        from layerviz.evaluate import popularity_scores
         from layerviz.selection import load_reference
 
         cfg, n = self.cfg, self.n_layers(spec)
@@ -377,8 +383,7 @@ class Study:
             model, _ = self.model(spec)
             ev, cands = self.evaluator(spec, cfg.domain_a, "test", cfg.eval_users)
             cols, rows = {}, []
-            pos = cands["pos_index"].to_numpy()
-            pop = metrics.per_user(metrics.pessimistic_ranks(np.stack(popularity_scores(self.prep(cfg.domain_a), cands)), pos))
+            pop = self.popularity(cfg.domain_a, cands)
             for name, layers in variants.items():
                 with arch.keep_layers(model, layers):
                     m = ev.metrics(model)
@@ -430,7 +435,6 @@ class Study:
     def transfer(self, spec: str, a_adapt_stage: str, a_layers: list[int], b_adapt: dict) -> dict:
         """A's selection (plain and with A's adapters) evaluated on domain B's test users."""
         from layerviz.compact import load_compact
-        from layerviz.evaluate import popularity_scores
 
         cfg = self.cfg
 
@@ -441,8 +445,7 @@ class Study:
                 plain = ev(model)
             compact = load_compact(self.stages.root / a_adapt_stage / "adapt" / "compact", base=model)
             adapted = ev(compact)
-            pos = cands["pos_index"].to_numpy()
-            pop = metrics.per_user(metrics.pessimistic_ranks(np.stack(popularity_scores(self.prep(cfg.domain_b), cands)), pos))
+            pop = self.popularity(cfg.domain_b, cands)
             return {"per_user": pd.DataFrame({"a_selection_plain": plain, "a_selection_adapters": adapted,
                                               "popularity": pop["ndcg@10"].to_numpy()})}
 

@@ -30,6 +30,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/layerviz models
 	$(VENV)/bin/layerviz run configs/demo.yaml
+	$(VENV)/bin/layerviz report
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

@@ -292,6 +292,34 @@ def _add_run(sub) -> None:
     p.set_defaults(func=_cmd_run)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from layerviz.report import NotebookFailed, ReportConfig, run_report
+
+    cfg = ReportConfig(notebooks=args.notebooks, out=args.out, figures_dir=args.figures, results_dir=args.results_dir,
+                       params=args.params, only=args.only or [], cell_timeout=args.cell_timeout)
+    try:
+        rows = run_report(cfg)
+    except NotebookFailed as e:
+        print(f"layerviz report: {e}", file=sys.stderr)
+        return 1
+    figs = sorted({f for r in rows for f in r["figures"]})
+    print(f"\n{len(rows)} notebook(s) executed into {cfg.out}/ (index.json); {len(figs)} figure file(s) "
+          f"written to {cfg.figures_dir}/")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="execute every notebook with papermill into reports/ and regenerate figures/")
+    p.add_argument("--params", default=None, help="YAML overrides: PARAM: value, or NOTEBOOK: {PARAM: value}")
+    p.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name contains one of these")
+    p.add_argument("--notebooks", default="notebooks")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--figures", default="figures")
+    p.add_argument("--results-dir", dest="results_dir", default="results")
+    p.add_argument("--cell-timeout", dest="cell_timeout", type=int, default=None, help="seconds per cell")
+    p.set_defaults(func=_cmd_report)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="datasets: download, demo, stats")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -324,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_adapt(sub)
     _add_bench(sub)
     _add_run(sub)
+    _add_report(sub)
     _add_data(sub)
     return parser
 

@@ -32,8 +32,8 @@ def save(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.pdf", out / f"{name}.png"]
-    for p in paths:
-        fig.savefig(p)
+    for p in paths:  # tight: legends placed outside the axes are kept, nothing is clipped
+        fig.savefig(p, dpi=200, bbox_inches="tight")
     return paths
 
 
@@ -264,4 +264,193 @@ def efficiency_bars(bench: pd.DataFrame, title: str = ""):
         if title:
             fig.suptitle(title)
         fig.tight_layout()
+    return fig
+
+
+STRATEGY_MARKERS = {"importance_greedy": "o", "top_k": "^", "first_k": "s", "last_k": "D", "uniform": "P",
+                    "random": "x", "forward_greedy": "v", "backward_greedy": "<", "contiguous_block": ">",
+                    "reference": "*"}
+
+
+def selection_traces(curves: dict[str, pd.DataFrame], chance: float | None = None, title: str = ""):
+    """Validation NDCG@10 against the number of kept layers, one line per strategy, one panel per model.
+
+    ``curves`` maps a model name to rows (strategy, k, score); the ``full`` row is drawn as a line.
+    """
+    names = list(curves)
+    with paper_style():
+        fig, axes = plt.subplots(1, len(names), figsize=(4.6 * len(names), 3.5), squeeze=False)
+        for ax, name in zip(axes[0], names, strict=True):
+            c = curves[name]
+            full = c[c["strategy"] == "full"]
+            for i, (strategy, g) in enumerate((s, g) for s, g in c.groupby("strategy", sort=False) if s != "full"):
+                g = g.sort_values("k")
+                big = strategy == "importance_greedy"  # hollow and larger: top_k's points coincide with it
+                ax.plot(g["k"], g["score"], "-", marker=STRATEGY_MARKERS.get(strategy, "o"), ms=7 if big else 4,
+                        mfc="none" if big else None, color=f"C{i}", label=strategy)
+            if len(full):
+                ax.axhline(full["score"].iloc[0], color="black", lw=1, label="full model (all layers)")
+                ax.set_title(f"{name} (L={int(full['k'].iloc[0])})", loc="left")
+            if chance is not None:
+                ax.axhline(chance, color="grey", lw=1, ls="--", label="chance")
+            ax.set_xlabel("kept layers k")
+            ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+            ax.set_ylabel("NDCG@10 (validation users)")
+            if not len(full):
+                ax.set_title(name, loc="left")
+            ax.set_ylim(bottom=0)
+        handles, labels = axes[0, -1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),
+                   frameon=False)
+        fig.suptitle(title or "Selection traces: quality against the number of kept layers")
+        fig.tight_layout()
+    return fig
+
+
+def selected_layers(table: pd.DataFrame, selections: dict[str, list[int]], title: str = "",
+                    criteria: list[str] | None = None):
+    """The importance heatmap (criteria x layers) with each strategy's kept layers marked below it."""
+    wide = table.pivot(index="criterion", columns="layer", values="normalized")
+    order = [c for c in (criteria or CRITERIA_ORDER) if c in wide.index]
+    wide = wide.loc[order]
+    n, strategies = wide.shape[1], list(selections)
+    with paper_style():
+        fig, (ax, ax2) = plt.subplots(2, 1, sharex=True, figsize=(max(6.5, 0.28 * n + 2.5),
+                                                                   0.42 * (len(order) + len(strategies)) + 2),
+                                      gridspec_kw={"height_ratios": [len(order), max(1, len(strategies))]},
+                                      layout="constrained")
+        im = ax.imshow(wide.to_numpy(), aspect="auto", cmap=CMAP, vmin=0, vmax=1, extent=(-0.5, n - 0.5, len(order) - 0.5, -0.5))
+        ax.set_yticks(range(len(order)), order)
+        ax.set_ylabel("criterion")
+        for r, s in enumerate(strategies):
+            ax2.scatter(range(n), [r] * n, s=14, color="#dddddd", marker="s")
+            ax2.scatter(selections[s], [r] * len(selections[s]), s=40, color="#d55e00",
+                        marker=STRATEGY_MARKERS.get(s, "o"), zorder=3)
+        ax2.set_yticks(range(len(strategies)), strategies)
+        ax2.set_ylim(len(strategies) - 0.5, -0.5)
+        ax2.set_ylabel("kept by")
+        for a in (ax, ax2):
+            for f in (1 / 3, 2 / 3):
+                a.axvline((n - 1) * f, color="white" if a is ax else "#888888", lw=0.8, ls=":")
+        step = max(1, n // 16)
+        ax2.set_xticks(range(0, n, step))
+        ax2.set_xlabel("layer (dotted: thirds of the depth)")
+        ax.set_title(title or "Importance and the layers each strategy keeps")
+        fig.colorbar(im, ax=[ax, ax2], label="normalized importance", shrink=0.8)
+    return fig
+
+
+REGION_COLORS = {"lower": "#0072b2", "middle": "#e69f00", "upper": "#009e73"}
+
+
+def thirds_bars(thirds: pd.DataFrame, title: str = ""):
+    """Share of the kept layers in the lower, middle and upper third, per model and strategy."""
+    t = thirds.reset_index(drop=True)
+    labels = [f"{m}: {s}" for m, s in zip(t["model"], t["strategy"], strict=True)]
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(7, 0.34 * len(t) + 1.6))
+        left = np.zeros(len(t))
+        for region in ("lower", "middle", "upper"):
+            v = t[f"{region}_share"].to_numpy()
+            ax.barh(range(len(t)), v, left=left, color=REGION_COLORS[region], label=f"{region} third")
+            left += v
+        ax.axvline(1 / 3, color="white", lw=0.6, ls=":")
+        ax.axvline(2 / 3, color="white", lw=0.6, ls=":")
+        ax.set_yticks(range(len(t)), labels)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+        ax.set_xlabel("share of the kept layers")
+        ax.set_title(title or "Where the kept layers lie")
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        fig.tight_layout()
+    return fig
+
+
+def variant_bars(variants: pd.DataFrame, metric: str = "ndcg@10", title: str = ""):
+    """Test ``metric`` (95% CI) per variant, one panel per model; full model and chance as lines."""
+    models = list(dict.fromkeys(variants["model"]))
+    with paper_style():
+        fig, axes = plt.subplots(1, len(models), figsize=(4.8 * len(models), 3.6), squeeze=False, sharey=True)
+        for ax, model in zip(axes[0], models, strict=True):
+            g = variants[(variants["model"] == model) & ~variants["variant"].isin(["full", "chance"])]
+            full = variants[(variants["model"] == model) & (variants["variant"] == "full")]
+            chance = variants[(variants["model"] == model) & (variants["variant"] == "chance")]
+            x = np.arange(len(g))
+            err = np.vstack([g[metric] - g["ci_low"], g["ci_high"] - g[metric]]).clip(min=0)
+            ax.bar(x, g[metric], yerr=err, capsize=3, color=[f"C{i}" for i in range(len(g))])
+            ax.set_xticks(x, [f"{v.replace('select:', '')}\n(k={k})" if v != "popularity" else v
+                              for v, k in zip(g["variant"], g["k"], strict=True)], rotation=30, ha="right")
+            lines = []
+            if len(full):
+                ax.axhline(full[metric].iloc[0], color="black", lw=1, label="full model")
+                lines.append(f"full {full[metric].iloc[0]:.3f}")
+            if len(chance):
+                ax.axhline(chance[metric].iloc[0], color="grey", lw=1, ls="--", label="chance")
+                lines.append(f"chance {chance[metric].iloc[0]:.3f}")
+            ax.set_title(f"{model} ({', '.join(lines)})" if lines else model, loc="left")
+        axes[0, 0].set_ylabel(f"{metric.replace('ndcg', 'NDCG')} (test users, 95% CI)")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+        fig.suptitle(title or "Plain layer dropping: selections against references")
+        fig.tight_layout()
+    return fig
+
+
+def baseline_bars(summary: pd.DataFrame, title: str = ""):
+    """Full model against popularity and chance on every metric, one panel per model.
+
+    ``summary``: rows (model, system, metric, mean, ci_low, ci_high).
+    """
+    models = list(dict.fromkeys(summary["model"]))
+    systems = list(dict.fromkeys(summary["system"]))
+    metrics_ = list(dict.fromkeys(summary["metric"]))
+    colors = {"full model": "C0", "popularity": "C1", "chance": "#999999"}
+    with paper_style():
+        fig, axes = plt.subplots(1, len(models), figsize=(max(4.8, 0.9 * len(metrics_) + 1.5) * len(models), 3.4),
+                                 squeeze=False, sharey=True)
+        w = 0.8 / len(systems)
+        for ax, model in zip(axes[0], models, strict=True):
+            for j, system in enumerate(systems):
+                g = summary[(summary["model"] == model) & (summary["system"] == system)].set_index("metric")
+                g = g.reindex(metrics_)
+                x = np.arange(len(metrics_)) + (j - (len(systems) - 1) / 2) * w
+                err = np.vstack([g["mean"] - g["ci_low"], g["ci_high"] - g["mean"]]).clip(min=0)
+                ax.bar(x, g["mean"], width=w, yerr=err, capsize=2, color=colors.get(system, f"C{j + 2}"), label=system)
+            ax.set_xticks(range(len(metrics_)), metrics_, rotation=30, ha="right")
+            ax.set_title(model, loc="left")
+        axes[0, 0].set_ylabel("test users (95% CI)")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
+        fig.suptitle(title or "The full model against popularity and chance")
+        fig.tight_layout()
+    return fig
+
+
+def protocol_funnel(stats: dict[str, pd.DataFrame], title: str = ""):
+    """Users, items and interactions after each step of the data protocol, one row of panels per dataset."""
+    cols = ["users", "items", "interactions"]
+    with paper_style():
+        fig, axes = plt.subplots(len(stats), 3, figsize=(10, 2.4 * len(stats) + 0.6), squeeze=False)
+        for r, (name, st) in enumerate(stats.items()):
+            for c, col in enumerate(cols):
+                ax = axes[r, c]
+                ax.barh(range(len(st)), st[col], color=f"C{c}")
+                for i, v in enumerate(st[col]):
+                    ax.text(v, i, f" {v:,}", va="center", fontsize=7)
+                ax.set_yticks(range(len(st)), st["step"] if c == 0 else [""] * len(st))
+                ax.invert_yaxis()
+                ax.set_xlim(0, st[col].max() * 1.35)
+                ax.set_xlabel(col)
+                if c == 0:
+                    ax.set_title(name, loc="left")
+        fig.suptitle(title or "The data protocol, step by step")
+        fig.tight_layout()
+    return fig
+
+
+def publish(fig, name: str, figures_dir: str | Path = "figures"):
+    """Save ``fig`` (PDF+PNG) and release pyplot's reference, so a notebook shows it once via display()."""
+    save(fig, name, figures_dir)
+    plt.close(fig)
     return fig

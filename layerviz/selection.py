@@ -218,6 +218,26 @@ def angular_distances(model, calibration, n: int) -> np.ndarray:
     return total / len(calibration.examples)
 
 
+FIXED = ("top_k", "first_k", "last_k", "uniform")
+"""Strategies that need no evaluation: the kept layers follow from n, k (and the importance order)."""
+
+
+def fixed_layers(strategy: str, n: int, k: int, order: Sequence[int] | None = None) -> list[int]:
+    """Kept layers (ascending) of a fixed-k strategy; ``top_k`` takes the first k of ``order``."""
+    _check_k(k, n)
+    if strategy == "top_k":
+        if order is None:
+            raise ValueError("top_k needs the importance order (see importance_order)")
+        return sorted(int(i) for i in order[:k])
+    if strategy == "first_k":
+        return list(range(k))
+    if strategy == "last_k":
+        return list(range(n - k, n))
+    if strategy == "uniform":
+        return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+    raise ValueError(f"{strategy!r} is not a fixed-k strategy; those are {', '.join(FIXED)}")
+
+
 def select(strategy: str, model, evaluator: Callable | None = None, k: int | None = None,
            budget: int | None = None, importance: pd.DataFrame | None = None, criterion: str = "fused",
            highest: bool = True, window: int = 3, threshold: float = 0.01, protect_ends: bool = True,
@@ -257,14 +277,8 @@ def select(strategy: str, model, evaluator: Callable | None = None, k: int | Non
             start = int(np.argmin(d))
             layers = [i for i in range(n) if not start <= i < start + drop]
             meta = {"removed_block": [start, start + drop - 1], "angular_distance": float(d[start])}
-    elif strategy == "top_k":
-        layers = sorted(order[:k])
-    elif strategy == "first_k":
-        layers = list(range(k))
-    elif strategy == "last_k":
-        layers = list(range(n - k, n))
-    elif strategy == "uniform":
-        layers = sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+    elif strategy in FIXED:
+        layers = fixed_layers(strategy, n, k, order if strategy == "top_k" else None)
     elif strategy == "random":
         layers = sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
         meta = {"seed": seed}

@@ -365,15 +365,18 @@ class Study:
                            self._key(spec, dataset, strategy, k, self.cfg.select_users, self.cfg.importance), compute)
 
     def evaluation(self, spec: str) -> dict:
-        """Test NDCG of popularity and of the plain-dropping ablations the hypotheses use.
+        """Test metrics (every metric, per user) of the full model, popularity and plain-dropping variants.
 
-        The full model and the primary selection are evaluated on the same users by the adapters stage.
+        Variants: the primary and the ``eval_strategies`` selections, the paper plan's reference list mapped
+        onto this depth, and the model without its lower third. Adapters are measured by the adapters stage.
         """
         from layerviz.selection import load_reference
 
         cfg, n = self.cfg, self.n_layers(spec)
         ref = load_reference()["selections"][cfg.reference]
-        variants = {"drop_lower_third": [i for i in range(n) if i / max(1, n - 1) >= 1 / 3],
+        variants = {"full": list(range(n)),
+                    f"select:{cfg.primary}": self.selection(spec, cfg.domain_a, cfg.primary)["selection"]["layers"],
+                    "drop_lower_third": [i for i in range(n) if i / max(1, n - 1) >= 1 / 3],
                     "reference_mapped": map_reference(ref["layers"], ref["real_num_layers"], n)}
         for s in cfg.eval_strategies:
             if s != cfg.primary:
@@ -383,19 +386,56 @@ class Study:
             model, _ = self.model(spec)
             ev, cands = self.evaluator(spec, cfg.domain_a, "test", cfg.eval_users)
             cols, rows = {}, []
-            pop = self.popularity(cfg.domain_a, cands)
             for name, layers in variants.items():
                 with arch.keep_layers(model, layers):
                     m = ev.metrics(model)
-                for metric in ("ndcg@5", "ndcg@10"):
-                    cols[f"{name}:{metric}"] = m[metric].to_numpy()
+                cols.update({f"{name}:{metric}": m[metric].to_numpy() for metric in m.columns})
                 rows.append({"variant": name, "layers": layers, "k": len(layers)})
-            cols["popularity:ndcg@10"] = pop["ndcg@10"].to_numpy()
-            cols["popularity:ndcg@5"] = pop["ndcg@5"].to_numpy()
-            return {"per_user": pd.DataFrame(cols), "variants": pd.DataFrame(rows)}
+            pop = self.popularity(cfg.domain_a, cands)
+            cols.update({f"popularity:{metric}": pop[metric].to_numpy() for metric in pop.columns})
+            rows.append({"variant": "popularity", "layers": [], "k": 0})
+            chance = {"variant": "chance", "n_candidates": cfg.negatives + 1,
+                      **metrics.chance(cfg.negatives + 1)}
+            return {"per_user": pd.DataFrame(cols), "variants": pd.DataFrame(rows), "chance": chance}
 
         return self.stages(f"{_slug(spec)}/{_slug(cfg.domain_a)}/evaluation",
-                           self._key(spec, cfg.eval_users, variants), compute)
+                           self._key(spec, cfg.eval_users, variants, "all-metrics"), compute)
+
+    def curves(self, spec: str, dataset: str) -> dict:
+        """RQ2 traces: validation NDCG@10 of every fixed-k strategy at k' = 1..k (and the full model).
+
+        ``top_k`` at k' is the importance order's first k' layers, which is exactly what the greedy loop
+        scores at step k'; its points are taken from the greedy trace where that ran to k'.
+        """
+        from layerviz.selection import FIXED, SubsetScorer, fixed_layers, importance_order
+
+        cfg, n, k = self.cfg, self.n_layers(spec), self.k(spec)
+        fixed = [s for s in cfg.strategies if s in FIXED]
+        sels = {s: self.selection(spec, dataset, s) for s in cfg.strategies}
+        table = (self.importance(spec, dataset, ablation=dataset == cfg.domain_a)["importance"]
+                 if "top_k" in fixed else None)
+
+        def compute(folder):
+            model, _ = self.model(spec)
+            ev, _ = self.evaluator(spec, dataset, "valid", cfg.select_users)
+            scorer = SubsetScorer(model, ev)
+            for sel in sels.values():  # same users and candidates: subsets the selections scored are not rescored
+                for _, t in sel["trace"].iterrows():
+                    scorer.cache[tuple(int(i) for i in t["layers"])] = float(t["score"])
+            rows = [{"strategy": "full", "k": n, "layers": list(range(n)), "score": scorer(list(range(n)))}]
+            if "importance_greedy" in sels:
+                for _, t in sels["importance_greedy"]["trace"].iterrows():
+                    rows.append({"strategy": "importance_greedy", "k": int(t["k"]),
+                                 "layers": [int(i) for i in t["layers"]], "score": float(t["score"])})
+            for s in fixed:
+                for kk in range(1, k + 1):
+                    layers = fixed_layers(s, n, kk, importance_order(table, "fused", True, n) if s == "top_k" else None)
+                    rows.append({"strategy": s, "k": kk, "layers": layers, "score": scorer(layers)})
+            return {"curves": pd.DataFrame(rows)}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/curves",
+                           self._key(spec, dataset, k, fixed, cfg.select_users, cfg.importance,
+                                     {s: v["selection"]["layers"] for s, v in sels.items()}), compute)
 
     def adapters(self, spec: str, dataset: str, layers: list[int]) -> dict:
         from layerviz.compact import AdaptConfig, run_adapt
@@ -464,6 +504,7 @@ class Study:
             primary = r["selections"][cfg.primary]["selection"]["layers"]
             r["adapters"] = self.adapters(spec, cfg.domain_a, primary)
             r["evaluation"] = self.evaluation(spec)
+            r["curves"] = self.curves(spec, cfg.domain_a)
             if spec in cd_models:
                 r["b_selection"] = self.selection(spec, cfg.domain_b, cfg.primary)
                 r["b_adapters"] = self.adapters(spec, cfg.domain_b, r["b_selection"]["selection"]["layers"])
@@ -487,7 +528,7 @@ class Study:
     def tables(self, out: dict) -> dict[str, pd.DataFrame]:
         return {"headline": headline(out, self.cfg), "thirds": thirds_table(out, self.cfg),
                 "cross_model": cross_model(out, self.cfg), "cross_domain": cross_domain(out, self.cfg),
-                "hypotheses": hypotheses(out, self.cfg)}
+                "variants": variants_table(out, self.cfg), "hypotheses": hypotheses(out, self.cfg)}
 
 
 def _slug(s: str) -> str:
@@ -524,6 +565,28 @@ def thirds_table(out: dict, cfg: StudyConfig) -> pd.DataFrame:
             rows.append({"model": spec, "strategy": strategy, "L": sel["n_layers"], "k": sel["k"],
                          **{f"{x}_share": t[x] / max(1, sel["k"]) for x in REGIONS},
                          "layers": sel["layers"], "depths": [round(float(d), 3) for d in depth(sel["layers"], sel["n_layers"])]})
+    return pd.DataFrame(rows)
+
+
+def variants_table(out: dict, cfg: StudyConfig, metric: str = "ndcg@10") -> pd.DataFrame:
+    """Test ``metric`` of the full model, each plain-dropping variant, popularity and chance, per model.
+
+    Retention = variant / full on the same users, with a paired bootstrap CI.
+    """
+    rows = []
+    for spec, r in out["models"].items():
+        ev = r["evaluation"]
+        pu, full = ev["per_user"], ev["per_user"][f"full:{metric}"]
+        layers = {v["variant"]: list(v["layers"]) for _, v in ev["variants"].iterrows()}
+        for name in layers:
+            m, lo, hi = metrics.bootstrap_ci(pu[f"{name}:{metric}"], seed=cfg.seed)
+            ret, rlo, rhi = metrics.ratio_ci(pu[f"{name}:{metric}"], full, seed=cfg.seed)
+            rows.append({"model": spec, "variant": name, "k": len(layers[name]), "layers": layers[name],
+                         metric: m, "ci_low": lo, "ci_high": hi, "retention": ret, "retention_low": rlo,
+                         "retention_high": rhi})
+        c = ev["chance"][metric]
+        rows.append({"model": spec, "variant": "chance", "k": 0, "layers": [], metric: c, "ci_low": c, "ci_high": c,
+                     "retention": c / full.mean(), "retention_low": np.nan, "retention_high": np.nan})
     return pd.DataFrame(rows)
 
 
@@ -653,6 +716,43 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
                device="cpu", results_dir=results_dir)
     raw.update(over)
     return StudyConfig.from_dict(raw, where="smoke config")
+
+
+def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: str = "results",
+                   device: str | None = None, overrides: dict | None = None, use_cache: bool = True,
+                   models: list[str] | None = None, dataset: str | None = None) -> tuple[StudyConfig, dict]:
+    """What every notebook does first: the study of ``config`` (or the CI smoke study), with overrides.
+
+    ``models`` and ``dataset`` (domain A) are shorthands for those overrides. Finished stages are loaded
+    from ``results_dir``; missing ones are computed and cached, so a notebook opened after
+    ``layerviz run CONFIG`` only reads files.
+    """
+    over = dict(overrides or {})
+    if models:
+        over["models"] = [models] if isinstance(models, str) else list(models)
+        over.setdefault("cross_domain_models", over["models"][:1])
+    if dataset:
+        over["domain_a"] = dataset
+    if smoke:
+        cfg = smoke_config(results_dir=results_dir, **over)
+    else:
+        raw = asdict(StudyConfig.from_yaml(config)) if config else {}
+        cfg = StudyConfig.from_dict({**raw, **over, "results_dir": results_dir},
+                                    where=f"{config or 'defaults'} with notebook overrides")
+    if device is not None:
+        cfg.device = device
+    return cfg, Study(cfg, report=None, use_cache=use_cache).run()
+
+
+def pick_models(out: dict, model: str | None) -> list[str]:
+    """The study's models, or just ``model`` (refused with the choices if it is not one of them)."""
+    names = list(out["models"])
+    if model is None:
+        return names
+    if model not in names:
+        raise ValueError(f"MODEL={model!r} is not in this study; its models: {', '.join(names)} "
+                         "(set MODELS to run a study of another model)")
+    return [model]
 
 
 def run_study(path_or_cfg, report=print) -> dict:

@@ -7,13 +7,17 @@ import papermill as pm
 import pytest
 import yaml
 
+from layerviz.report import ReportConfig, run_report
+
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 CI_PARAMS = yaml.safe_load((NB_DIR / "ci_params.yaml").read_text())
+README = (NB_DIR.parent / "README.md").read_text()
 
 
 def test_every_notebook_has_ci_params():
     assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CI_PARAMS)
+    assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -23,20 +27,46 @@ def test_committed_stripped_and_tagged(path):
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs (nbstripout)"
     assert sum("parameters" in c.get("metadata", {}).get("tags", []) for c in nb["cells"]) == 1
     assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    assert nb["cells"][0]["cell_type"] == "markdown" and "".join(nb["cells"][0]["source"]).startswith("# ")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_ci_overrides_name_real_parameters(path):
     known = set(pm.inspect_notebook(str(path)))
     assert set(CI_PARAMS[path.name]) <= known
-    assert {"SMOKE", "USE_CACHE", "RESULTS_DIR", "FIGURES_DIR", "DEVICE", "MODEL"} <= known
+    assert {"SMOKE", "USE_CACHE", "RESULTS_DIR", "FIGURES_DIR", "DEVICE", "MODEL", "MODELS", "DATASET",
+            "CONFIG"} <= known
+
+
+@pytest.fixture(scope="module")
+def shared_results(tmp_path_factory):
+    """One smoke study for all notebooks: the first computes it, the rest load it (as after `layerviz run`)."""
+    return tmp_path_factory.mktemp("results")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_with_smoke_parameters(path, tmp_path):
-    params = dict(CI_PARAMS[path.name], RESULTS_DIR=str(tmp_path / "results"),
-                  FIGURES_DIR=str(tmp_path / "figures"))
-    pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=params, kernel_name="python3",
-                        language="python", cwd=str(NB_DIR), progress_bar=False)
-    figures = list((tmp_path / "figures").glob("*.png"))
-    assert figures and all(f.with_suffix(".pdf").exists() for f in figures)
+def test_notebook_executes_with_smoke_parameters(path, tmp_path, shared_results):
+    figures = tmp_path / "figures"
+    rows = run_report(ReportConfig(notebooks=str(NB_DIR), out=str(tmp_path / "reports"), figures_dir=str(figures),
+                                   results_dir=str(shared_results), params=str(NB_DIR / "ci_params.yaml"),
+                                   only=[path.name]), report=None)
+    assert [r["status"] for r in rows] == ["ok"]
+    pngs = list(figures.glob("*.png"))
+    assert pngs and all(f.with_suffix(".pdf").exists() for f in pngs)
+    assert sorted(rows[0]["figures"]) == sorted(p.name for p in figures.iterdir())
+    executed = json.loads((tmp_path / "reports" / path.name).read_text())
+    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    # every figure the notebook wrote is listed in the README's figure table (stem without the model suffix)
+    for p in pngs:
+        stem = p.stem.replace("_tiny-gemma3", "_{model}").replace("_tiny-llama3", "_{model}")
+        assert f"`{stem}`" in README, f"README figure table lacks {stem}"
+
+
+def test_nbstripout_finds_nothing_to_strip():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "nbstripout", "--verify", *map(str, NOTEBOOKS)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -116,6 +116,7 @@ def test_runner_resumes_after_a_kill_without_repeating_work(tmp_path, monkeypatc
             "non-contiguous selections work with adapters"} <= set(h["claim"])
     cd = out["tables"]["cross_domain"]
     assert set(cd["variant"]) == {"adapters", "plain"} and np.isfinite(cd["transfer_ratio"]).all()
+    _check_curves_and_variants(s, cfg, out)
     # a third run does nothing but rebuild the tables
     s3 = study.Study(cfg, report=None)
     s3.run()
@@ -134,3 +135,38 @@ def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
     head = out["tables"]["headline"]
     assert list(head["model"]) == ["tiny-gemma3", "tiny-llama3"] and list(head["L"]) == [18, 32]
     assert "the pattern generalizes across models" in set(out["tables"]["hypotheses"]["claim"])
+
+
+def _check_curves_and_variants(s, cfg, out):
+    """RQ2 curves and the variants table: consistent with the selections, one point re-measured independently."""
+    from layerviz import arch
+    from layerviz.metrics import metric_names
+
+    r = out["models"]["tiny-gemma3"]
+    c = r["curves"]["curves"]
+    k = s.k("tiny-gemma3")
+    full = c[c.strategy == "full"]
+    assert len(full) == 1 and full["k"].iloc[0] == 18
+    last = c[c.strategy == "last_k"].sort_values("k")
+    assert list(last["k"]) == list(range(1, k + 1))
+    assert [list(v) for v in last["layers"]] == [list(range(18 - j, 18)) for j in range(1, k + 1)]
+    greedy = r["selections"]["importance_greedy"]
+    g = c[c.strategy == "importance_greedy"].sort_values("k")
+    assert np.allclose(g["score"], greedy["trace"]["score"]) and list(g["layers"].iloc[-1]) == greedy["selection"]["layers"]
+    assert last["score"].iloc[-1] == pytest.approx(r["selections"]["last_k"]["selection"]["score"])
+    ev, _ = s.evaluator("tiny-gemma3", cfg.domain_a, "valid", cfg.select_users)
+    model, _ = s.model("tiny-gemma3")
+    with arch.keep_layers(model, [17]):
+        assert float(np.mean(ev(model))) == pytest.approx(last["score"].iloc[0])
+    pu = r["evaluation"]["per_user"]
+    for name in ("full", "popularity", "select:importance_greedy", "reference_mapped", "drop_lower_third"):
+        assert {f"{name}:{m}" for m in metric_names()} <= set(pu.columns)
+    assert np.allclose(pu["full:ndcg@10"], r["adapters"]["per_user"]["full:ndcg@10"])  # same test users
+    assert np.allclose(pu["select:importance_greedy:ndcg@10"], r["adapters"]["per_user"]["drop:ndcg@10"])
+    var = out["tables"]["variants"].set_index(["model", "variant"]).loc["tiny-gemma3"]
+    assert var.loc["full", "retention"] == pytest.approx(1.0)
+    assert var.loc["chance", "ndcg@10"] == pytest.approx(r["evaluation"]["chance"]["ndcg@10"])
+    assert var.loc["popularity", "ndcg@10"] == pytest.approx(pu["popularity:ndcg@10"].mean())
+    ratio = pu["reference_mapped:ndcg@10"].mean() / pu["full:ndcg@10"].mean()
+    assert var.loc["reference_mapped", "retention"] == pytest.approx(ratio)
+    assert var.loc["reference_mapped", "retention_low"] <= ratio <= var.loc["reference_mapped", "retention_high"]

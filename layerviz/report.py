@@ -1,0 +1,157 @@
+"""``layerviz report``: execute every numbered notebook with papermill into ``reports/``.
+
+The notebooks write the paper figures to ``figures/`` (their ``FIGURES_DIR``) and read the study cache
+from ``results/`` (``RESULTS_DIR``); both are passed as absolute paths, so the report works from any
+working directory. Overrides come from a YAML file: a top-level key naming a notebook (``02_rq2_...`` or
+its file name) holds that notebook's parameters; any other key is a parameter applied to every notebook
+that declares it. An override that names no real parameter is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from layerviz import store
+
+
+class NotebookFailed(RuntimeError):
+    """One or more notebooks raised; the message names each notebook and cell."""
+
+
+@dataclass
+class ReportConfig:
+    notebooks: str = "notebooks"
+    """Folder holding the numbered notebooks (``NN_name.ipynb``)."""
+    out: str = "reports"
+    """Executed notebooks go here (with their outputs), plus ``index.json``."""
+    figures_dir: str = "figures"
+    """Passed to every notebook as FIGURES_DIR."""
+    results_dir: str = "results"
+    """Passed to every notebook as RESULTS_DIR (the ``layerviz run`` cache)."""
+    params: str | None = None
+    """YAML file of overrides (see the module docstring)."""
+    only: list[str] = field(default_factory=list)
+    """Run only notebooks whose file name contains one of these strings (default: all)."""
+    kernel: str = "python3"
+    cell_timeout: int | None = None
+    """Seconds one cell may run (None: no limit)."""
+
+
+def notebooks_in(folder: str | Path, only: list[str] | None = None) -> list[Path]:
+    paths = sorted(Path(folder).glob("[0-9][0-9]_*.ipynb"))
+    if not paths:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
+    if only:
+        chosen = [p for p in paths if any(s in p.name for s in only)]
+        if not chosen:
+            raise ValueError(f"--only {only} matches none of {', '.join(p.name for p in paths)}")
+        paths = chosen
+    return paths
+
+
+def declared_parameters(path: Path) -> set[str]:
+    import papermill as pm
+
+    return set(pm.inspect_notebook(str(path)))
+
+
+def resolve_overrides(raw: dict | None, paths: list[Path], where: str = "overrides") -> dict[str, dict]:
+    """Notebook name -> parameters, from a mapping of per-notebook sections and global parameters."""
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: give a mapping of parameters, or of notebook names to parameters")
+    declared = {p.name: declared_parameters(p) for p in paths}
+    by_stem = {p.stem: p.name for p in paths}
+    out: dict[str, dict] = {p.name: {} for p in paths}
+    sections = {k: v for k, v in raw.items() if k in declared or k in by_stem}
+    for key in raw:
+        if key not in sections and re.match(r"^\d\d_|.*\.ipynb$", str(key)):
+            raise ValueError(f"{where}: {key!r} looks like a notebook name but is not one of "
+                             f"{', '.join(declared)}")
+    glob = {k: v for k, v in raw.items() if k not in sections}
+    for key in glob:
+        if not any(key in d for d in declared.values()):
+            known = sorted(set().union(*declared.values()))
+            raise ValueError(f"{where}: no notebook has a parameter {key!r}; known parameters: {', '.join(known)}")
+    for name, d in declared.items():
+        out[name].update({k: v for k, v in glob.items() if k in d})
+    for key, section in sections.items():
+        name = by_stem.get(key, key)
+        if not isinstance(section, dict):
+            raise ValueError(f"{where}: {key}: give a mapping of parameter names to values")
+        bad = sorted(set(section) - declared[name])
+        if bad:
+            raise ValueError(f"{where}: {name} has no parameter(s) {', '.join(map(repr, bad))}; its parameters: "
+                             f"{', '.join(sorted(declared[name]))}")
+        out[name].update(section)
+    return out
+
+
+def _failure(path: Path, executed: Path, err) -> str:
+    """Name the notebook and the cell (numbered as in the committed notebook, from 1) that raised."""
+    idx = err.cell_index
+    source_line = next((ln for ln in str(err.source).splitlines() if ln.strip()), "")
+    try:  # papermill inserts an injected-parameters cell; count cells as the author sees them
+        cells = json.loads(executed.read_text())["cells"]
+        idx -= sum("injected-parameters" in c.get("metadata", {}).get("tags", []) for c in cells[:err.cell_index])
+    except (OSError, ValueError, KeyError):
+        pass
+    return (f"{path.name}: cell {idx + 1} (`{source_line.strip()[:80]}`) raised {err.ename}: {err.evalue}\n"
+            f"    the partly executed notebook, with the traceback, is {executed}")
+
+
+def run_report(cfg: ReportConfig, report=print) -> list[dict]:
+    """Execute the notebooks; write ``index.json``; raise :class:`NotebookFailed` naming each failure.
+
+    Every notebook runs even when an earlier one fails, so one report lists every broken cell.
+    """
+    import papermill as pm
+    import yaml
+    from papermill.exceptions import PapermillExecutionError
+
+    every = notebooks_in(cfg.notebooks)
+    paths = notebooks_in(cfg.notebooks, cfg.only)
+    raw = None
+    if cfg.params:
+        p = Path(cfg.params)
+        if not p.exists():
+            raise FileNotFoundError(f"no parameter file {p}; see notebooks/ci_params.yaml for the format")
+        raw = yaml.safe_load(p.read_text())
+    overrides = resolve_overrides(raw, every, where=str(cfg.params or "overrides"))  # checks every section
+    out, figures = Path(cfg.out), Path(cfg.figures_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    figures.mkdir(parents=True, exist_ok=True)
+    rows, failures = [], []
+    for i, path in enumerate(paths, 1):
+        declared = declared_parameters(path)
+        params = {k: v for k, v in (("RESULTS_DIR", str(Path(cfg.results_dir).resolve())),
+                                    ("FIGURES_DIR", str(figures))) if k in declared}
+        params.update(overrides[path.name])
+        executed = out / path.name
+        if report:
+            report(f"[{i}/{len(paths)}] {path.name}")
+        t0 = time.time()
+        status, error = "ok", None
+        try:
+            pm.execute_notebook(str(path), str(executed), parameters=params, kernel_name=cfg.kernel,
+                                language="python", cwd=str(path.parent.resolve()), progress_bar=False,
+                                execution_timeout=cfg.cell_timeout)
+        except PapermillExecutionError as e:
+            status, error = "failed", _failure(path, executed, e)
+            failures.append(error)
+            if report:
+                report("    FAILED: " + error)
+        made = sorted(str(f.name) for f in figures.iterdir() if f.suffix in (".png", ".pdf")
+                      and f.stat().st_mtime >= t0 - 1)
+        rows.append({"notebook": path.name, "status": status, "seconds": round(time.time() - t0, 1),
+                     "output": str(executed), "figures": made, "parameters": params, "error": error})
+        if report and status == "ok":
+            report(f"    ok in {rows[-1]['seconds']:.0f} s; {len(made)} figure file(s)")
+    store.write_json(out / "index.json", {"notebooks": rows, "versions": store.versions()})
+    if failures:
+        raise NotebookFailed(f"{len(failures)} of {len(paths)} notebook(s) failed:\n" + "\n".join(failures))
+    return rows

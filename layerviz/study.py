@@ -577,7 +577,7 @@ def variants_table(out: dict, cfg: StudyConfig, metric: str = "ndcg@10") -> pd.D
     for spec, r in out["models"].items():
         ev = r["evaluation"]
         pu, full = ev["per_user"], ev["per_user"][f"full:{metric}"]
-        layers = {v["variant"]: list(v["layers"]) for _, v in ev["variants"].iterrows()}
+        layers = {v["variant"]: [int(i) for i in v["layers"]] for _, v in ev["variants"].iterrows()}
         for name in layers:
             m, lo, hi = metrics.bootstrap_ci(pu[f"{name}:{metric}"], seed=cfg.seed)
             ret, rlo, rhi = metrics.ratio_ci(pu[f"{name}:{metric}"], full, seed=cfg.seed)

@@ -165,6 +165,7 @@ def _check_curves_and_variants(s, cfg, out):
     assert np.allclose(pu["select:importance_greedy:ndcg@10"], r["adapters"]["per_user"]["drop:ndcg@10"])
     var = out["tables"]["variants"].set_index(["model", "variant"]).loc["tiny-gemma3"]
     assert var.loc["full", "retention"] == pytest.approx(1.0)
+    assert var.loc["full", "layers"] == list(range(18)) and all(type(i) is int for i in var.loc["full", "layers"])
     assert var.loc["chance", "ndcg@10"] == pytest.approx(r["evaluation"]["chance"]["ndcg@10"])
     assert var.loc["popularity", "ndcg@10"] == pytest.approx(pu["popularity:ndcg@10"].mean())
     ratio = pu["reference_mapped:ndcg@10"].mean() / pu["full:ndcg@10"].mean()

@@ -118,17 +118,19 @@ def explore(importance: pd.DataFrame, curves: pd.DataFrame, criterion: str, stra
 
 def explorer_figure(importance: pd.DataFrame, curves: pd.DataFrame, criterion: str, strategy: str, k: int,
                     model: str = "") -> go.Figure:
-    """Top: ``criterion`` per layer, kept layers highlighted. Bottom: the strategy's trace, k marked."""
+    """Top: the importance heatmap with the kept layers marked on ``criterion``'s row.
+
+    Bottom: the strategy's measured trace with k marked; the title gives the layers and the retention.
+    """
     st = explore(importance, curves, criterion, strategy, k)
-    rows = importance[importance["criterion"] == criterion].sort_values("layer")
-    kept = set(st["layers"])
-    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.18,
-                        subplot_titles=(f"{criterion} per layer (orange: kept by {strategy}, k={k})",
+    heat = importance_heatmap(importance).data[0]
+    fig = make_subplots(rows=2, cols=1, vertical_spacing=0.16, row_heights=[0.6, 0.4],
+                        subplot_titles=(f"importance; markers: layers kept by {strategy} (k={k}, order: {criterion})",
                                         f"{strategy}: validation NDCG@10 against k"))
-    fig.add_trace(go.Bar(x=rows["layer"], y=rows["normalized"], customdata=rows["value"],
-                         marker_color=["#d55e00" if i in kept else "#8c8c8c" for i in rows["layer"]],
-                         hovertemplate="layer %{x}<br>" + criterion + " %{customdata:.4g} (normalized %{y:.2f})"
-                                       "<extra></extra>", showlegend=False), row=1, col=1)
+    fig.add_trace(heat.update(colorbar={"title": "normalized", "len": 0.55, "y": 0.75}), row=1, col=1)
+    fig.add_trace(go.Scatter(x=st["layers"], y=[criterion] * len(st["layers"]), mode="markers", name="kept",
+                             marker={"symbol": "x", "size": 11, "color": "#d55e00", "line": {"width": 1}},
+                             hovertemplate="kept layer %{x}<extra></extra>"), row=1, col=1)
     own = curves[curves["strategy"] == strategy].sort_values("k")
     if len(own):
         fig.add_trace(go.Scatter(x=own["k"], y=own["score"], mode="lines+markers", name=strategy,
@@ -140,9 +142,9 @@ def explorer_figure(importance: pd.DataFrame, curves: pd.DataFrame, criterion: s
         fig.add_hline(y=st["full"], line_dash="dash", annotation_text="full model", row=2, col=1)
     ret = (f"retention {st['retention']:.0%} of the full model" if st["retention"] is not None
            else "this subset was not measured (run a study whose strategies include it)")
-    fig.update_layout(title=f"{model} {strategy}, k={k}: layers {st['layers']}; {ret}", height=620)
+    fig.update_layout(title=f"{model} {strategy}, k={k}: layers {st['layers']}; {ret}", height=720)
+    fig.update_yaxes(autorange="reversed", row=1, col=1)
     fig.update_xaxes(title_text="layer", row=1, col=1)
-    fig.update_yaxes(title_text="normalized", row=1, col=1)
     fig.update_xaxes(title_text="kept layers k", row=2, col=1)
     fig.update_yaxes(title_text="NDCG@10", row=2, col=1)
     return fig

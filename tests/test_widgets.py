@@ -55,10 +55,14 @@ def test_explore_follows_the_criterion_and_reports_only_measured_quality():
 def test_explorer_figure_marks_the_kept_layers():
     imp = _importance()
     fig = widgets.explorer_figure(imp, _curves(imp), "kurtosis", "top_k", 3, model="m")
-    bars = fig.data[0]
-    kept = set(widgets.explore(imp, _curves(imp), "kurtosis", "top_k", 3)["layers"])
-    assert [c == "#d55e00" for c in bars.marker.color] == [i in kept for i in bars.x]
-    assert "kurtosis" in bars.hovertemplate and "not measured" in fig.layout.title.text
+    heat, marks = fig.data[0], fig.data[1]
+    assert list(heat.y) == CRITS and "criterion" in heat.hovertemplate
+    kept = widgets.explore(imp, _curves(imp), "kurtosis", "top_k", 3)["layers"]
+    assert list(marks.x) == kept and set(marks.y) == {"kurtosis"}
+    assert "not measured" in fig.layout.title.text
+    fig = widgets.explorer_figure(imp, _curves(imp), "fused", "last_k", 2, model="m")
+    assert list(fig.data[1].x) == [8, 9] and "retention 20%" in fig.layout.title.text
+    assert list(fig.data[-1].x) == [2] and fig.data[-1].y[0] == pytest.approx(0.1)
 
 
 def test_explorer_widget_wires_controls_to_the_figure_function(monkeypatch):

@@ -151,7 +151,11 @@ def run_report(cfg: ReportConfig, report=print) -> list[dict]:
                      "output": str(executed), "figures": made, "parameters": params, "error": error})
         if report and status == "ok":
             report(f"    ok in {rows[-1]['seconds']:.0f} s; {len(made)} figure file(s)")
-    store.write_json(out / "index.json", {"notebooks": rows, "versions": store.versions()})
+    index = out / "index.json"  # a partial run (--only) keeps the other notebooks' last entries
+    kept = json.loads(index.read_text())["notebooks"] if index.exists() else []
+    ran = {r["notebook"] for r in rows}
+    merged = sorted([r for r in kept if r["notebook"] not in ran] + rows, key=lambda r: r["notebook"])
+    store.write_json(index, {"notebooks": merged, "versions": store.versions()})
     if failures:
         raise NotebookFailed(f"{len(failures)} of {len(paths)} notebook(s) failed:\n" + "\n".join(failures))
     return rows

@@ -66,6 +66,13 @@ def test_report_runs_every_notebook_and_names_the_failing_cell(folder, tmp_path)
     ok = next(r for r in index["notebooks"] if r["notebook"] == "00_ok.ipynb")
     assert ok["figures"] == ["ok_x2.pdf", "ok_x2.png"]
     assert ok["parameters"]["FIGURES_DIR"] == str((tmp_path / "fig").resolve())
+    # rerunning one notebook keeps the other's entry in the index
+    params.write_text("X: 3\n")
+    run_report(ReportConfig(notebooks=str(folder), out=str(tmp_path / "rep"), figures_dir=str(tmp_path / "fig"),
+                            params=str(params), only=["00_ok"]), report=None)
+    index = json.loads((tmp_path / "rep" / "index.json").read_text())["notebooks"]
+    assert [(r["notebook"], r["status"]) for r in index] == [("00_ok.ipynb", "ok"), ("01_bad.ipynb", "failed")]
+    assert index[0]["figures"] == ["ok_x3.pdf", "ok_x3.png"]
 
 
 def test_cli_report_refuses_a_bad_override_before_running(folder, tmp_path, capsys):

@@ -21,10 +21,16 @@ def paper_style():
     import seaborn as sns
 
     with plt.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
-                         "xtick.labelsize": 8, "ytick.labelsize": 9, "figure.dpi": 110, "savefig.dpi": 200,
-                         "savefig.bbox": "tight", "axes.spines.top": False, "axes.spines.right": False}):
+                         "xtick.labelsize": 8, "ytick.labelsize": 9, "figure.dpi": 110,
+                         "axes.spines.top": False, "axes.spines.right": False}):
         with sns.color_palette(PALETTE):
             yield
+
+
+def criteria_matrix(table: pd.DataFrame, values: str = "normalized", criteria: list[str] | None = None) -> pd.DataFrame:
+    """Criteria (rows, in ``CRITERIA_ORDER`` or the given order) x layers of one column of an importance table."""
+    wide = table.pivot(index="criterion", columns="layer", values=values)
+    return wide.loc[[c for c in (criteria or CRITERIA_ORDER) if c in wide.index]]
 
 
 def save(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:
@@ -39,9 +45,8 @@ def save(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:
 
 def importance_heatmap(table: pd.DataFrame, title: str = "", criteria: list[str] | None = None):
     """Criteria x layers heatmap of normalized importance (1 = most important layer)."""
-    wide = table.pivot(index="criterion", columns="layer", values="normalized")
-    order = [c for c in (criteria or CRITERIA_ORDER) if c in wide.index]
-    wide = wide.loc[order]
+    wide = criteria_matrix(table, criteria=criteria)
+    order = list(wide.index)
     with paper_style():
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * wide.shape[1] + 2), 0.42 * len(order) + 1.4))
         im = ax.imshow(wide.to_numpy(), aspect="auto", cmap=CMAP, vmin=0, vmax=1)
@@ -290,14 +295,12 @@ def selection_traces(curves: dict[str, pd.DataFrame], chance: float | None = Non
                         mfc="none" if big else None, color=f"C{i}", label=strategy)
             if len(full):
                 ax.axhline(full["score"].iloc[0], color="black", lw=1, label="full model (all layers)")
-                ax.set_title(f"{name} (L={int(full['k'].iloc[0])})", loc="left")
             if chance is not None:
                 ax.axhline(chance, color="grey", lw=1, ls="--", label="chance")
             ax.set_xlabel("kept layers k")
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
             ax.set_ylabel("NDCG@10 (validation users)")
-            if not len(full):
-                ax.set_title(name, loc="left")
+            ax.set_title(f"{name} (L={int(full['k'].iloc[0])})" if len(full) else name, loc="left")
             ax.set_ylim(bottom=0)
         handles, labels = axes[0, -1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),
@@ -310,10 +313,8 @@ def selection_traces(curves: dict[str, pd.DataFrame], chance: float | None = Non
 def selected_layers(table: pd.DataFrame, selections: dict[str, list[int]], title: str = "",
                     criteria: list[str] | None = None):
     """The importance heatmap (criteria x layers) with each strategy's kept layers marked below it."""
-    wide = table.pivot(index="criterion", columns="layer", values="normalized")
-    order = [c for c in (criteria or CRITERIA_ORDER) if c in wide.index]
-    wide = wide.loc[order]
-    n, strategies = wide.shape[1], list(selections)
+    wide = criteria_matrix(table, criteria=criteria)
+    order, n, strategies = list(wide.index), wide.shape[1], list(selections)
     with paper_style():
         fig, (ax, ax2) = plt.subplots(2, 1, sharex=True, figsize=(max(6.5, 0.28 * n + 2.5),
                                                                    0.42 * (len(order) + len(strategies)) + 2),

@@ -59,14 +59,16 @@ def declared_parameters(path: Path) -> set[str]:
     return set(pm.inspect_notebook(str(path)))
 
 
-def resolve_overrides(raw: dict | None, paths: list[Path], where: str = "overrides") -> dict[str, dict]:
-    """Notebook name -> parameters, from a mapping of per-notebook sections and global parameters."""
+def resolve_overrides(raw: dict | None, declared: dict[str, set[str]], where: str = "overrides") -> dict[str, dict]:
+    """Notebook name -> parameters, from a mapping of per-notebook sections and global parameters.
+
+    ``declared`` maps each notebook's file name to its parameters (:func:`declared_parameters`).
+    """
     raw = raw or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: give a mapping of parameters, or of notebook names to parameters")
-    declared = {p.name: declared_parameters(p) for p in paths}
-    by_stem = {p.stem: p.name for p in paths}
-    out: dict[str, dict] = {p.name: {} for p in paths}
+    by_stem = {Path(name).stem: name for name in declared}
+    out: dict[str, dict] = {name: {} for name in declared}
     sections = {k: v for k, v in raw.items() if k in declared or k in by_stem}
     for key in raw:
         if key not in sections and re.match(r"^\d\d_|.*\.ipynb$", str(key)):
@@ -121,15 +123,15 @@ def run_report(cfg: ReportConfig, report=print) -> list[dict]:
         if not p.exists():
             raise FileNotFoundError(f"no parameter file {p}; see notebooks/ci_params.yaml for the format")
         raw = yaml.safe_load(p.read_text())
-    overrides = resolve_overrides(raw, every, where=str(cfg.params or "overrides"))  # checks every section
+    declared = {p.name: declared_parameters(p) for p in every}
+    overrides = resolve_overrides(raw, declared, where=str(cfg.params or "overrides"))  # checks every section
     out, figures = Path(cfg.out), Path(cfg.figures_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     figures.mkdir(parents=True, exist_ok=True)
     rows, failures = [], []
     for i, path in enumerate(paths, 1):
-        declared = declared_parameters(path)
         params = {k: v for k, v in (("RESULTS_DIR", str(Path(cfg.results_dir).resolve())),
-                                    ("FIGURES_DIR", str(figures))) if k in declared}
+                                    ("FIGURES_DIR", str(figures))) if k in declared[path.name]}
         params.update(overrides[path.name])
         executed = out / path.name
         if report:

@@ -1,10 +1,10 @@
 """The study runner: ``layerviz run CONFIG`` executes every stage for every model and dataset.
 
-Stages, per model on domain A: importance, selection (each strategy), test evaluation of the
-full model and the ablations the hypotheses need, adapters on the primary selection, bench.
-Per cross-domain model, on domain B: importance, B's own selection and adapters, and A's
-selection and adapters evaluated on B. Then the tables: headline, cross-model, cross-domain,
-hypotheses. Each stage writes its files atomically and a ``done.json`` (with the stage's key)
+Stages, per model on domain A: importance, selection (each strategy), adapters on the primary
+selection, test evaluation of the full model, popularity and the plain-dropping variants, RQ2
+curves, bench. Per cross-domain model, on domain B: importance, B's own selection and adapters,
+and A's selection and adapters evaluated on B. Then the tables: headline, thirds, variants,
+cross-model, cross-domain, hypotheses. Each stage writes its files atomically and a ``done.json`` (with the stage's key)
 last, so a rerun skips finished stages and a run killed mid-stage leaves no corrupt cache.
 """
 
@@ -427,9 +427,10 @@ class Study:
                 for _, t in sels["importance_greedy"]["trace"].iterrows():
                     rows.append({"strategy": "importance_greedy", "k": int(t["k"]),
                                  "layers": [int(i) for i in t["layers"]], "score": float(t["score"])})
+            order = importance_order(table, "fused", True, n) if table is not None else None
             for s in fixed:
                 for kk in range(1, k + 1):
-                    layers = fixed_layers(s, n, kk, importance_order(table, "fused", True, n) if s == "top_k" else None)
+                    layers = fixed_layers(s, n, kk, order if s == "top_k" else None)
                     rows.append({"strategy": s, "k": kk, "layers": layers, "score": scorer(layers)})
             return {"curves": pd.DataFrame(rows)}
 
@@ -639,9 +640,7 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
     """One row per claim of the paper plan, with measured evidence and a verdict computed from CIs."""
     rows = []
     for spec, r in out["models"].items():
-        apu = r["adapters"]["per_user"]
-        pu = r["evaluation"]["per_user"].assign(**{"full:ndcg@10": apu["full:ndcg@10"],
-                                                  f"select:{cfg.primary}:ndcg@10": apu["drop:ndcg@10"]})
+        apu, pu = r["adapters"]["per_user"], r["evaluation"]["per_user"]
         L = r["adapters"]["summary"]["n_layers"]
         imp = r["importance"]["importance"]
         # H1: upper layers are the most important (fused score and single-layer ablation ground truth)

@@ -11,7 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from layerviz.plots import CRITERIA_ORDER
+from layerviz.plots import CRITERIA_ORDER, criteria_matrix
 from layerviz.selection import FIXED, fixed_layers, importance_order
 
 COLORSCALE = "Cividis"  # colour-blind safe, as the static figures
@@ -19,9 +19,8 @@ COLORSCALE = "Cividis"  # colour-blind safe, as the static figures
 
 def importance_heatmap(table: pd.DataFrame, title: str = "") -> go.Figure:
     """Criteria x layers; hover shows layer, criterion, normalized and raw value."""
-    order = [c for c in CRITERIA_ORDER if c in set(table["criterion"])]
-    norm = table.pivot(index="criterion", columns="layer", values="normalized").loc[order]
-    raw = table.pivot(index="criterion", columns="layer", values="value").loc[order]
+    norm, raw = criteria_matrix(table), criteria_matrix(table, "value")
+    order = list(norm.index)
     fig = go.Figure(go.Heatmap(
         z=norm.to_numpy(), x=norm.columns.tolist(), y=order, customdata=raw.to_numpy(), colorscale=COLORSCALE,
         zmin=0, zmax=1, colorbar={"title": "normalized"},

@@ -8,7 +8,13 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from layerviz import cli
-from layerviz.report import NotebookFailed, ReportConfig, resolve_overrides, run_report
+from layerviz.report import (
+    NotebookFailed,
+    ReportConfig,
+    declared_parameters,
+    resolve_overrides,
+    run_report,
+)
 
 
 def _notebook(path: Path, params: str, *cells: str) -> Path:
@@ -35,7 +41,7 @@ def folder(tmp_path):
 
 
 def test_overrides_are_resolved_per_notebook_and_checked(folder):
-    paths = sorted(folder.glob("*.ipynb"))
+    paths = {p.name: declared_parameters(p) for p in sorted(folder.glob("*.ipynb"))}
     got = resolve_overrides({"X": 2, "01_bad": {"Y": 5}, "FIGURES_DIR": "/f"}, paths)
     assert got == {"00_ok.ipynb": {"X": 2, "FIGURES_DIR": "/f"}, "01_bad.ipynb": {"Y": 5, "FIGURES_DIR": "/f"}}
     with pytest.raises(ValueError, match="no notebook has a parameter 'Z'; known parameters: FIGURES_DIR"):

@@ -279,9 +279,9 @@ class TrainConfig:
 
 
 def _padded(examples, idx, pad, device):
-    from layerviz.scoring import _pad_right
+    from layerviz.scoring import pad_right
 
-    return _pad_right([examples[i].ids for i in idx], pad, device)
+    return pad_right([examples[i].ids for i in idx], pad, device)
 
 
 def _loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:

@@ -162,10 +162,16 @@ def _cache_kwarg(decoder: nn.Module) -> str:
 
 
 def run_decoder(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache=None, use_cache: bool = False):
-    """Base-model forward -> (last hidden state *after* the final norm, KV cache or None)."""
+                cache=None, use_cache: bool = False, position_ids: torch.Tensor | None = None):
+    """Base-model forward -> (last hidden state *after* the final norm, KV cache or None).
+
+    ``position_ids`` (batch, T) are needed when rows are left-padded: positions then follow the
+    real tokens, not the slots of the padded batch.
+    """
     decoder = parts(model).decoder
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": use_cache}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     if cache is not None:
         kwargs[_cache_kwarg(decoder)] = cache
     out = decoder(**kwargs)

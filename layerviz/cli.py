@@ -55,8 +55,11 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--dataset", default=d.dataset, help="demo | demo-electronics | demo-movies | folder | file")
     p.add_argument("--format", default=d.format, help="dataset format (default: detect)")
     p.add_argument("--scorer", default=d.scorer, choices=["likelihood", "yesno", "embedding"])
-    p.add_argument("--calibration", default=d.calibration, choices=["pmi", "none"],
-                   help="likelihood scorer: subtract the no-history title log-prob (pmi) or not")
+    p.add_argument("--calibration", default=d.calibration, choices=["auto", "pmi", "none"],
+                   help="likelihood scorer: subtract the no-history title log-prob (pmi) or not (none); auto "
+                        "picks the better on validation users")
+    p.add_argument("--calibration-users", dest="calibration_users", type=int, default=d.calibration_users,
+                   help="validation users for --calibration auto")
     p.add_argument("--negatives", type=int, default=d.negatives, help="negatives per user (99 or 19)")
     p.add_argument("--sampler", default=d.sampler, choices=["uniform", "popularity"])
     p.add_argument("--users", type=int, default=d.users, help="users to evaluate (seeded sample)")
@@ -157,7 +160,7 @@ def _add_select(sub) -> None:
     p.add_argument("--model", default=None)
     p.add_argument("--dataset", default=None)
     p.add_argument("--strategy", choices=STRATEGIES, default=None)
-    p.add_argument("--criterion", default=None, help="importance criterion (default fused)")
+    p.add_argument("--criterion", default=None, help="importance criterion, or auto (default): the most valid against the loss ablation")
     p.add_argument("--k", type=int, default=None)
     p.add_argument("--budget", type=int, default=None)
     p.add_argument("--evaluator", choices=["task", "fidelity", "hidden_mse"], default=None)
@@ -262,6 +265,60 @@ def _add_bench(sub) -> None:
     p.set_defaults(func=_cmd_bench)
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from layerviz.finetune import FinetuneConfig, finetune
+
+    fields = {k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and v is not None}
+    if args.target_modules is not None:
+        fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    res = finetune(FinetuneConfig(**fields), out=args.out, overwrite=args.overwrite)
+    s = res.summary
+    print(f"\nvalidation NDCG@10 ({s['eval_users']} users, calibration none): before {s['valid_ndcg@10_before']:.4f}, "
+          f"after {s['valid_ndcg@10_after']:.4f} (best step {s['best_step']} of {s['steps']}; {s['stopped']})")
+    print(res.curves.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"next: layerviz evaluate --model {args.out} --dataset {args.dataset} ...")
+    return 0
+
+
+def _add_finetune(sub) -> None:
+    from layerviz.finetune import OBJECTIVES, FinetuneConfig
+
+    d = FinetuneConfig()
+    p = sub.add_parser("finetune", help="fine-tune the LLM recommender (LoRA or full) on the training split")
+    p.add_argument("--model", default=d.model, help="base: preset, hub id, local folder or .gguf file")
+    p.add_argument("--dataset", default=d.dataset, help="bundled name, dataset folder or reviews file")
+    p.add_argument("--format", default=None)
+    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES)
+    p.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
+    p.add_argument("--lora-r", dest="lora_r", type=int, default=None, help=f"LoRA rank (default {d.lora_r})")
+    p.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=None, help=f"default {d.lora_alpha}")
+    p.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=None)
+    p.add_argument("--target-modules", dest="target_modules", default=None,
+                   help="comma-separated Linear names in each layer, or all-linear (default: q,k,v,o,gate,up,down)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 3e-5 full)")
+    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
+    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
+    p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help=f"default {d.batch_size}")
+    p.add_argument("--grad-accum", dest="grad_accum", type=int, default=None)
+    p.add_argument("--negatives", type=int, default=None, help=f"per example, rank/yesno (default {d.negatives})")
+    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help=f"default {d.max_steps}")
+    p.add_argument("--epochs", type=float, default=None)
+    p.add_argument("--max-seconds", dest="max_seconds", type=float, default=None, help="time budget")
+    p.add_argument("--eval-every", dest="eval_every", type=int, default=None, help=f"default {d.eval_every}")
+    p.add_argument("--eval-users", dest="eval_users", type=int, default=None, help=f"default {d.eval_users}")
+    p.add_argument("--patience", type=int, default=None, help="evaluations without improvement before stopping")
+    p.add_argument("--history-len", dest="history_len", type=int, default=None, help=f"default {d.history_len}")
+    p.add_argument("--max-title-tokens", dest="max_title_tokens", type=int, default=None)
+    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--out", required=True, help="folder for the fine-tuned model (a plain HF folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(func=_cmd_finetune)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from layerviz.study import StudyConfig, run_study
 
@@ -351,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select(sub)
     _add_adapt(sub)
     _add_bench(sub)
+    _add_finetune(sub)
     _add_run(sub)
     _add_report(sub)
     _add_data(sub)
@@ -366,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as e:
         print(f"layerviz {args.command}: error: {e}", file=sys.stderr)
         return 2
 

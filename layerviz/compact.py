@@ -289,6 +289,8 @@ class AdaptConfig:
     negatives: int = 19
     history_len: int = 20
     max_title_tokens: int = 32
+    calibration: str = "auto"
+    """Likelihood calibration of the retention NDCG: 'auto' (chosen on validation users), 'none' or 'pmi'."""
     seed: int = 0
     """Fixes calibration users, candidates, adapter init and training order."""
     device: str = "auto"
@@ -323,7 +325,7 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     from layerviz import metrics, store
     from layerviz.adapters import NonFiniteLossError, TrainConfig, train_adapters
     from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
-    from layerviz.evaluate import TaskEvaluator
+    from layerviz.evaluate import TaskEvaluator, pick_calibration
     from layerviz.importance import build_calibration
     from layerviz.models import load_model
 
@@ -343,7 +345,11 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "test", cfg.seed),
                               Path(cfg.results_dir) / "candidates")
-    evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens)
+    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
+                                      max_title_tokens=cfg.max_title_tokens,
+                                      candidates_dir=Path(cfg.results_dir) / "candidates")
+    evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
+                              calibration=calibration)
     full = evaluator.metrics(model)
     compact = build_compact(model, layers, policy, seed=cfg.seed)
     pad = tokenizer.pad_token_id
@@ -378,6 +384,7 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
                "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
                "full_ndcg@5": float(full["ndcg@5"].mean()),
                "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
+               "calibration": calibration,
                **compact.overhead()}
     retention, placement = pd.DataFrame(rows), compact.placement()
     store.write_parquet(folder / "retention.parquet", retention)

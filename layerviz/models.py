@@ -189,18 +189,27 @@ def _dequantize_gguf(gguf_path: Path):
     return model, tokenizer
 
 
-def _write_dequantized(model, tokenizer, target: Path, manifest: dict) -> None:
-    """Write weights+config+tokenizer to a temp folder, then rename: never a half-written cache."""
+def save_weights(model, tokenizer, folder: Path) -> None:
+    """Write a plain HF folder (model.safetensors, config.json, tokenizer) that ``load_model`` reads.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so weights and config are written directly.
+    """
     from safetensors.torch import save_model
 
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"))  # handles tied weights
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save_pretrained(folder)
+
+
+def _write_dequantized(model, tokenizer, target: Path, manifest: dict) -> None:
+    """Write weights+config+tokenizer to a temp folder, then rename: never a half-written cache."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied weights
-        config = model.config.to_dict()
-        config.pop("quantization_config", None)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        tokenizer.save_pretrained(tmp)
+        save_weights(model, tokenizer, tmp)
         (tmp / "layerviz_manifest.json").write_text(json.dumps(manifest, indent=2))
         try:
             os.rename(tmp, target)

@@ -406,7 +406,7 @@ def baseline_bars(summary: pd.DataFrame, title: str = ""):
     models = list(dict.fromkeys(summary["model"]))
     systems = list(dict.fromkeys(summary["system"]))
     metrics_ = list(dict.fromkeys(summary["metric"]))
-    colors = {"full model": "C0", "popularity": "C1", "chance": "#999999"}
+    colors = {"full model": "C0", "fine-tuned": "C0", "zero-shot": "C2", "popularity": "C1", "chance": "#999999"}
     with paper_style():
         fig, axes = plt.subplots(1, len(models), figsize=(max(4.8, 0.9 * len(metrics_) + 1.5) * len(models), 3.4),
                                  squeeze=False, sharey=True)
@@ -424,6 +424,37 @@ def baseline_bars(summary: pd.DataFrame, title: str = ""):
         handles, labels = axes[0, 0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.9), frameon=False)
         fig.suptitle(title or "The full model against popularity and chance")
+        fig.tight_layout()
+    return fig
+
+
+def finetune_profiles(zeroshot: dict[str, pd.DataFrame], tuned: dict[str, pd.DataFrame], shift: pd.DataFrame,
+                      criteria=("fused", "ablation_loss"), title: str = ""):
+    """Zero-shot against fine-tuned importance on normalized depth, one panel per model.
+
+    ``zeroshot`` / ``tuned``: model -> importance table; ``shift``: rows (model, criterion, spearman,
+    ci_low, ci_high) from ``study.importance_shift``, quoted in each panel's legend.
+    """
+    models = list(zeroshot)
+    with paper_style():
+        fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.4), squeeze=False, sharey=True)
+        for ax, m in zip(axes[0], models, strict=True):
+            for j, crit in enumerate(criteria):
+                for table, style, name in ((zeroshot[m], "--", "zero-shot"), (tuned[m], "-", "fine-tuned")):
+                    t = table[table["criterion"] == crit].sort_values("layer")
+                    if t.empty:
+                        continue
+                    d = t["layer"] / max(1, len(t) - 1)
+                    ax.plot(d, t["normalized"], style, color=f"C{j}", marker="o", ms=3, label=f"{crit}, {name}")
+                row = shift[(shift["model"] == m) & (shift["criterion"] == crit)]
+                if len(row):
+                    c = row.iloc[0]
+                    ax.plot([], [], " ", label=f"{crit}: Spearman {c.spearman:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]")
+            ax.set_xlabel("normalized depth i/(L-1)")
+            ax.set_title(f"{m} ({len(t)} layers)", loc="left")
+            ax.legend(fontsize=7, frameon=False, loc="upper center")
+        axes[0, 0].set_ylabel("normalized importance (1 = most important)")
+        fig.suptitle(title or "Does fine-tuning move which layers matter?")
         fig.tight_layout()
     return fig
 

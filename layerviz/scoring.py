@@ -69,8 +69,12 @@ class Request:
     candidates: list[str]
 
 
-class _Text:
-    """Tokenization with per-title truncation, memoized per call."""
+class Prompt:
+    """The one prompt builder: header, history, candidate and answer templates per domain.
+
+    Scoring, importance calibration and fine-tuning all build their token ids here, so a
+    prompt string is never written twice. Title tokenization is truncated and memoized.
+    """
 
     def __init__(self, tokenizer, cfg: ScoringConfig):
         if cfg.domain not in PROMPTS:
@@ -110,6 +114,18 @@ class _Text:
     def ids(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False).input_ids
 
+    def likelihood_prefix(self, history: list[str]) -> list[int]:
+        """The history prompt that a candidate title continues (likelihood scorer)."""
+        return self.prefix_ids(history, "\n-")
+
+    def yesno_prefix(self, history: list[str]) -> list[int]:
+        """The history part of the yes/no prompt (shared by all of a user's candidates)."""
+        return self.prefix_ids(history, "\n")
+
+    def yesno_suffix(self, title: str) -> list[int]:
+        """Candidate line, question and answer cue after the yes/no prefix; the answer is read at its end."""
+        return self.ids("Candidate:") + self.title_ids(title) + self.ids(f"\n{self.p['question']}\nAnswer:")
+
 
 def _device(model) -> torch.device:
     return arch.embedding(model).weight.device
@@ -119,8 +135,8 @@ def _batch_size(cfg: ScoringConfig, device: torch.device) -> int:
     return cfg.batch_size or (256 if device.type == "cuda" else 64)
 
 
-def _pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ids and mask: real tokens keep positions 0..len-1."""
+def pad_right(seqs: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask, (n, max_len) each: real tokens keep positions 0..len-1."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -174,11 +190,15 @@ class _Prefix:
         ids = torch.tensor([self.head], device=self.dev)
         _, self.cache = arch.run_decoder(model, ids, torch.ones_like(ids), use_cache=True)
 
-    def hidden(self, suffixes: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final (post-norm) hidden states of [last prefix token] + suffix, and the suffix mask."""
+    def hidden(self, suffixes: list[list[int]], pad: int, reuse: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final (post-norm) hidden states of [last prefix token] + suffix, and the suffix mask.
+
+        ``reuse=False`` consumes the prefix cache instead of copying it (one suffix batch per
+        prefix, as in training: the cache then carries gradients, which deepcopy refuses).
+        """
         seqs = [[self.last, *s] for s in suffixes]
-        ids, mask = _pad_right(seqs, pad, self.dev)
-        cache = copy.deepcopy(self.cache)
+        ids, mask = pad_right(seqs, pad, self.dev)
+        cache = copy.deepcopy(self.cache) if reuse else self.cache
         cache.batch_repeat_interleave(len(seqs))
         full_mask = torch.cat([torch.ones((len(seqs), len(self.head)), dtype=mask.dtype, device=self.dev), mask], 1)
         hidden, _ = arch.run_decoder(self.model, ids, full_mask, cache=cache, use_cache=True)
@@ -196,23 +216,93 @@ def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_el
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 
-def _likelihood(model, text: _Text, req: Request, batch: int) -> np.ndarray:
-    prefix = _Prefix(model, text.prefix_ids(req.history, "\n-"))
-    pad = text.tok.pad_token_id
+def suffix_scores(model, text: Prompt, prefix: _Prefix, titles: list[str], scorer: str,
+                  reuse: bool = True) -> torch.Tensor:
+    """Raw scores of ``titles`` behind one encoded prefix, (n,) float: differentiable.
 
-    def run(titles: list[str]) -> list[float]:
+    likelihood: mean log-prob of the title tokens; yesno: log P(Yes) - log P(No) at the answer.
+    """
+    pad = text.tok.pad_token_id
+    if scorer == "likelihood":
         suffixes = [text.title_ids(t) for t in titles]
-        hidden, mask = prefix.hidden(suffixes, pad)
+        hidden, mask = prefix.hidden(suffixes, pad, reuse)
         # position j predicts suffix token j (position 0 is the re-fed last prefix token)
-        ids, _ = _pad_right(suffixes, pad, prefix.dev)
+        ids, _ = pad_right(suffixes, pad, prefix.dev)
         valid = mask[:, 1:].bool()
         lp = _token_logprobs(model, hidden[:, :-1][valid], ids[valid])
         per = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
         per[valid] = lp
-        return (per.sum(1) / valid.sum(1)).tolist()
+        return per.sum(1) / valid.sum(1)
+    hidden, mask = prefix.hidden([text.yesno_suffix(t) for t in titles], pad, reuse)
+    last = hidden[torch.arange(len(titles)), mask.sum(1) - 1]  # answer position
+    two = arch.logits(model, last, list(yes_no_ids(text.tok))).float()
+    return two[:, 0] - two[:, 1]  # = log P(Yes) - log P(No)
 
+
+def shared_prefix_scores(model, text: Prompt, history: list[str], titles: list[str],
+                         scorer: str = "likelihood") -> torch.Tensor:
+    """Raw scores of one user's candidates, (n,) float, with gradients when enabled.
+
+    The history is encoded once and its KV cache expanded over the candidates, so a
+    training step pays for the history once, not once per candidate.
+    """
+    ids = text.likelihood_prefix(history) if scorer == "likelihood" else text.yesno_prefix(history)
+    return suffix_scores(model, text, _Prefix(model, ids), titles, scorer, reuse=False)
+
+
+def batched_prefix_scores(model, text: Prompt, histories: list[list[str]], candidates: list[list[str]],
+                          scorer: str = "likelihood") -> torch.Tensor:
+    """Raw scores (B, n) of n candidates for each of B histories in two passes, with gradients when enabled.
+
+    The B history prefixes run in one left-padded pass (position ids follow the real tokens); the
+    cache is expanded n times per row and all B*n suffixes run in a second pass behind it. Same
+    numbers as ``shared_prefix_scores`` per user (tested), with larger matrix products: what makes
+    a CPU training step fast.
+    """
+    n = len(candidates[0])
+    if any(len(c) != n for c in candidates):
+        raise ValueError("batched_prefix_scores needs the same number of candidates for every history")
+    dev, pad = _device(model), text.tok.pad_token_id
+    prefixes = [text.likelihood_prefix(h) if scorer == "likelihood" else text.yesno_prefix(h) for h in histories]
+    heads = [p[:-1] for p in prefixes]
+    width = max(len(h) for h in heads)
+    ids = torch.full((len(heads), width), pad, dtype=torch.long)
+    mask, pos = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, h in enumerate(heads):  # left padding: every prefix ends where the suffixes start
+        ids[b, width - len(h):], mask[b, width - len(h):] = torch.tensor(h), 1
+        pos[b, width - len(h):] = torch.arange(len(h))
+    _, cache = arch.run_decoder(model, ids.to(dev), mask.to(dev), use_cache=True, position_ids=pos.to(dev))
+    cache.batch_repeat_interleave(n)
+    suffixes = [[p[-1], *(text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t))]
+                for p, cands in zip(prefixes, candidates, strict=True) for t in cands]
+    s_ids, s_mask = pad_right(suffixes, pad, dev)
+    full_mask = torch.cat([mask.to(dev).repeat_interleave(n, 0), s_mask], 1)
+    s_pos = torch.tensor([len(h) for h in heads], device=dev).repeat_interleave(n)[:, None] + torch.arange(
+        s_ids.shape[1], device=dev)[None]
+    hidden, _ = arch.run_decoder(model, s_ids, full_mask, cache=cache, use_cache=True, position_ids=s_pos)
+    if scorer == "likelihood":
+        valid = s_mask[:, 1:].bool()
+        lp = _token_logprobs(model, hidden[:, :-1][valid], s_ids[:, 1:][valid])
+        per = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
+        per[valid] = lp
+        scores = per.sum(1) / valid.sum(1)
+    else:
+        last = hidden[torch.arange(len(suffixes), device=dev), s_mask.sum(1) - 1]
+        two = arch.logits(model, last, list(yes_no_ids(text.tok))).float()
+        scores = two[:, 0] - two[:, 1]
+    return scores.view(len(histories), n)
+
+
+def _score_request(model, text: Prompt, req: Request, batch: int, scorer: str) -> np.ndarray:
+    ids = text.likelihood_prefix(req.history) if scorer == "likelihood" else text.yesno_prefix(req.history)
+    prefix = _Prefix(model, ids)
     lengths = [len(text.title_ids(t)) for t in req.candidates]
-    return np.array(_batched(run, req.candidates, batch, prefix.dev, lengths, _max_tokens(prefix.dev)))
+    return np.array(_batched(lambda titles: suffix_scores(model, text, prefix, titles, scorer).tolist(),
+                             req.candidates, batch, prefix.dev, lengths, _max_tokens(prefix.dev)))
+
+
+def _likelihood(model, text: Prompt, req: Request, batch: int) -> np.ndarray:
+    return _score_request(model, text, req, batch, "likelihood")
 
 
 def yes_no_ids(tokenizer) -> tuple[int, int]:
@@ -225,26 +315,13 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
     return yes, no
 
 
-def _yesno(model, text: _Text, req: Request, batch: int) -> np.ndarray:
-    prefix = _Prefix(model, text.prefix_ids(req.history, "\n"))
-    pad, rows = text.tok.pad_token_id, list(yes_no_ids(text.tok))
-    tail = text.ids(f"\n{text.p['question']}\nAnswer:")
-
-    def run(titles: list[str]) -> list[float]:
-        cand = text.ids("Candidate:")
-        suffixes = [cand + text.title_ids(t) + tail for t in titles]
-        hidden, mask = prefix.hidden(suffixes, pad)
-        last = hidden[torch.arange(len(titles)), mask.sum(1) - 1]  # answer position
-        two = arch.logits(model, last, rows).float()
-        return (two[:, 0] - two[:, 1]).tolist()  # = log P(Yes) - log P(No)
-
-    lengths = [len(text.title_ids(t)) for t in req.candidates]
-    return np.array(_batched(run, req.candidates, batch, prefix.dev, lengths, _max_tokens(prefix.dev)))
+def _yesno(model, text: Prompt, req: Request, batch: int) -> np.ndarray:
+    return _score_request(model, text, req, batch, "yesno")
 
 
 def _embed(model, seqs: list[list[int]], pad: int) -> torch.Tensor:
     """Mean-pooled final hidden states, L2-normalized: (len(seqs), hidden)."""
-    ids, mask = _pad_right(seqs, pad, _device(model))
+    ids, mask = pad_right(seqs, pad, _device(model))
     h = arch.run_decoder(model, ids, mask)[0].float()
     pooled = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
     return F.normalize(pooled, dim=-1)
@@ -261,7 +338,7 @@ def title_priors(model, tokenizer, titles: list[str], cfg: ScoringConfig, batch:
     key = (cfg.domain, cfg.max_title_tokens, arch.layer_signature(model))
     todo = [t for t in dict.fromkeys(titles) if (key, t) not in cache]
     if todo:
-        vals = _likelihood(model, _Text(tokenizer, cfg), Request([], todo), batch)
+        vals = _likelihood(model, Prompt(tokenizer, cfg), Request([], todo), batch)
         cache.update({(key, t): v for t, v in zip(todo, vals, strict=True)})
     return np.array([cache[(key, t)] for t in titles])
 
@@ -269,7 +346,7 @@ def title_priors(model, tokenizer, titles: list[str], cfg: ScoringConfig, batch:
 def embed_items(model, tokenizer, titles: list[str], cfg: ScoringConfig | None = None) -> torch.Tensor:
     """Embeddings of item titles, (n, hidden), computed once per (model, title) and cached."""
     cfg = cfg or ScoringConfig(scorer="embedding")
-    text = _Text(tokenizer, cfg)
+    text = Prompt(tokenizer, cfg)
     cache = _ITEM_CACHE.setdefault(model, {})
     key = (cfg.max_title_tokens, arch.layer_signature(model))  # surgery changes embeddings
     todo = [t for t in dict.fromkeys(titles) if (key, t) not in cache]
@@ -290,7 +367,7 @@ def embed_items(model, tokenizer, titles: list[str], cfg: ScoringConfig | None =
 def embed_users(model, tokenizer, histories: list[list[str]], cfg: ScoringConfig | None = None) -> torch.Tensor:
     """Embeddings of user history prompts, (n, hidden)."""
     cfg = cfg or ScoringConfig(scorer="embedding")
-    text, dev = _Text(tokenizer, cfg), _device(model)
+    text, dev = Prompt(tokenizer, cfg), _device(model)
     seqs = [text.prefix_ids(h, "") for h in histories]
     with torch.no_grad():
         vecs = _batched(lambda c: list(_embed(model, c, tokenizer.pad_token_id).cpu()), seqs,
@@ -308,7 +385,7 @@ def score(model, tokenizer, requests: list[Request], config: ScoringConfig | Non
         tokenizer.pad_token = tokenizer.eos_token
     dev = _device(model)
     batch = _batch_size(cfg, dev)
-    text = _Text(tokenizer, cfg)
+    text = Prompt(tokenizer, cfg)
     out = []
     with torch.no_grad():
         if cfg.scorer == "embedding":
@@ -338,19 +415,19 @@ def score_naive(model, tokenizer, request: Request, config: ScoringConfig | None
     benchmarks/bench_scoring.py to check the fast path.
     """
     cfg = config or ScoringConfig()
-    text = _Text(tokenizer, cfg)
+    text = Prompt(tokenizer, cfg)
     dev = _device(model)
     scores = []
     with torch.no_grad():
         for title in request.candidates:
             if cfg.scorer == "likelihood":
-                prefix, suffix = text.prefix_ids(request.history, "\n-"), text.title_ids(title)
+                prefix, suffix = text.likelihood_prefix(request.history), text.title_ids(title)
                 ids = torch.tensor([prefix + suffix], device=dev)
                 logp = model(input_ids=ids).logits[0].float().log_softmax(-1)
                 pos = torch.arange(len(prefix) - 1, len(prefix) + len(suffix) - 1, device=dev)
                 s = logp[pos, torch.tensor(suffix, device=dev)].mean().item()
                 if cfg.calibration == "pmi":
-                    prior = text.prefix_ids([], "\n-")
+                    prior = text.likelihood_prefix([])
                     ids = torch.tensor([prior + suffix], device=dev)
                     lp0 = model(input_ids=ids).logits[0].float().log_softmax(-1)
                     pos0 = torch.arange(len(prior) - 1, len(prior) + len(suffix) - 1, device=dev)
@@ -358,8 +435,7 @@ def score_naive(model, tokenizer, request: Request, config: ScoringConfig | None
                 scores.append(s)
             elif cfg.scorer == "yesno":
                 yes, no = yes_no_ids(tokenizer)
-                ids = (text.prefix_ids(request.history, "\n") + text.ids("Candidate:") + text.title_ids(title)
-                       + text.ids(f"\n{text.p['question']}\nAnswer:"))
+                ids = text.yesno_prefix(request.history) + text.yesno_suffix(title)
                 logits = model(input_ids=torch.tensor([ids], device=dev)).logits[0, -1].float()
                 logp = logits.log_softmax(-1)
                 scores.append((logp[yes] - logp[no]).item())

@@ -346,8 +346,8 @@ class SelectConfig:
     format: str = "auto"
     strategy: str = "importance_greedy"
     """One of STRATEGIES."""
-    criterion: str = "fused"
-    """Importance criterion ordering importance_greedy / top_k."""
+    criterion: str = "auto"
+    """Importance criterion ordering importance_greedy / top_k; 'auto': the most valid against the loss ablation."""
     highest: bool = True
     """top_k keeps the highest values of the criterion (ShortGPT keeps the highest Block Influence)."""
     k: int | None = 8
@@ -365,6 +365,8 @@ class SelectConfig:
     users: int = 32
     """Validation users the evaluator scores (1 + negatives candidates each)."""
     negatives: int = 19
+    calibration: str = "auto"
+    """Likelihood calibration of the task evaluator: 'auto' (chosen on validation users), 'none' or 'pmi'."""
     seed: int = 0
     reference: str | None = None
     """strategy 'reference': key in data/reference_selections.json (e.g. llama3-8b)."""
@@ -381,8 +383,13 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
     """Run one strategy on real data -> (Selection, context with full-model score and chance)."""
     from layerviz import metrics
     from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
-    from layerviz.evaluate import FidelityEvaluator, TaskEvaluator
-    from layerviz.importance import ImportanceConfig, build_calibration, run_importance
+    from layerviz.evaluate import FidelityEvaluator, TaskEvaluator, pick_calibration
+    from layerviz.importance import (
+        ImportanceConfig,
+        build_calibration,
+        choose_criterion,
+        run_importance,
+    )
     from layerviz.models import load_model
 
     if cfg.strategy not in STRATEGIES:
@@ -393,20 +400,28 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
     _check_k(cfg.k, arch.num_layers(model), required=cfg.strategy not in ("importance_greedy", "reference"))
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "valid", cfg.seed),
                               Path(cfg.results_dir) / "candidates")
-    task = TaskEvaluator(prep, cands, tokenizer, split="valid", max_title_tokens=cfg.max_title_tokens)
+    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
+                                      max_title_tokens=cfg.max_title_tokens,
+                                      candidates_dir=Path(cfg.results_dir) / "candidates")
+    task = TaskEvaluator(prep, cands, tokenizer, split="valid", max_title_tokens=cfg.max_title_tokens,
+                         calibration=calibration)
     if cfg.evaluator == "task":
         evaluator = task
     elif cfg.evaluator in ("fidelity", "hidden_mse"):
         evaluator = FidelityEvaluator(model, prep, cands, tokenizer, "kl" if cfg.evaluator == "fidelity" else "hidden_mse",
-                                      split="valid", max_title_tokens=cfg.max_title_tokens)
+                                      split="valid", max_title_tokens=cfg.max_title_tokens, calibration=calibration)
     else:
         raise ValueError(f"unknown evaluator {cfg.evaluator!r}; use 'task', 'fidelity' or 'hidden_mse'")
-    table = None
+    table, criterion, auto = None, cfg.criterion, None
     if cfg.strategy in ("importance_greedy", "top_k"):
         icfg = ImportanceConfig(**{"model": cfg.model, "dataset": cfg.dataset, "format": cfg.format,
                                    "seed": cfg.seed, "results_dir": cfg.results_dir, "history_len": cfg.history_len,
-                                   **cfg.importance})
-        table = run_importance(icfg, model, tokenizer, report=report).table
+                                   "max_title_tokens": cfg.max_title_tokens, **cfg.importance})
+        res = run_importance(icfg, model, tokenizer, report=report)
+        table = res.table
+        if criterion == "auto":
+            auto = choose_criterion(res.validity)
+            criterion = auto["criterion"]
     calibration = build_calibration(prep, tokenizer, 16, seed=cfg.seed) if cfg.strategy == "contiguous_block" else None
     reference = None
     if cfg.strategy == "reference":
@@ -415,12 +430,15 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
             raise ValueError(f"unknown reference {cfg.reference!r}; available: {', '.join(refs)}")
         reference = refs[cfg.reference]["layers"]
     s = select(cfg.strategy, model, evaluator, k=cfg.k, budget=cfg.budget, importance=table,
-               criterion=cfg.criterion, highest=cfg.highest, window=cfg.window, threshold=cfg.threshold,
+               criterion=criterion, highest=cfg.highest, window=cfg.window, threshold=cfg.threshold,
                protect_ends=cfg.protect_ends, calibration=calibration, seed=cfg.seed, reference=reference)
     context = {"evaluator": cfg.evaluator, "full_score": float(np.mean(evaluator(model))),
                "task_ndcg@10": float(np.mean(_with_layers(model, s.layers, task))),
                "full_task_ndcg@10": float(np.mean(task(model))),
-               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"]}
+               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "calibration": calibration}
+    if auto is not None:
+        s.meta["criterion_auto"] = auto
+        context["criterion_auto"] = auto
     return s, context
 
 

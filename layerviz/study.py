@@ -22,6 +22,12 @@ import pandas as pd
 from layerviz import arch, metrics, store
 
 REGIONS = ("lower", "middle", "upper")
+# settings the study decides for every stage (a section of the config may not override them)
+STUDY_OWNED = {"model", "dataset", "format", "history_len", "max_title_tokens", "seed", "device", "dtype",
+               "candidates_dir", "results_dir", "calibration"}
+# "fine-tuning moves which layers matter": supported when the zero-shot/fine-tuned profiles' Spearman CI lies
+# below this (at most moderate agreement), contradicted when it lies above it
+MOVED_RHO = 0.5
 
 
 @dataclass
@@ -57,6 +63,17 @@ class StudyConfig:
     negatives: int = 19
     eval_strategies: list[str] = field(default_factory=lambda: ["last_k"])
     """Strategies (besides the primary) whose selections are also evaluated on the test users, without adapters."""
+    finetune: dict = field(default_factory=dict)
+    """Fine-tune each model on domain A first (overrides of FinetuneConfig: objective, max_steps, max_seconds,
+    full, lora_r, lr, batch_size, ...); every later stage then analyses the fine-tuned recommender, and the
+    zero-shot model is still evaluated and profiled alongside. {}: the zero-shot model only."""
+    calibration: str = "auto"
+    """Likelihood calibration: 'auto' (none or pmi, chosen per model and dataset on validation users), 'none', 'pmi'."""
+    calibration_users: int = 40
+    """Validation users on which calibration 'auto' chooses (1 + negatives candidates each)."""
+    criterion: str = "auto"
+    """Criterion ordering importance_greedy/top_k: 'auto' (the highest validity against the loss ablation,
+    chosen per model) or a criterion name (fused, block_influence, fisher_sum, ...)."""
     importance: dict = field(default_factory=dict)
     """Overrides of ImportanceConfig (samples, ablation, ablation_users, ...)."""
     adapters: dict = field(default_factory=dict)
@@ -132,7 +149,30 @@ class StudyConfig:
             bad("k_fraction", f"{self.k_fraction!r} must be in (0, 1]")
         if self.reference not in load_reference()["selections"]:
             bad("reference", f"{self.reference!r} is not in data/reference_selections.json")
-        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives"):
+        from layerviz.evaluate import CALIBRATIONS
+        from layerviz.finetune import FinetuneConfig
+        from layerviz.importance import DIRECTION
+
+        if self.calibration not in CALIBRATIONS:
+            bad("calibration", f"{self.calibration!r} must be one of {', '.join(CALIBRATIONS)}")
+        if self.criterion != "auto" and self.criterion not in DIRECTION:
+            bad("criterion", f"{self.criterion!r} must be 'auto' or one of {', '.join(DIRECTION)}")
+        if self.criterion == "auto" and self.importance.get("ablation") is False and any(
+                s in ("importance_greedy", "top_k") for s in self.strategies):
+            bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
+                             "or name a criterion")
+        ft_names = {f.name for f in fields(FinetuneConfig)} - STUDY_OWNED
+        if not isinstance(self.finetune, dict):
+            bad("finetune", "must be a mapping (e.g. {objective: rank, max_steps: 60})")
+        for k in self.finetune:
+            if k not in ft_names:
+                bad(f"finetune.{k}", f"unknown setting; known: {', '.join(sorted(ft_names))}")
+        if self.finetune:
+            try:
+                FinetuneConfig(**self.finetune).validate()
+            except (TypeError, ValueError) as e:
+                bad("finetune", str(e))
+        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"{v!r} must be a positive integer")
@@ -141,8 +181,7 @@ class StudyConfig:
             section = getattr(self, key)
             if not isinstance(section, dict):
                 bad(key, "must be a mapping")
-            names = allowed or {f.name for f in fields(cls)} - {"model", "dataset", "results_dir", "device", "seed",
-                                                                "history_len", "max_title_tokens", "dtype"}
+            names = allowed or {f.name for f in fields(cls)} - STUDY_OWNED
             for k in section:
                 if k not in names:
                     bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
@@ -287,13 +326,45 @@ class Study:
         self._preps: dict = {}
 
     # -- shared resources, loaded lazily (a fully cached rerun loads nothing)
-    def model(self, spec: str):
+    @property
+    def finetuning(self) -> bool:
+        """Whether the study analyses a fine-tuned recommender (the config has a finetune section)."""
+        return bool(self.cfg.finetune)
+
+    def ft_config(self, spec: str):
+        from layerviz.finetune import FinetuneConfig
+
+        c = self.cfg
+        return FinetuneConfig(model=spec, dataset=c.domain_a, history_len=c.history_len,
+                              max_title_tokens=c.max_title_tokens, seed=c.seed, device=c.device, dtype=c.dtype,
+                              candidates_dir=str(Path(c.results_dir) / "candidates"), **c.finetune)
+
+    def label(self, spec: str, zeroshot: bool = False) -> str:
+        """The name results are cached under: the spec, or spec+ft-<key> for the fine-tuned recommender."""
+        if zeroshot or not self.finetuning:
+            return spec
+        key = {k: v for k, v in asdict(self.ft_config(spec)).items() if k != "candidates_dir"}
+        return f"{spec}+ft-{store.config_hash(key)[:8]}"
+
+    def ft_folder(self, spec: str) -> Path:
+        return self.stages.root / _slug(spec) / _slug(self.cfg.domain_a) / "finetune" / "model"
+
+    def model(self, spec: str, zeroshot: bool = False):
+        """(model, tokenizer) that the stages analyse: the fine-tuned recommender unless ``zeroshot``."""
+        from layerviz.finetune import check_base
         from layerviz.models import load_model
 
-        if spec not in self._models:
+        tuned = self.finetuning and not zeroshot
+        key = (spec, tuned)
+        if key not in self._models:
+            if tuned:
+                self.finetune(spec)
+                base = self.model(spec, zeroshot=True)[0]
+                check_base(self.ft_folder(spec), base)  # a reused folder must come from this very base
             self._models.clear()  # one model in memory at a time
-            self._models[spec] = load_model(spec, device=self.cfg.device, dtype=self.cfg.dtype, seed=self.cfg.seed)
-        return self._models[spec]
+            source = str(self.ft_folder(spec)) if tuned else spec
+            self._models[key] = load_model(source, device=self.cfg.device, dtype=self.cfg.dtype, seed=self.cfg.seed)
+        return self._models[key]
 
     def prep(self, dataset: str):
         from layerviz.data import PrepConfig, load
@@ -302,15 +373,16 @@ class Study:
             self._preps[dataset] = load(dataset, "auto", PrepConfig(history_len=self.cfg.history_len), report=None)
         return self._preps[dataset]
 
-    def evaluator(self, spec: str, dataset: str, split: str, users: int):
+    def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False):
         from layerviz.data import CandidateConfig, candidates_for
         from layerviz.evaluate import TaskEvaluator
 
         prep = self.prep(dataset)
         cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed),
                                   Path(self.cfg.results_dir) / "candidates")
-        return TaskEvaluator(prep, cands, self.model(spec)[1], split=split,
-                             max_title_tokens=self.cfg.max_title_tokens), cands
+        calibration = self.calibration(spec, dataset, zeroshot)["choice"]
+        return TaskEvaluator(prep, cands, self.model(spec, zeroshot)[1], split=split,
+                             max_title_tokens=self.cfg.max_title_tokens, calibration=calibration), cands
 
     def popularity(self, dataset: str, cands: pd.DataFrame) -> pd.DataFrame:
         """Per-user metrics of the popularity baseline on these candidate lists."""
@@ -322,47 +394,130 @@ class Study:
     def n_layers(self, spec: str) -> int:
         from layerviz.models import PRESETS
 
-        return PRESETS[spec].num_layers if spec in PRESETS else arch.num_layers(self.model(spec)[0])
+        return PRESETS[spec].num_layers if spec in PRESETS else arch.num_layers(self.model(spec, zeroshot=True)[0])
 
     def k(self, spec: str) -> int:
         return max(1, int(round(self.n_layers(spec) * self.cfg.k_fraction)))
 
-    def _key(self, *parts):
+    def _key(self, spec: str, *parts, zeroshot: bool = False):
         c = self.cfg
-        return [c.history_len, c.max_title_tokens, c.negatives, c.seed, c.dtype, *parts]
+        return [c.history_len, c.max_title_tokens, c.negatives, c.seed, c.dtype, self.label(spec, zeroshot),
+                c.calibration, c.calibration_users, *parts]
+
+    def criterion(self, spec: str, dataset: str) -> dict:
+        """The criterion ordering importance_greedy/top_k: the config's, or the most valid one ('auto')."""
+        from layerviz.importance import choose_criterion
+
+        if self.cfg.criterion != "auto":
+            return {"criterion": self.cfg.criterion, "auto": False}
+        imp = self.importance(spec, self.cfg.domain_a)  # validity needs the ablation, measured on domain A
+        return {**choose_criterion(imp["validity"]), "auto": True, "dataset": self.cfg.domain_a}
 
     # -- stages
-    def importance(self, spec: str, dataset: str, ablation: bool = True) -> dict:
+    def finetune(self, spec: str) -> dict:
+        """The base model fine-tuned on domain A's training split (a plain HF folder under the stage)."""
+        from layerviz.finetune import finetune
+
+        fcfg = self.ft_config(spec)
+
+        def compute(folder):
+            import shutil
+
+            base, tok = self.model(spec, zeroshot=True)
+            shutil.rmtree(folder / "model", ignore_errors=True)  # stale: this stage is being (re)computed
+            res = finetune(fcfg, base, tok, out=folder / "model", report=self.report)
+            return {"summary": res.summary, "curves": res.curves}
+
+        return self.stages(f"{_slug(spec)}/{_slug(self.cfg.domain_a)}/finetune",
+                           {k: v for k, v in asdict(fcfg).items() if k != "candidates_dir"}, compute)
+
+    def calibration(self, spec: str, dataset: str, zeroshot: bool = False) -> dict:
+        """none or pmi for this model and dataset: the config's, or chosen on validation users ('auto')."""
+        from layerviz.evaluate import pick_calibration
+
+        c = self.cfg
+        if c.calibration != "auto":
+            return {"choice": c.calibration, "valid_ndcg@10": None}
+        suffix = "-zeroshot" if zeroshot and self.finetuning else ""
+
+        def compute(folder):
+            model, tok = self.model(spec, zeroshot)
+            choice, record = pick_calibration(model, tok, self.prep(dataset), "auto", c.calibration_users, c.negatives,
+                                              c.seed, c.max_title_tokens, Path(c.results_dir) / "candidates")
+            return {"calibration": record}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/calibration{suffix}", self._key(spec, dataset, zeroshot=zeroshot),
+                           compute)["calibration"]
+
+    def importance(self, spec: str, dataset: str, ablation: bool = True, zeroshot: bool = False) -> dict:
         from layerviz.importance import ImportanceConfig, run_importance
 
         over = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
-        icfg = ImportanceConfig(model=spec, dataset=dataset, history_len=self.cfg.history_len, seed=self.cfg.seed,
-                                max_title_tokens=self.cfg.max_title_tokens,
+        needs_scorer = ablation and over.get("ablation_users", ImportanceConfig.ablation_users) > 0
+        calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
+        icfg = ImportanceConfig(model=self.label(spec, zeroshot), dataset=dataset, history_len=self.cfg.history_len,
+                                seed=self.cfg.seed, max_title_tokens=self.cfg.max_title_tokens, calibration=calibration,
                                 device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **over)
 
         def compute(folder):
-            model, tok = self.model(spec)
+            model, tok = self.model(spec, zeroshot)
             res = run_importance(icfg, model, tok, report=None)
             return {"importance": res.table, "validity": res.validity}
 
-        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/importance", asdict(icfg), compute)
+        suffix = "-zeroshot" if zeroshot and self.finetuning else ""
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/importance{suffix}", asdict(icfg), compute)
 
     def selection(self, spec: str, dataset: str, strategy: str) -> dict:
         from layerviz.selection import select
 
         k = self.k(spec)
+        crit = self.criterion(spec, dataset) if strategy in ("importance_greedy", "top_k") else None
 
         def compute(folder):
-            model, _ = self.model(spec)
             ev, _ = self.evaluator(spec, dataset, "valid", self.cfg.select_users)
+            model, _ = self.model(spec)
             table = None
-            if strategy in ("importance_greedy", "top_k"):
+            if crit is not None:
                 table = self.importance(spec, dataset, ablation=dataset == self.cfg.domain_a)["importance"]
-            s = select(strategy, model, ev, k=k, importance=table, seed=self.cfg.seed)
-            return {"selection": {**s.to_json(), "model": spec, "dataset": dataset}, "trace": s.trace}
+            s = select(strategy, model, ev, k=k, importance=table, seed=self.cfg.seed,
+                       criterion=crit["criterion"] if crit else "fused")
+            doc = {**s.to_json(), "model": spec, "dataset": dataset, "calibration": ev.cfg.calibration}
+            if crit is not None:
+                doc["criterion_choice"] = crit
+            return {"selection": doc, "trace": s.trace}
 
         return self.stages(f"{_slug(spec)}/{_slug(dataset)}/select-{strategy}",
-                           self._key(spec, dataset, strategy, k, self.cfg.select_users, self.cfg.importance), compute)
+                           self._key(spec, dataset, strategy, k, self.cfg.select_users, self.cfg.importance,
+                                     crit and crit["criterion"]), compute)
+
+    def zeroshot(self, spec: str, dataset: str) -> dict:
+        """The zero-shot model on the test users (every metric per user, its own calibration) and popularity."""
+        cfg = self.cfg
+
+        def compute(folder):
+            ev, cands = self.evaluator(spec, dataset, "test", cfg.eval_users, zeroshot=True)
+            m = ev.metrics(self.model(spec, zeroshot=True)[0])
+            pop = self.popularity(dataset, cands)
+            cols = {**{f"zeroshot:{k}": m[k].to_numpy() for k in m.columns},
+                    **{f"popularity:{k}": pop[k].to_numpy() for k in pop.columns}}
+            return {"per_user": pd.DataFrame(cols), "meta": {"calibration": ev.cfg.calibration,
+                                                               "users": cands["user_id"].tolist()}}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/zeroshot", self._key(spec, dataset, cfg.eval_users,
+                                                                                  zeroshot=True), compute)
+
+    def tuned_on(self, spec: str, dataset: str) -> dict:
+        """The fine-tuned full model on another dataset's test users (cross-domain), every metric per user."""
+        cfg = self.cfg
+
+        def compute(folder):
+            ev, cands = self.evaluator(spec, dataset, "test", cfg.eval_users)
+            m = ev.metrics(self.model(spec)[0])
+            return {"per_user": pd.DataFrame({f"full:{k}": m[k].to_numpy() for k in m.columns}),
+                    "meta": {"calibration": ev.cfg.calibration, "users": cands["user_id"].tolist()}}
+
+        return self.stages(f"{_slug(spec)}/{_slug(dataset)}/finetuned-full", self._key(spec, dataset, cfg.eval_users),
+                           compute)
 
     def evaluation(self, spec: str) -> dict:
         """Test metrics (every metric, per user) of the full model, popularity and plain-dropping variants.
@@ -414,6 +569,7 @@ class Study:
         sels = {s: self.selection(spec, dataset, s) for s in cfg.strategies}
         table = (self.importance(spec, dataset, ablation=dataset == cfg.domain_a)["importance"]
                  if "top_k" in fixed else None)
+        crit = self.criterion(spec, dataset)["criterion"] if table is not None else None
 
         def compute(folder):
             model, _ = self.model(spec)
@@ -427,7 +583,7 @@ class Study:
                 for _, t in sels["importance_greedy"]["trace"].iterrows():
                     rows.append({"strategy": "importance_greedy", "k": int(t["k"]),
                                  "layers": [int(i) for i in t["layers"]], "score": float(t["score"])})
-            order = importance_order(table, "fused", True, n) if table is not None else None
+            order = importance_order(table, crit, True, n) if table is not None else None
             for s in fixed:
                 for kk in range(1, k + 1):
                     layers = fixed_layers(s, n, kk, order if s == "top_k" else None)
@@ -435,16 +591,17 @@ class Study:
             return {"curves": pd.DataFrame(rows)}
 
         return self.stages(f"{_slug(spec)}/{_slug(dataset)}/curves",
-                           self._key(spec, dataset, k, fixed, cfg.select_users, cfg.importance,
+                           self._key(spec, dataset, k, fixed, cfg.select_users, cfg.importance, crit,
                                      {s: v["selection"]["layers"] for s, v in sels.items()}), compute)
 
     def adapters(self, spec: str, dataset: str, layers: list[int]) -> dict:
         from layerviz.compact import AdaptConfig, run_adapt
 
-        acfg = AdaptConfig(model=spec, dataset=dataset, layers=layers, users=self.cfg.eval_users,
+        acfg = AdaptConfig(model=self.label(spec), dataset=dataset, layers=layers, users=self.cfg.eval_users,
                            negatives=self.cfg.negatives, history_len=self.cfg.history_len, seed=self.cfg.seed,
                            max_title_tokens=self.cfg.max_title_tokens, device=self.cfg.device, dtype=self.cfg.dtype,
-                           results_dir=self.cfg.results_dir, **self.cfg.adapters)
+                           calibration=self.calibration(spec, dataset)["choice"], results_dir=self.cfg.results_dir,
+                           **self.cfg.adapters)
 
         def compute(folder):
             model, tok = self.model(spec)
@@ -456,7 +613,7 @@ class Study:
     def bench(self, spec: str, selection_layers: list[int]) -> dict:
         from layerviz.bench import BenchConfig, run_bench
 
-        bcfg = BenchConfig(model=spec, dataset=self.cfg.domain_a, history_len=self.cfg.history_len,
+        bcfg = BenchConfig(model=self.label(spec), dataset=self.cfg.domain_a, history_len=self.cfg.history_len,
                            max_title_tokens=self.cfg.max_title_tokens,
                            negatives=self.cfg.negatives, seed=self.cfg.seed, device=self.cfg.device,
                            dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **self.cfg.bench)
@@ -468,6 +625,9 @@ class Study:
             sel = folder / "selection.json"
             store.write_json(sel, {"layers": selection_layers})
             bcfg.selection = str(sel)
+            if self.finetuning:  # the workers load the fine-tuned folder (the key names its label)
+                self.finetune(spec)
+                bcfg.model = str(self.ft_folder(spec))
             self._models.clear()  # the workers load their own copy; keep the parent's memory low
             return {"bench": run_bench(bcfg, report=self.report)}
 
@@ -500,17 +660,28 @@ class Study:
         out = {"models": {}}
         cd_models = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
         for spec in cfg.models:
-            r = {"importance": self.importance(spec, cfg.domain_a)}
+            r = {}
+            if self.finetuning:  # the zero-shot side first: one model switch per model
+                r["finetune"] = self.finetune(spec)
+                r["zeroshot"] = {cfg.domain_a: self.zeroshot(spec, cfg.domain_a)}
+                if spec in cd_models:
+                    r["zeroshot"][cfg.domain_b] = self.zeroshot(spec, cfg.domain_b)
+                r["importance_zeroshot"] = self.importance(spec, cfg.domain_a, zeroshot=True)
+            r["importance"] = self.importance(spec, cfg.domain_a)
             r["selections"] = {s: self.selection(spec, cfg.domain_a, s) for s in cfg.strategies}
             primary = r["selections"][cfg.primary]["selection"]["layers"]
             r["adapters"] = self.adapters(spec, cfg.domain_a, primary)
             r["evaluation"] = self.evaluation(spec)
             r["curves"] = self.curves(spec, cfg.domain_a)
+            r["calibration"] = {d: self.calibration(spec, d) for d in (cfg.domain_a, cfg.domain_b)
+                                if d == cfg.domain_a or spec in cd_models}
             if spec in cd_models:
                 r["b_selection"] = self.selection(spec, cfg.domain_b, cfg.primary)
                 r["b_adapters"] = self.adapters(spec, cfg.domain_b, r["b_selection"]["selection"]["layers"])
                 r["transfer"] = self.transfer(spec, f"{_slug(spec)}/{_slug(cfg.domain_a)}/adapters",
                                               primary, r["b_adapters"])
+                if self.finetuning:
+                    r["tuned_b"] = self.tuned_on(spec, cfg.domain_b)
             r["bench"] = self.bench(spec, primary)
             out["models"][spec] = r
         self._models.clear()
@@ -527,9 +698,12 @@ class Study:
 
     # -- tables
     def tables(self, out: dict) -> dict[str, pd.DataFrame]:
-        return {"headline": headline(out, self.cfg), "thirds": thirds_table(out, self.cfg),
-                "cross_model": cross_model(out, self.cfg), "cross_domain": cross_domain(out, self.cfg),
-                "variants": variants_table(out, self.cfg), "hypotheses": hypotheses(out, self.cfg)}
+        tables = {"headline": headline(out, self.cfg), "thirds": thirds_table(out, self.cfg),
+                  "cross_model": cross_model(out, self.cfg), "cross_domain": cross_domain(out, self.cfg),
+                  "variants": variants_table(out, self.cfg), "hypotheses": hypotheses(out, self.cfg)}
+        if self.finetuning:
+            tables["finetune"] = finetune_table(out, self.cfg)
+        return tables
 
 
 def _slug(s: str) -> str:
@@ -694,6 +868,14 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
                      "verdict": v, "detail": f"speedup {speed:.2f}x (FLOP bound "
                                              f"{float(row['bound'].iloc[0]) if len(row) else np.nan:.2f}x), "
                                              f"retention {ret['retention']:.2f}"})
+    # fine-tuning moves which layers matter: zero-shot vs fine-tuned importance profiles of the same model
+    for _, c in importance_shift(out, cfg).iterrows():
+        v = "supported" if c["ci_high"] < MOVED_RHO else "contradicted" if c["ci_low"] > MOVED_RHO else "inconclusive"
+        rows.append({"model": c["model"], "claim": "fine-tuning moves which layers matter",
+                     "evidence": f"Spearman of {c['criterion']} importance, zero-shot vs fine-tuned "
+                                 f"(moved if the CI lies below {MOVED_RHO})",
+                     "value": c["spearman"], "ci_low": c["ci_low"], "ci_high": c["ci_high"], "verdict": v,
+                     "detail": f"{c['layers']} layers; bootstrap over layers"})
     # H4: the pattern generalizes across models
     for _, c in cross_model(out, cfg).iterrows():
         rows.append({"model": f"{c['model_a']} vs {c['model_b']}", "claim": "the pattern generalizes across models",
@@ -704,10 +886,107 @@ def hypotheses(out: dict, cfg: StudyConfig) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+QUALITY_METRICS = ("ndcg@5", "ndcg@10", "mrr", "hr@10", "precision@5")
+
+
+def finetune_table(out: dict, cfg: StudyConfig) -> pd.DataFrame:
+    """Zero-shot, fine-tuned, popularity and chance per model and dataset (test users, 95% CIs), plus the
+    paired differences fine-tuned - zero-shot and fine-tuned - popularity. One row per (model, dataset,
+    system, metric); ``calibration`` is the one each LLM scored with (chosen on validation users)."""
+    rows = []
+    for spec, r in out["models"].items():
+        for dataset, zs in r.get("zeroshot", {}).items():
+            zpu = zs["per_user"]
+            ft = r["evaluation"]["per_user"] if dataset == cfg.domain_a else r["tuned_b"]["per_user"]
+            base = {"model": spec, "dataset": dataset, "n_users": len(zpu)}
+            cols = {"zero-shot": (zpu, "zeroshot", zs["meta"]["calibration"]),
+                    "fine-tuned": (ft, "full", r["calibration"][dataset]["choice"]),
+                    "popularity": (zpu, "popularity", None)}
+            chance = metrics.chance(cfg.negatives + 1)
+            for metric in QUALITY_METRICS:
+                for system, (pu, prefix, cal) in cols.items():
+                    m, lo, hi = metrics.bootstrap_ci(pu[f"{prefix}:{metric}"], seed=cfg.seed)
+                    rows.append({**base, "system": system, "metric": metric, "mean": m, "ci_low": lo, "ci_high": hi,
+                                 "calibration": cal})
+                rows.append({**base, "system": "chance", "metric": metric, "mean": chance[metric],
+                             "ci_low": chance[metric], "ci_high": chance[metric], "calibration": None})
+                for other in ("zero-shot", "popularity"):
+                    pu, prefix, _ = cols[other]
+                    c = metrics.paired_comparison(ft[f"full:{metric}"], pu[f"{prefix}:{metric}"], seed=cfg.seed)
+                    rows.append({**base, "system": f"fine-tuned - {other}", "metric": metric, "mean": c["diff"],
+                                 "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p_value": c["p_value"],
+                                 "calibration": None})
+    return pd.DataFrame(rows)
+
+
+def importance_shift(out: dict, cfg: StudyConfig, criteria=("fused", "ablation_loss")) -> pd.DataFrame:
+    """Spearman between each model's zero-shot and fine-tuned importance profile, per criterion (CI over layers)."""
+    rows = []
+    for spec, r in out["models"].items():
+        if "importance_zeroshot" not in r:
+            continue
+        zs, ft = r["importance_zeroshot"]["importance"], r["importance"]["importance"]
+        for crit in criteria:
+            a = zs[zs["criterion"] == crit].sort_values("layer")["value"].to_numpy()
+            b = ft[ft["criterion"] == crit].sort_values("layer")["value"].to_numpy()
+            if len(a) < 3 or len(a) != len(b):
+                continue
+            rho, lo, hi = spearman_ci(a, b, seed=cfg.seed)
+            rows.append({"model": spec, "criterion": crit, "spearman": rho, "ci_low": lo, "ci_high": hi,
+                         "layers": len(a)})
+    return pd.DataFrame(rows, columns=["model", "criterion", "spearman", "ci_low", "ci_high", "layers"])
+
+
+def _relation(low: float, high: float) -> str:
+    return "better than" if low > 0 else "worse than" if high < 0 else "not distinguishable from"
+
+
+def finetune_sentences(table: pd.DataFrame, metric: str = "ndcg@10") -> list[str]:
+    """What ``finetune_table`` says, one sentence per model and dataset (paired CIs decide the wording)."""
+    lines = []
+    for (model, dataset), g in table[table["metric"] == metric].groupby(["model", "dataset"], sort=False):
+        v = g.set_index("system")
+        d, p = v.loc["fine-tuned - zero-shot"], v.loc["fine-tuned - popularity"]
+        lines.append(
+            f"{model} on {dataset} ({int(v.loc['zero-shot', 'n_users'])} test users): {metric} zero-shot "
+            f"{v.loc['zero-shot', 'mean']:.3f} ({v.loc['zero-shot', 'calibration']}), fine-tuned "
+            f"{v.loc['fine-tuned', 'mean']:.3f} ({v.loc['fine-tuned', 'calibration']}), popularity "
+            f"{v.loc['popularity', 'mean']:.3f}, chance {v.loc['chance', 'mean']:.3f}. Fine-tuned minus zero-shot "
+            f"{d['mean']:+.3f} [{d.ci_low:+.3f}, {d.ci_high:+.3f}]: {_relation(d.ci_low, d.ci_high)} the zero-shot "
+            f"model; minus popularity {p['mean']:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}]: "
+            f"{_relation(p.ci_low, p.ci_high)} popularity.")
+    return lines
+
+
+def shift_sentences(shift: pd.DataFrame) -> list[str]:
+    """What ``importance_shift`` says, one sentence per model and criterion."""
+    out = []
+    for _, c in shift.iterrows():
+        moved = ("moved" if c.ci_high < MOVED_RHO else "kept (rank agreement above "
+                 f"{MOVED_RHO})" if c.ci_low > MOVED_RHO else "not clearly moved or kept")
+        out.append(f"{c.model}, {c.criterion}: Spearman between the zero-shot and the fine-tuned profile "
+                   f"{c.spearman:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}] over {c.layers} layers: the layer "
+                   f"ranking is {moved} by fine-tuning.")
+    return out
+
+
+def describe_base(cfg: StudyConfig) -> str:
+    """One line saying which recommender the study analyses (notebooks label their figures with it)."""
+    if not cfg.finetune:
+        return "base: the pretrained LM, zero-shot (no finetune section in the config)"
+    f = cfg.finetune
+    how = "full fine-tuning" if f.get("full") else f"LoRA r={f.get('lora_r', 16)}"
+    budget = ", ".join(f"{k} {f[k]}" for k in ("max_steps", "max_seconds", "epochs") if f.get(k) is not None)
+    return (f"base: each model fine-tuned on {cfg.domain_a} ({how}, objective {f.get('objective', 'rank')}"
+            f"{', ' + budget if budget else ''}); the zero-shot model is evaluated alongside")
+
+
 def smoke_config(models: list[str] | None = None, results_dir: str = "results", **over) -> StudyConfig:
     """A whole study at toy sizes on tiny random models (CI smoke runs of the notebooks and tests)."""
     raw = dict(name="smoke", models=["tiny-gemma3", "tiny-llama3"] if models is None else models, strategies=["importance_greedy", "last_k"],
-               history_len=3, select_users=3, eval_users=4, negatives=9,
+               history_len=3, select_users=3, eval_users=4, negatives=9, calibration_users=3,
+               finetune={"max_steps": 2, "eval_every": 2, "eval_users": 3, "eval_negatives": 4, "batch_size": 2,
+                         "negatives": 3},
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
                adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
                bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,

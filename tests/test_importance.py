@@ -139,3 +139,20 @@ def test_run_importance_caches(tmp_path, demo, monkeypatch):
     second = imp.run_importance(cfg, report=None)
     assert not calls
     assert second.table.equals(first.table)
+
+
+def test_choose_criterion_picks_the_most_valid_and_says_why_it_cannot():
+    import pandas as pd
+
+    from layerviz.importance import choose_criterion
+
+    v = pd.DataFrame([
+        {"criterion": "fused", "ground_truth": "ablation_loss", "spearman": 0.52, "ci_low": 0.2, "ci_high": 0.8},
+        {"criterion": "block_influence", "ground_truth": "ablation_loss", "spearman": 0.79, "ci_low": 0.6, "ci_high": 0.9},
+        {"criterion": "norm_ratio", "ground_truth": "ablation_ndcg", "spearman": 0.95, "ci_low": 0.1, "ci_high": 0.99},
+    ])
+    got = choose_criterion(v)
+    assert got["criterion"] == "block_influence" and got["spearman"] == 0.79 and got["truth"] == "ablation_loss"
+    assert choose_criterion(v, truth="ablation_ndcg")["criterion"] == "norm_ratio"
+    with pytest.raises(ValueError, match="needs the ablation_loss ground truth"):
+        choose_criterion(pd.DataFrame())

@@ -95,16 +95,18 @@ def test_runner_resumes_after_a_kill_without_repeating_work(tmp_path, monkeypatc
         study.run_study(cfg, report=None)
     root = cfg.folder
     done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
-    assert done == ["tiny-gemma3/demo-electronics/importance",
-                    "tiny-gemma3/demo-electronics/select-importance_greedy",
-                    "tiny-gemma3/demo-electronics/select-last_k"]
+    a, b = "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
+    assert done == sorted([f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
+                           f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance", f"{a}/calibration",
+                           f"{a}/select-importance_greedy", f"{a}/select-last_k"])
     assert not (root / "tiny-gemma3/demo-electronics/adapters/done.json").exists()
     (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only our fake left this
 
     monkeypatch.setattr(compact_mod, "run_adapt", real)
     s = study.Study(cfg, report=None)
     out = s.run()
-    assert set(s.stages.skipped) == set(done)  # nothing finished is recomputed
+    assert not set(s.stages.ran) & set(done)  # nothing finished is recomputed
+    assert {f"{a}/importance", f"{a}/finetune", f"{a}/zeroshot"} <= set(s.stages.skipped)
     assert "tiny-gemma3/demo-electronics/adapters" in s.stages.ran
     _all_files_readable(root)
     for name in ("headline", "thirds", "cross_model", "cross_domain", "hypotheses"):
@@ -117,6 +119,7 @@ def test_runner_resumes_after_a_kill_without_repeating_work(tmp_path, monkeypatc
     cd = out["tables"]["cross_domain"]
     assert set(cd["variant"]) == {"adapters", "plain"} and np.isfinite(cd["transfer_ratio"]).all()
     _check_curves_and_variants(s, cfg, out)
+    _check_finetune_tables(s, cfg, out)
     # a third run does nothing but rebuild the tables
     s3 = study.Study(cfg, report=None)
     s3.run()
@@ -171,3 +174,50 @@ def _check_curves_and_variants(s, cfg, out):
     ratio = pu["reference_mapped:ndcg@10"].mean() / pu["full:ndcg@10"].mean()
     assert var.loc["reference_mapped", "retention"] == pytest.approx(ratio)
     assert var.loc["reference_mapped", "retention_low"] <= ratio <= var.loc["reference_mapped", "retention_high"]
+
+
+def _check_finetune_tables(s, cfg, out):
+    """The fine-tuned recommender is what the stages analyse; the zero-shot model is measured alongside."""
+    from layerviz.finetune import read_manifest
+
+    r = out["models"]["tiny-gemma3"]
+    assert read_manifest(s.ft_folder("tiny-gemma3"))["summary"]["steps"] == 2
+    assert s.label("tiny-gemma3") != "tiny-gemma3" and s.label("tiny-gemma3", zeroshot=True) == "tiny-gemma3"
+    ft = out["tables"]["finetune"]
+    assert set(ft["dataset"]) == {cfg.domain_a, cfg.domain_b}
+    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a)].set_index("system")
+    zs, tuned = r["zeroshot"][cfg.domain_a]["per_user"], r["evaluation"]["per_user"]
+    assert v.loc["zero-shot", "mean"] == pytest.approx(zs["zeroshot:ndcg@10"].mean())
+    assert v.loc["fine-tuned", "mean"] == pytest.approx(tuned["full:ndcg@10"].mean())
+    assert v.loc["fine-tuned - zero-shot", "mean"] == pytest.approx(v.loc["fine-tuned", "mean"] - v.loc["zero-shot", "mean"])
+    assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
+    assert v.loc["zero-shot", "calibration"] in ("none", "pmi")
+    shift = study.importance_shift(out, cfg)
+    assert set(shift["criterion"]) == {"fused", "ablation_loss"} and (shift["layers"] == 18).all()
+    h = out["tables"]["hypotheses"]
+    assert len(h[h.claim == "fine-tuning moves which layers matter"]) == 2
+
+
+def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cross_domain_models=[])
+    s = study.Study(cfg, report=None)
+    s.finetune("tiny-llama3")
+    man = s.ft_folder("tiny-llama3") / "layerviz_finetune.json"
+    doc = json.loads(man.read_text())
+    doc["base_fingerprint"] = "0123456789abcdef"
+    man.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="fine-tuned from another base model"):
+        study.Study(cfg, report=None).model("tiny-llama3")
+
+
+@pytest.mark.parametrize("verdict_case,lo,hi,expected", [
+    ("moved", -0.2, 0.3, "supported"), ("kept", 0.6, 0.9, "contradicted"), ("unclear", 0.2, 0.8, "inconclusive")])
+def test_finetune_shift_verdicts(verdict_case, lo, hi, expected, monkeypatch):
+    shift = pd.DataFrame([{"model": "m", "criterion": "fused", "spearman": (lo + hi) / 2, "ci_low": lo, "ci_high": hi,
+                           "layers": 30}])
+    monkeypatch.setattr(study, "importance_shift", lambda out, cfg: shift)
+    monkeypatch.setattr(study, "cross_model", lambda out, cfg: pd.DataFrame())
+    h = study.hypotheses({"models": {}}, study.smoke_config())
+    assert list(h["verdict"]) == [expected]
+    assert verdict_case in study.shift_sentences(shift)[0] or expected == "inconclusive"

@@ -277,9 +277,41 @@ def _one(folder: Path, patterns: list[str], what: str, exclude: str | None = Non
     return hits[0]
 
 
+def _reviews_kind(path: Path) -> str | None:
+    """'amazon2014'/'amazon2018'/'amazon2023' when ``path`` holds Amazon review lines, else None."""
+    try:
+        for _, line in iter_lines(path):
+            rec = json.loads(line)
+            if "reviewerID" in rec and "asin" in rec:
+                return "amazon2014" if path.name.startswith("reviews_") else "amazon2018"
+            if "user_id" in rec and "parent_asin" in rec:
+                return "amazon2023"
+            return None
+    except (ValueError, UnicodeDecodeError, OSError):
+        return None
+    return None
+
+
+META_NAMES = {"amazon2014": "meta_{cat}.json.gz (Python literals)", "amazon2018": "meta_{cat}.json.gz",
+              "amazon2023": "meta_{cat}.jsonl(.gz)"}
+
+
+def _missing_meta(reviews: Path, fmt: str) -> DataFormatError:
+    cat = re.sub(r"^reviews_", "", reviews.name.split(".")[0])
+    cat = re.sub(r"_5$", "", cat) or "<Cat>"
+    meta = META_NAMES[fmt].format(cat=cat)
+    return DataFormatError(
+        f"{reviews}: recognised as {fmt} reviews, but the item metadata file is missing: put {meta} from the "
+        f"same release next to it. Item titles come from the metadata and are required: the LLM recommender "
+        "reads titles, not ids."
+    )
+
+
 def read_amazon2014(folder: Path, reviews: Path | None = None) -> RawData:
     reviews = reviews or _one(folder, ["reviews_*.json", "reviews_*.json.gz"], "reviews_<Cat>_5.json")
     inter = _json_reviews(reviews, "reviewerID", "asin", "overall", "unixReviewTime", "Amazon 2014 reviews")
+    if not any(folder.glob("meta_*.json*")):
+        raise _missing_meta(reviews, "amazon2014")
     meta = _one(folder, ["meta_*.json", "meta_*.json.gz"], "meta_<Cat>.json")
     items = _meta(meta, ast.literal_eval, "asin", ("categories",), "Amazon 2014 meta (Python literals)",
                   set(inter["item_id"]), "pyliteral")
@@ -300,6 +332,8 @@ def read_amazon2018(folder: Path, reviews: Path | None = None) -> RawData:
         inter = _typed(df, reviews, {"user": "user_id", "item": "item_id"})
     else:
         inter = _json_reviews(reviews, "reviewerID", "asin", "overall", "unixReviewTime", "Amazon 2018 reviews")
+    if not any(folder.glob("meta_*.json*")):
+        raise _missing_meta(reviews, "amazon2018")
     meta = _one(folder, ["meta_*.json", "meta_*.json.gz"], "meta_<Cat>.json.gz")
     items = _meta(meta, json.loads, "asin", ("category", "main_cat"), "Amazon 2018 meta (strict JSON)",
                   set(inter["item_id"]), "json")
@@ -324,6 +358,8 @@ def read_amazon2023(folder: Path, reviews: Path | None = None) -> RawData:
     else:
         inter = _json_reviews(reviews, "user_id", "parent_asin", "rating", "timestamp",
                               "Amazon 2023 reviews", ts_scale=1000)
+    if not any(folder.glob("meta_*.jsonl*")):
+        raise _missing_meta(reviews, "amazon2023")
     meta = _one(folder, ["meta_*.jsonl", "meta_*.jsonl.gz"], "meta_<Cat>.jsonl")
     items = _meta(meta, json.loads, "parent_asin", ("categories", "main_category"),
                   "Amazon 2023 meta", set(inter["item_id"]), "json")
@@ -407,6 +443,10 @@ def detect_format(path: Path) -> str:
     meta = [folder / n for n in sorted(names) if n.startswith("meta_") and ".json" in n]
     if meta:
         return "amazon2014" if sniff(meta[0]) == "pyliteral" else "amazon2018"
+    files = [path] if path.is_file() else [folder / n for n in sorted(names)]
+    for f in files:
+        if ".json" in f.name and (kind := _reviews_kind(f)):
+            raise _missing_meta(f, kind)
     raise DataFormatError(
         f"{folder}: cannot detect the dataset format from its files ({', '.join(sorted(names)) or 'empty'}). "
         f"Expected the official files of one of: {', '.join(FORMATS)}; or pass format=."

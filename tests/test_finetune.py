@@ -1,0 +1,271 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from layerviz import arch, load_model
+from layerviz.cli import main as cli
+from layerviz.data import DataFormatError, PrepConfig, load
+from layerviz.finetune import (
+    FinetuneConfig,
+    NonFiniteLossError,
+    Schedule,
+    check_base,
+    finetune,
+    partial_path,
+    prepare_trainable,
+    rank_loss,
+    rank_loss_naive,
+    read_manifest,
+    training_windows,
+)
+from layerviz.models import cache_root, sha256_file
+from layerviz.scoring import Prompt, Request, ScoringConfig, score
+
+FIX = Path(__file__).parent / "fixtures"
+HIST = ["Canon EOS R50 Mirrorless Camera Body", "SanDisk Extreme 128GB SDXC Memory Card", "Canon Battery Pack"]
+POS, NEGS = "Canon 50mm f/1.8 Prime Lens", ["Xbox Series X", "A", "Garmin Venu 3 Smartwatch with a long name"]
+# a micro-batch of three examples whose prefixes differ in length (left padding is exercised)
+BATCH = ([HIST, ["Xbox Series X"], ["A", "Garmin Venu 3 Smartwatch", "Lens", "Tripod for mirrorless cameras"]],
+         [POS, "Controller for Xbox", "Peak Design Everyday Camera Sling Bag"],
+         [NEGS, ["B", "Sony TV 55 inch OLED", "A"], ["x", "y", "Canon 50mm f/1.8 Prime Lens"]])
+
+
+def _cfg(tmp_path, **over) -> FinetuneConfig:
+    raw = dict(model="tiny-llama3", dataset="demo-electronics", history_len=3, max_title_tokens=8, batch_size=2,
+               negatives=3, max_steps=4, eval_every=2, eval_users=3, eval_negatives=4, lr=5e-3, device="cpu",
+               candidates_dir=str(tmp_path / "cands"))
+    raw.update(over)
+    return FinetuneConfig(**raw)
+
+
+@pytest.fixture(scope="module")
+def prep():
+    return load("demo-electronics", config=PrepConfig(history_len=3), report=None)
+
+
+def test_no_validation_or_test_item_leaks_into_training(prep, tmp_path):
+    windows = training_windows(prep, history_len=3)
+    ev = prep.events
+    train = ev[ev["split"] == "train"]
+    held = {u: set(g) for u, g in ev[ev["split"] != "train"].groupby("user_id")["item_id"]}
+    order = {(u, i): k for k, (u, i) in enumerate(zip(train["user_id"], train["item_id"], strict=True))}
+    assert len(windows) == len(train) - train["user_id"].nunique()  # every position but each user's first
+    for w in windows.itertuples():
+        assert (w.user_id, w.target) in order  # a training event of this user
+        assert w.target not in held[w.user_id] and not set(w.history) & held[w.user_id]
+        assert all(order[(w.user_id, h)] < order[(w.user_id, w.target)] for h in w.history)  # only earlier items
+    # the prompts: no held-out title of the user appears in a training prompt; negatives never seen by the user
+    sched = Schedule(prep, windows, _cfg(tmp_path))
+    titles, seen = prep.titles(), prep.seen_by_user()
+    tok = load_model("tiny-llama3")[1]
+    for step in range(20):
+        for e in sched.examples(step):
+            prompt = tok.decode(Prompt(tok, ScoringConfig(max_title_tokens=64)).likelihood_prefix(
+                [titles[i] for i in e["history"]]))
+            shown = {titles[h] for h in e["history"]}
+            assert not [titles[i] for i in held[e["user_id"]] if titles[i] in prompt and titles[i] not in shown]
+            assert e["target"] not in held[e["user_id"]]
+            assert not set(e["negatives"]) & seen[e["user_id"]] and len(set(e["negatives"])) == 3
+
+
+def test_schedule_is_a_function_of_seed_and_step(prep, tmp_path):
+    w = training_windows(prep, 3)
+    a, b = Schedule(prep, w, _cfg(tmp_path)), Schedule(prep, w, _cfg(tmp_path))
+    assert a.examples(5) == b.examples(5)
+    assert a.examples(5) != Schedule(prep, w, _cfg(tmp_path, seed=1)).examples(5)
+
+
+def test_shared_prefix_rank_loss_equals_naive(tiny):
+    _, model, tok = tiny
+    text = Prompt(tok, ScoringConfig(max_title_tokens=8))
+    fast = rank_loss(model, text, *BATCH)
+    slow = rank_loss_naive(model, text, *BATCH)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    single = [rank_loss(model, text, [h], [p], [n]) for h, p, n in zip(*BATCH, strict=True)]
+    torch.testing.assert_close(fast, torch.stack(single).mean(), atol=1e-5, rtol=1e-5)
+    # and the gradients through the shared KV cache equal the naive ones (first layer's q_proj)
+    w = arch.layers(model)[0].self_attn.q_proj.weight
+    w.requires_grad_(True)
+    try:
+        g_fast = torch.autograd.grad(rank_loss(model, text, *BATCH), w)[0]
+        g_slow = torch.autograd.grad(rank_loss_naive(model, text, *BATCH), w)[0]
+    finally:
+        w.requires_grad_(False)
+    assert g_fast.abs().sum() > 0
+    torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
+
+
+def test_merged_model_equals_peft_model(tiny, tmp_path):
+    _, model, tok = tiny
+    cfg = _cfg(tmp_path)
+    wrapper, inner, params = prepare_trainable(model, cfg)
+    with torch.no_grad():  # LoRA B starts at 0 (a no-op): give it weights so the merge has something to merge
+        for n, p in wrapper.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.tensor([tok("A customer bought a Canon camera and a lens").input_ids])
+    with torch.no_grad():
+        before = inner(input_ids=ids).logits
+        plain = wrapper.merge_and_unload()
+        after = plain(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(before, after, atol=2e-5, rtol=1e-4)  # fp32 merge: W + BA*s vs W x + B(A x)s
+    with torch.no_grad():
+        base = model(input_ids=ids).logits
+    assert (base - after).abs().max() > 1e-3  # the LoRA weights really changed the function
+
+
+def test_finetune_round_trip_and_base_untouched(tmp_path):
+    model, tok = load_model("tiny-llama3", device="cpu")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tmp_path / "ft"
+    res = finetune(_cfg(tmp_path, max_steps=3), model, tok, out=out, report=None)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit-identical base
+    assert set(res.curves.columns) >= {"step", "train_loss", "valid_ndcg@10", "seconds"}
+    assert res.curves["step"].tolist() == [0, 2, 3]
+    man = read_manifest(out)
+    assert man["base"] == "tiny-llama3" and man["seed"] == 0 and man["summary"]["steps"] == 3
+    assert man["data_fingerprint"] and man["versions"]["torch"]
+    assert not partial_path(out).exists()
+    loaded, ltok = load_model(str(out), device="cpu")
+    reqs = [Request(HIST, [POS, *NEGS])]
+    a = score(res.model, tok, reqs, ScoringConfig(calibration="none"))[0]
+    b = score(loaded, ltok, reqs, ScoringConfig(calibration="none"))[0]
+    np.testing.assert_array_equal(a, b)
+    check_base(out, model)  # same base: accepted
+    with pytest.raises(ValueError, match="fine-tuned from another base model"):
+        check_base(out, load_model("tiny-qwen3", device="cpu")[0])
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    model, tok = load_model("tiny-llama3", device="cpu")
+    cfg = _cfg(tmp_path, max_steps=5, eval_every=2)
+    whole = finetune(cfg, model, tok, out=tmp_path / "a", report=None)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(cfg, model, tok, out=tmp_path / "b", report=None, stop_after=3)
+    assert not (tmp_path / "b").exists() and partial_path(tmp_path / "b").exists()  # no half-written folder
+    said = []
+    resumed = finetune(cfg, model, tok, out=tmp_path / "b", report=said.append)
+    assert any("resuming from step 2" in s for s in said)
+    for (n, p), (_, q) in zip(whole.model.named_parameters(), resumed.model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=n)
+    assert whole.curves.drop(columns="seconds").equals(resumed.curves.drop(columns="seconds"))
+
+
+def test_full_finetuning_and_other_objectives_run(tmp_path):
+    model, tok = load_model("tiny-qwen3", device="cpu")
+    for obj in ("next_title", "yesno"):
+        res = finetune(_cfg(tmp_path, objective=obj, max_steps=2, model="tiny-qwen3"), model, tok, report=None)
+        assert res.summary["objective"] == obj and np.isfinite(res.curves["train_loss"].iloc[-1])
+    res = finetune(_cfg(tmp_path, full=True, max_steps=2, lr=1e-3, model="tiny-qwen3"), model, tok, report=None)
+    assert res.summary["method"] == "full" and res.summary["trainable_params"] == sum(
+        p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("over,exc,msg", [
+    ({"objective": "pairwise"}, ValueError, "unknown objective 'pairwise'; use one of rank"),
+    ({"target_modules": ["q_proj", "qkv"]}, ValueError, r"LoRA target modules \['qkv'\] do not exist.*available: down_proj"),
+    ({"min_history": 500}, ValueError, "the training set is empty after the protocol"),
+    ({"gradient_checkpointing": True}, ValueError, "'next_title' only"),
+])
+def test_bad_settings_fail_clearly(tmp_path, over, exc, msg):
+    model, tok = load_model("tiny-llama3", device="cpu")
+    with pytest.raises(exc, match=msg):
+        finetune(_cfg(tmp_path, **over), model, tok, report=None)
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    out = tmp_path / "ft"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    model, tok = load_model("tiny-llama3", device="cpu")
+    with pytest.raises(FileExistsError, match="exists and is not empty; pass --overwrite"):
+        finetune(_cfg(tmp_path), model, tok, out=out, report=None)
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    import layerviz.finetune as ft
+
+    model, tok = load_model("tiny-llama3", device="cpu")
+    real, calls = ft.batch_loss, []
+
+    def flaky(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    monkeypatch.setattr(ft, "batch_loss", flaky)
+    out = tmp_path / "ft"
+    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 2.*last good state \\(step 2\\) is saved"):
+        finetune(_cfg(tmp_path), model, tok, out=out, report=None)
+    saved = torch.load(partial_path(out), weights_only=False)
+    assert saved["state"]["step"] == 2 and all(torch.isfinite(v).all() for v in saved["params"].values())
+    assert not out.exists()
+
+
+def test_resume_refuses_another_base(tmp_path):
+    model, tok = load_model("tiny-llama3", device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        finetune(_cfg(tmp_path), model, tok, out=tmp_path / "ft", report=None, stop_after=2)
+    other, _ = load_model("tiny-llama3", device="cpu", seed=1)
+    with pytest.raises(ValueError, match="made from another base model"):
+        finetune(_cfg(tmp_path), other, tok, out=tmp_path / "ft", report=None)
+
+
+def test_reviews_without_metadata_name_the_missing_file(tmp_path):
+    shutil.copy(FIX / "amazon2018" / "Electronics_5.json", tmp_path / "Electronics_5.json")
+    with pytest.raises(DataFormatError, match=r"recognised as amazon2018 reviews.*meta_Electronics\.json\.gz.*titles"):
+        load(str(tmp_path), report=None)
+    (tmp_path / "Electronics_5.json").unlink()
+    shutil.copy(FIX / "amazon2023" / "Electronics.jsonl", tmp_path / "Electronics.jsonl")
+    with pytest.raises(DataFormatError, match=r"amazon2023 reviews.*meta_Electronics\.jsonl"):
+        load(str(tmp_path), report=None)
+
+
+def test_cli_finetune_then_evaluate(tmp_path, capsys):
+    out = tmp_path / "ft"
+    args = ["finetune", "--model", "tiny-llama3", "--dataset", "demo-electronics", "--max-steps", "2",
+            "--eval-every", "2", "--eval-users", "3", "--history-len", "3", "--max-title-tokens", "8",
+            "--batch-size", "2", "--negatives", "3", "--device", "cpu", "--out", str(out)]
+    assert cli(args) == 0
+    printed = capsys.readouterr().out
+    assert "validation NDCG@10" in printed and "before" in printed and "after" in printed
+    assert cli(args) == 2  # the folder exists now: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+    ev = tmp_path / "ev"
+    assert cli(["evaluate", "--model", str(out), "--dataset", "demo-electronics", "--users", "4", "--negatives", "4",
+                "--history-len", "3", "--calibration-users", "4", "--device", "cpu", "--out", str(ev),
+                "--candidates-dir", str(tmp_path / "c")]) == 0
+    doc = json.loads((ev / "metrics.json").read_text())
+    assert doc["calibration"] in ("none", "pmi") and doc["calibration_auto"]["choice"] == doc["calibration"]
+
+
+def test_calibration_auto_picks_the_better_on_validation(tmp_path):
+    from layerviz.data import CandidateConfig, candidates_for
+    from layerviz.evaluate import EvalConfig, TaskEvaluator, choose_calibration
+
+    model, tok = load_model("tiny-gemma3", device="cpu")
+    prep = load("demo-electronics", config=PrepConfig(history_len=3), report=None)
+    cfg = EvalConfig(negatives=4, calibration_users=6, history_len=3, candidates_dir=str(tmp_path))
+    rec = choose_calibration(model, tok, prep, cfg)
+    cands, _ = candidates_for(prep, CandidateConfig(4, "uniform", 6, "valid", 0), tmp_path)
+    direct = {c: float(np.mean(TaskEvaluator(prep, cands, tok, calibration=c, max_title_tokens=32)(model)))
+              for c in ("none", "pmi")}
+    assert rec["valid_ndcg@10"] == pytest.approx(direct, abs=1e-9)
+    assert rec["choice"] == ("pmi" if direct["pmi"] > direct["none"] else "none")
+
+
+@pytest.mark.slow
+def test_real_model_finetunes_without_touching_its_cache(smollm2, tmp_path):
+    model, tok = smollm2
+    cached = sorted((cache_root() / "dequantized").glob("smollm2-135m-*/model.safetensors"))
+    digests = [sha256_file(p) for p in cached]
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    res = finetune(_cfg(tmp_path, model="smollm2-135m", max_steps=2, eval_users=2), model, tok, report=None)
+    assert res.summary["steps"] == 2 and cached and [sha256_file(p) for p in cached] == digests
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

@@ -428,6 +428,25 @@ def baseline_bars(summary: pd.DataFrame, title: str = ""):
     return fig
 
 
+def finetune_curves(curves: dict[str, pd.DataFrame], title: str = ""):
+    """Fine-tuning curves per model: training loss and validation NDCG@10 against the step.
+
+    ``curves``: model -> frame with step, train_loss, valid_ndcg@10 (``FinetuneResult.curves``); step 0 is
+    the zero-shot model.
+    """
+    with paper_style():
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.3))
+        for j, (m, c) in enumerate(curves.items()):
+            a1.plot(c["step"], c["train_loss"], marker="o", ms=3, color=f"C{j}", label=m)
+            a2.plot(c["step"], c["valid_ndcg@10"], marker="o", ms=3, color=f"C{j}", label=m)
+        a1.set(xlabel="optimizer step", ylabel="training loss (mean since the last evaluation)")
+        a2.set(xlabel="optimizer step", ylabel="validation NDCG@10 (step 0: zero-shot)")
+        a2.legend(frameon=False)
+        fig.suptitle(title or "Fine-tuning the recommender")
+        fig.tight_layout()
+    return fig
+
+
 def finetune_profiles(zeroshot: dict[str, pd.DataFrame], tuned: dict[str, pd.DataFrame], shift: pd.DataFrame,
                       criteria=("fused", "ablation_loss"), title: str = ""):
     """Zero-shot against fine-tuned importance on normalized depth, one panel per model.

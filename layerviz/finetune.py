@@ -405,7 +405,11 @@ def _publish(model, tokenizer, out: Path, manifest: dict, curves: pd.DataFrame) 
 
 @dataclass
 class FinetuneResult:
-    """The fine-tuned (merged) model, its training curves and a summary."""
+    """The fine-tuned (merged) model, its training curves and a summary.
+
+    ``curves``: one row per optimizer step (step, seconds, examples, train_loss, lr, valid_ndcg@10 where
+    validation ran, NaN elsewhere); step 0 is the zero-shot model on the validation users.
+    """
 
     model: torch.nn.Module
     curves: pd.DataFrame
@@ -474,7 +478,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
             return float(np.mean(evaluator(inner)))
 
     state = {"step": 0, "elapsed": 0.0, "curves": [], "best": None, "best_step": 0, "bad_evals": 0,
-             "losses": [], "examples": 0}
+             "evaluated": True, "examples": 0}
     ckpt = partial_path(out) if out is not None else None
     if ckpt is not None and ckpt.exists() and not overwrite:
         saved = torch.load(ckpt, weights_only=False)
@@ -537,15 +541,14 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
         sched.step()
         opt.zero_grad(set_to_none=True)
         state["step"], state["examples"] = step + 1, state["examples"] + len(examples)
-        state["losses"].append(step_loss)
-        last = step + 1 == total
-        if (step + 1) % cfg.eval_every == 0 or last:
-            ndcg = validate_now()
-            state["elapsed"] = time.perf_counter() - t_start
-            state["curves"].append({"step": step + 1, "seconds": state["elapsed"], "examples": state["examples"],
-                                    "train_loss": float(np.mean(state["losses"])), "lr": sched.get_last_lr()[0],
-                                    "valid_ndcg@10": ndcg})
-            state["losses"] = []
+        state["curves"].append({"step": step + 1, "seconds": time.perf_counter() - t_start,
+                                "examples": state["examples"], "train_loss": step_loss,
+                                "lr": sched.get_last_lr()[0], "valid_ndcg@10": np.nan})  # one row per step
+        state["evaluated"] = False
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
+            ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
+            state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
+            state["evaluated"] = True
             if ndcg > state["best_ndcg"]:
                 state["best"], state["best_ndcg"], state["best_step"], state["bad_evals"] = (
                     _trainable_state(named), ndcg, step + 1, 0)
@@ -559,11 +562,9 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
         if stop_after is not None and ran >= stop_after:
             raise KeyboardInterrupt(f"stop_after={stop_after}")
     state["elapsed"] = time.perf_counter() - t_start
-    if state["losses"]:  # steps after the last evaluation (time budget): measure where training stopped
-        ndcg = validate_now()
-        state["curves"].append({"step": state["step"], "seconds": state["elapsed"], "examples": state["examples"],
-                                "train_loss": float(np.mean(state["losses"])), "lr": sched.get_last_lr()[0],
-                                "valid_ndcg@10": ndcg})
+    if not state["evaluated"]:  # steps after the last evaluation (time budget): measure where training stopped
+        ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
+        state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
         if ndcg > state["best_ndcg"]:
             state["best"], state["best_ndcg"], state["best_step"] = _trainable_state(named), ndcg, state["step"]
     _load_trainable(named, state["best"])

@@ -437,10 +437,11 @@ def finetune_curves(curves: dict[str, pd.DataFrame], title: str = ""):
     with paper_style():
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.3))
         for j, (m, c) in enumerate(curves.items()):
-            a1.plot(c["step"], c["train_loss"], marker="o", ms=3, color=f"C{j}", label=m)
-            a2.plot(c["step"], c["valid_ndcg@10"], marker="o", ms=3, color=f"C{j}", label=m)
-        a1.set(xlabel="optimizer step", ylabel="training loss (mean since the last evaluation)")
-        a2.set(xlabel="optimizer step", ylabel="validation NDCG@10 (step 0: zero-shot)")
+            a1.plot(c["step"], c["train_loss"], marker="o", ms=2, color=f"C{j}", label=m)
+            v = c.dropna(subset=["valid_ndcg@10"])
+            a2.plot(v["step"], v["valid_ndcg@10"], marker="o", ms=4, color=f"C{j}", label=m)
+        a1.set(xlabel="optimizer step", ylabel="training loss", title="training loss per step")
+        a2.set(xlabel="optimizer step", ylabel="NDCG@10", title="validation NDCG@10 (step 0: zero-shot)")
         a2.legend(frameon=False)
         fig.suptitle(title or "Fine-tuning the recommender")
         fig.tight_layout()
@@ -465,14 +466,14 @@ def finetune_profiles(zeroshot: dict[str, pd.DataFrame], tuned: dict[str, pd.Dat
                         continue
                     d = t["layer"] / max(1, len(t) - 1)
                     ax.plot(d, t["normalized"], style, color=f"C{j}", marker="o", ms=3, label=f"{crit}, {name}")
-                row = shift[(shift["model"] == m) & (shift["criterion"] == crit)]
-                if len(row):
-                    c = row.iloc[0]
-                    ax.plot([], [], " ", label=f"{crit}: Spearman {c.spearman:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]")
+            rho = [f"{c.criterion} {c.spearman:+.2f} [{c.ci_low:+.2f}, {c.ci_high:+.2f}]"
+                   for c in shift[shift["model"] == m].itertuples()]
             ax.set_xlabel("normalized depth i/(L-1)")
-            ax.set_title(f"{m} ({len(t)} layers)", loc="left")
-            ax.legend(fontsize=7, frameon=False, loc="upper center")
+            ax.set_title(f"{m} ({len(t)} layers); Spearman zero-shot vs fine-tuned:\n" + "\n".join(rho),
+                         loc="left", fontsize=9)
         axes[0, 0].set_ylabel("normalized importance (1 = most important)")
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.0, 0.7), frameon=False, handlelength=3)
         fig.suptitle(title or "Does fine-tuning move which layers matter?")
         fig.tight_layout()
     return fig

@@ -126,7 +126,8 @@ def test_finetune_round_trip_and_base_untouched(tmp_path):
     res = finetune(_cfg(tmp_path, max_steps=3), model, tok, out=out, report=None)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit-identical base
     assert set(res.curves.columns) >= {"step", "train_loss", "valid_ndcg@10", "seconds"}
-    assert res.curves["step"].tolist() == [0, 2, 3]
+    assert res.curves["step"].tolist() == [0, 1, 2, 3]  # one row per step, validation at 0, 2 and the end
+    assert res.curves["valid_ndcg@10"].notna().tolist() == [True, False, True, True]
     man = read_manifest(out)
     assert man["base"] == "tiny-llama3" and man["seed"] == 0 and man["summary"]["steps"] == 3
     assert man["data_fingerprint"] and man["versions"]["torch"]

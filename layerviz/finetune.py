@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from layerviz import arch, store
 from layerviz.progress import progress
-from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right
+from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right, token_logprobs
 
 OBJECTIVES = ("rank", "next_title", "yesno")
 MANIFEST = "layerviz_finetune.json"
@@ -233,7 +233,7 @@ def rank_loss_naive(model, text: Prompt, histories: list[list[str]], positives: 
     r_idx = torch.cat([torch.full((len(t),), r, device=dev) for r, (_, t) in enumerate(rows)])
     pos = torch.cat([torch.arange(len(a) - 1, len(a) + len(t) - 1, device=dev) for a, t in rows])
     tgt = torch.tensor([i for _, t in rows for i in t], device=dev)
-    lp = _title_logprobs(model, hidden[r_idx, pos], tgt)
+    lp = token_logprobs(model, hidden[r_idx, pos], tgt)
     scores = torch.zeros(len(rows), device=dev).index_add(0, r_idx, lp) / torch.tensor(
         [len(t) for _, t in rows], device=dev)
     scores = scores.view(len(histories), -1)
@@ -251,11 +251,6 @@ def yesno_loss(model, text: Prompt, histories: list[list[str]], positives: list[
     return (0.5 * (per[:, 0] + per[:, 1:].mean(1))).mean()
 
 
-def _title_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logp = arch.logits(model, hidden).float().log_softmax(-1)
-    return logp.gather(1, targets[:, None])[:, 0]
-
-
 def next_title_loss(model, text: Prompt, histories: list[list[str]], targets: list[str]) -> torch.Tensor:
     """Mean NLL of each target title's tokens given its history prompt (one padded batch), averaged."""
     dev = arch.embedding(model).weight.device
@@ -267,8 +262,7 @@ def next_title_loss(model, text: Prompt, histories: list[list[str]], targets: li
     pos = torch.cat([torch.arange(len(p) - 1, len(p) + len(t) - 1, device=dev)
                      for p, t in zip(prefixes, titles, strict=True)])
     tgt = torch.tensor([i for t in titles for i in t], device=dev)
-    logp = arch.logits(model, hidden[rows, pos]).float().log_softmax(-1)
-    nll = -logp.gather(1, tgt[:, None])[:, 0]
+    nll = -token_logprobs(model, hidden[rows, pos], tgt)
     per_example = torch.zeros(len(titles), device=dev).index_add(0, rows, nll) / torch.tensor(
         [len(t) for t in titles], device=dev)
     return per_example.mean()

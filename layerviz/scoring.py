@@ -205,8 +205,8 @@ class _Prefix:
         return hidden, mask
 
 
-def _token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """log p(targets) for rows of post-norm hidden states, in vocabulary-bounded chunks."""
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+    """log p(targets), (rows,): post-norm hidden states through the LM head in vocabulary-bounded chunks."""
     vocab = arch.lm_head(model).out_features
     rows = max(1, chunk_elems // vocab)
     out = []
@@ -223,18 +223,23 @@ def suffix_scores(model, text: Prompt, prefix: _Prefix, titles: list[str], score
     likelihood: mean log-prob of the title tokens; yesno: log P(Yes) - log P(No) at the answer.
     """
     pad = text.tok.pad_token_id
+    suffixes = [text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t) for t in titles]
+    hidden, mask = prefix.hidden(suffixes, pad, reuse)
+    ids, _ = pad_right([[prefix.last, *x] for x in suffixes], pad, prefix.dev)
+    return _suffix_scores_from_hidden(model, text, hidden, ids, mask, scorer)
+
+
+def _suffix_scores_from_hidden(model, text: Prompt, hidden: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                               scorer: str) -> torch.Tensor:
+    """Scores (rows,) from the hidden states of right-padded [last prefix token] + suffix rows."""
     if scorer == "likelihood":
-        suffixes = [text.title_ids(t) for t in titles]
-        hidden, mask = prefix.hidden(suffixes, pad, reuse)
-        # position j predicts suffix token j (position 0 is the re-fed last prefix token)
-        ids, _ = pad_right(suffixes, pad, prefix.dev)
+        # position j predicts suffix token j + 1 (position 0 is the re-fed last prefix token)
         valid = mask[:, 1:].bool()
-        lp = _token_logprobs(model, hidden[:, :-1][valid], ids[valid])
+        lp = token_logprobs(model, hidden[:, :-1][valid], ids[:, 1:][valid])
         per = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
         per[valid] = lp
         return per.sum(1) / valid.sum(1)
-    hidden, mask = prefix.hidden([text.yesno_suffix(t) for t in titles], pad, reuse)
-    last = hidden[torch.arange(len(titles)), mask.sum(1) - 1]  # answer position
+    last = hidden[torch.arange(len(hidden), device=hidden.device), mask.sum(1) - 1]  # answer position
     two = arch.logits(model, last, list(yes_no_ids(text.tok))).float()
     return two[:, 0] - two[:, 1]  # = log P(Yes) - log P(No)
 
@@ -280,17 +285,7 @@ def batched_prefix_scores(model, text: Prompt, histories: list[list[str]], candi
     s_pos = torch.tensor([len(h) for h in heads], device=dev).repeat_interleave(n)[:, None] + torch.arange(
         s_ids.shape[1], device=dev)[None]
     hidden, _ = arch.run_decoder(model, s_ids, full_mask, cache=cache, use_cache=True, position_ids=s_pos)
-    if scorer == "likelihood":
-        valid = s_mask[:, 1:].bool()
-        lp = _token_logprobs(model, hidden[:, :-1][valid], s_ids[:, 1:][valid])
-        per = torch.zeros(valid.shape, dtype=lp.dtype, device=lp.device)
-        per[valid] = lp
-        scores = per.sum(1) / valid.sum(1)
-    else:
-        last = hidden[torch.arange(len(suffixes), device=dev), s_mask.sum(1) - 1]
-        two = arch.logits(model, last, list(yes_no_ids(text.tok))).float()
-        scores = two[:, 0] - two[:, 1]
-    return scores.view(len(histories), n)
+    return _suffix_scores_from_hidden(model, text, hidden, s_ids, s_mask, scorer).view(len(histories), n)
 
 
 def _score_request(model, text: Prompt, req: Request, batch: int, scorer: str) -> np.ndarray:

@@ -99,13 +99,27 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         v = res.validity.copy()
         v["spearman"] = v.apply(lambda r: f"{r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", axis=1)
         print(v.pivot(index="criterion", columns="ground_truth", values="spearman").to_string())
-    print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, manifest.json")
+    if res.fusion_weights:
+        how = ("fitted on the calibration examples; its loss-ablation validity is cross-fitted"
+               if fields.get("fusion_weights") == "fit" else "fixed")
+        print("\nfused = " + " + ".join(f"{w:g}*{c}" for c, w in res.fusion_weights.items()) + f" ({how})")
+    print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, fusion.json, manifest.json")
     if args.out:
         import shutil
 
         shutil.copytree(res.folder, args.out, dirs_exist_ok=True)
         print(f"copied to {args.out}")
     return 0
+
+
+def _fusion_arg(text: str):
+    if text == "fit":
+        return text
+    try:
+        return {k.strip(): float(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: use 'fit' or criterion=weight,... "
+                                         "(e.g. fisher_sum=1,block_influence=2)") from None
 
 
 def _add_importance(sub) -> None:
@@ -118,6 +132,10 @@ def _add_importance(sub) -> None:
     p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
     p.add_argument("--history-len", dest="history_len", type=int, default=None)
     p.add_argument("--normalization", choices=["minmax", "rank"], default=None)
+    p.add_argument("--fusion-weights", dest="fusion_weights", default=None, type=_fusion_arg,
+                   help="fused score weights: 'fit' (fitted on the validation calibration examples against the "
+                        "loss ablation) or criterion=weight,... (default: fisher_sum, block_influence, "
+                        "attn_item_mass equally)")
     p.add_argument("--ablation-users", dest="ablation_users", type=int, default=None)
     p.add_argument("--no-ablation", action="store_true", help="skip the ablation ground truth")
     p.add_argument("--seed", type=int, default=None)

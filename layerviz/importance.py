@@ -16,7 +16,9 @@ more important after applying each criterion's direction):
 * ``norm_ratio``: ||h_out|| / ||h_in||; ``kurtosis``: excess kurtosis of h_out over hidden units.
 * ablation ground truth: ``ablation_ndcg`` (drop of validation NDCG@10 when the layer is
   skipped) and ``ablation_loss`` (rise of the calibration loss), via ``arch.skip_layers``.
-* ``fused``: weighted mean of normalized criteria (min-max or rank normalization).
+* ``fused``: weighted mean of normalized criteria (min-max or rank normalization). The weights are
+  fixed (``DEFAULT_FUSION``, equal) or ``"fit"``: fitted on the validation calibration samples against the
+  loss ablation (``fit_fusion``), and then judged by a two-fold cross-fit so that its validity is not in-sample.
 
 Each layer's own input and output come from forward hooks (HF ``hidden_states[-1]`` is after
 the final norm). Attention statistics are recomputed from the layer's queries and keys under
@@ -25,6 +27,7 @@ the final norm). Attention statistics are recomputed from the layer's queries an
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,6 +50,8 @@ DIRECTION = {"fisher_sum": 1, "fisher_mean": 1, "attn_entropy": -1, "attn_item_m
              "attn_item_share": 0, "block_influence": 1, "angular_distance": 1, "norm_ratio": 1,
              "kurtosis": 1, "ablation_ndcg": 1, "ablation_loss": 1, "fused": 1}
 DEFAULT_FUSION = {"fisher_sum": 1.0, "block_influence": 1.0, "attn_item_mass": 1.0}
+FIT_STEP = 0.1
+"""Grid step of fitted fusion weights (non-negative, summing to 1): 66 weightings of the three default criteria."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -336,26 +341,92 @@ def tidy(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.
     return pd.DataFrame(rows)
 
 
-def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray], weights: dict[str, float],
+def _weight_grid(n: int, step: float = FIT_STEP) -> np.ndarray:
+    """All non-negative weightings of n criteria on a grid of ``step`` that sum to 1 (rows)."""
+    m = int(round(1 / step))
+    rows = [[0] * n]
+    for i in range(n - 1):  # compositions of m into n parts, in a fixed order
+        rows = [r[:i] + [a] + [0] * (n - i - 1) for r in rows for a in range(m - sum(r[:i]) + 1)]
+    grid = np.array([r[:-1] + [m - sum(r[:-1])] for r in rows], dtype=np.float64)
+    return grid / m
+
+
+def _fit_on(means: dict[str, np.ndarray], truth: np.ndarray, criteria: list[str], method: str,
+            step: float) -> tuple[dict[str, float], float]:
+    grid = _weight_grid(len(criteria), step)
+    normed = np.stack([_normalize(means[c], DIRECTION[c], method) for c in criteria])  # criteria x layers
+    fused = grid @ normed
+    rf = rankdata(fused, axis=1)
+    rf -= rf.mean(1, keepdims=True)
+    rt = rankdata(truth) - rankdata(truth).mean()
+    denom = np.sqrt((rf ** 2).sum(1) * (rt ** 2).sum())
+    rho = np.where(denom > 0, rf @ rt / np.where(denom > 0, denom, 1), -np.inf)
+    best = int(np.argmax(rho))  # the first of equals: deterministic
+    return {c: float(w) for c, w in zip(criteria, grid[best], strict=True)}, float(rho[best])
+
+
+def fit_fusion(per_sample: dict[str, np.ndarray], truth: np.ndarray, criteria: list[str] | None = None,
+               method: str = "minmax", step: float = FIT_STEP, samples: np.ndarray | None = None) -> dict[str, float]:
+    """Fusion weights fitted on validation data: the grid weighting whose fused profile has the highest Spearman
+    with ``truth`` (samples x layers, the per-sample loss ablation), over the given calibration ``samples``.
+
+    ``criteria`` default to those of ``DEFAULT_FUSION`` that were computed (one gradient, one activation and one
+    attention criterion). Weights are non-negative, sum to 1, on a grid of ``step``; ties go to the first.
+    """
+    criteria = [c for c in (criteria or DEFAULT_FUSION) if c in per_sample]
+    if not criteria:
+        raise ValueError(f"fusion 'fit' needs at least one of {sorted(DEFAULT_FUSION)} computed")
+    idx = np.arange(len(truth)) if samples is None else np.asarray(samples)
+    means = {c: per_sample[c][idx].mean(0) for c in criteria}
+    return _fit_on(means, truth[idx].mean(0), criteria, method, step)[0]
+
+
+def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray], weights: dict[str, float] | str,
              method: str = "minmax", n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """Spearman correlation of each criterion with each ablation ground truth, bootstrap CI.
 
     Criteria and the loss ground truth are resampled over calibration examples (jointly);
-    the NDCG ground truth over evaluation users.
+    the NDCG ground truth over evaluation users. With ``weights="fit"`` the fused row against the loss
+    ablation is cross-fitted: weights fitted on the even calibration examples are scored on the odd ones and
+    the other way round (the mean of both), refitted in every bootstrap replicate; against the NDCG ablation
+    the weights fitted on all examples are used (they were not fitted to it).
     """
     rng = np.random.default_rng(seed)
     crits = [c for c in per_sample if c in HOOK_CRITERIA and DIRECTION[c] != 0]
     truths = [g for g in ABLATION_CRITERIA if g in ablation]
     n = len(per_sample["loss"])
+    fit = isinstance(weights, str)
+    if fit and weights != "fit":
+        raise ValueError(f"fusion weights {weights!r}: pass a dict of criterion weights or 'fit'")
+    if fit and n < 4:
+        raise ValueError(f"fusion 'fit' is cross-fitted on two halves of the calibration examples and needs at "
+                         f"least 4 of them (got {n}): raise importance samples")
+    loss = ablation["ablation_loss"]
+    fold = np.arange(n) % 2
+
+    def crossfit(sample_idx) -> float:
+        rhos = []
+        for f in (0, 1):
+            a, b = sample_idx[fold[sample_idx] == f], sample_idx[fold[sample_idx] != f]
+            if not len(a) or not len(b):  # a bootstrap replicate that drew one fold only
+                return np.nan
+            w = fit_fusion(per_sample, loss, method=method, samples=a)
+            held = fuse({c: per_sample[c][b].mean(0) for c in w}, w, method)
+            rhos.append(spearmanr(held, loss[b].mean(0)).statistic)
+        return float(np.mean(rhos))
 
     def stats(sample_idx, user_idx):
         means = {c: per_sample[c][sample_idx].mean(0) for c in crits}
         if weights:
-            means["fused"] = fuse(means, weights, method)
-        gt = {"ablation_loss": ablation["ablation_loss"][sample_idx].mean(0)}
+            w = fit_fusion(per_sample, loss, method=method, samples=sample_idx) if fit else weights
+            means["fused"] = fuse(means, w, method)
+        gt = {"ablation_loss": loss[sample_idx].mean(0)}
         if "ablation_ndcg" in ablation:
             gt["ablation_ndcg"] = ablation["ablation_ndcg"][user_idx].mean(0)
-        return {(c, g): spearmanr(means[c], gt[g]).statistic for c in means for g in truths}
+        out = {(c, g): spearmanr(means[c], gt[g]).statistic for c in means for g in truths}
+        if fit:
+            out[("fused", "ablation_loss")] = crossfit(sample_idx)
+        return out
 
     n_users = len(ablation["ablation_ndcg"]) if "ablation_ndcg" in ablation else 1
     point = stats(np.arange(n), np.arange(n_users))
@@ -370,13 +441,18 @@ def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray],
 
 
 def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
-            fusion_weights: dict[str, float] | None = None, normalization: str = "minmax",
+            fusion_weights: dict[str, float] | str | None = None, normalization: str = "minmax",
             batch_size: int = 1, ablation: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Per-layer importance -> tidy DataFrame (layer, depth_fraction, layer_type, criterion, value, normalized).
 
     ``criteria`` selects among HOOK_CRITERIA (default: all); they all come from one
     forward+backward pass. Pass the output of ``ablate`` to add the ground-truth rows.
+    ``fusion_weights="fit"`` fits them on these calibration examples against ``ablation["ablation_loss"]``;
+    the weights used are in ``df.attrs["fusion_weights"]``.
     """
+    if fusion_weights == "fit" and (ablation is None or "ablation_loss" not in ablation):
+        raise ValueError("fusion weights 'fit' are fitted against the loss ablation: run with the ablation on, "
+                         "or pass fixed weights (e.g. the defaults)")
     criteria = criteria or HOOK_CRITERIA
     unknown = set(criteria) - set(HOOK_CRITERIA)
     if unknown:
@@ -389,6 +465,8 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
     per_layer = {c: res[c].mean(0) for c in criteria}
     if fusion_weights is None:  # the defaults fuse whichever of their criteria were computed
         weights = {c: w for c, w in DEFAULT_FUSION.items() if c in per_layer}
+    elif fusion_weights == "fit":
+        weights = fit_fusion(res, ablation["ablation_loss"], method=normalization)
     else:
         weights = fusion_weights
     if weights:
@@ -397,6 +475,7 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
         per_layer.update({g: np.nanmean(ablation[g], 0) for g in ABLATION_CRITERIA if g in ablation})
     df = tidy(model, per_layer, normalization)
     df.attrs["per_sample"] = res
+    df.attrs["fusion_weights"] = dict(weights or {})
     return df
 
 
@@ -425,8 +504,10 @@ class ImportanceConfig:
     """Each title is cut to this many tokens."""
     normalization: str = "minmax"
     """'minmax' or 'rank'."""
-    fusion_weights: dict = field(default_factory=lambda: dict(DEFAULT_FUSION))
-    """Weights of the fused score over normalized criteria."""
+    fusion_weights: dict | str = field(default_factory=lambda: dict(DEFAULT_FUSION))
+    """Weights of the fused score over normalized criteria, or 'fit': fitted on the calibration (validation)
+    examples against the loss ablation (needs ``ablation``), with a cross-fitted validity row. Fixed by default,
+    so that fused profiles stay comparable across models, domains and zero-shot vs fine-tuned."""
     ablation: bool = True
     """Also measure the single-layer ablation ground truth and the validity table."""
     ablation_users: int = 32
@@ -456,6 +537,8 @@ class ImportanceResult:
     per_sample: dict[str, np.ndarray]
     folder: Path | None = None
     seconds: float = 0.0
+    fusion_weights: dict[str, float] = field(default_factory=dict)
+    """The weights of the fused score (fitted ones where ``fusion_weights='fit'``)."""
 
 
 def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache: bool = True,
@@ -466,6 +549,11 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
     from layerviz.evaluate import TaskEvaluator, pick_calibration
     from layerviz.models import load_model
 
+    if isinstance(cfg.fusion_weights, str) and cfg.fusion_weights != "fit":
+        raise ValueError(f"fusion_weights {cfg.fusion_weights!r}: give a dict of criterion weights or 'fit'")
+    if cfg.fusion_weights == "fit" and not cfg.ablation:
+        raise ValueError("fusion_weights 'fit' are fitted against the loss ablation: keep ablation on, "
+                         "or give fixed weights")
     prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len),
                 report=report)
     settings = {k: v for k, v in asdict(cfg).items() if k != "results_dir"}  # where, not what
@@ -494,11 +582,12 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
     table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
                     batch_size=cfg.batch_size, ablation=ablation)
     per_sample = dict(table.attrs.pop("per_sample"))
+    weights = table.attrs.pop("fusion_weights")
     valid = pd.DataFrame()
     if ablation is not None:
         per_sample.update({k: v for k, v in ablation.items()})
         valid = validity(per_sample, ablation, cfg.fusion_weights, cfg.normalization, seed=cfg.seed)
-    result = ImportanceResult(table, valid, per_sample, folder, time.perf_counter() - t0)
+    result = ImportanceResult(table, valid, per_sample, folder, time.perf_counter() - t0, weights)
     save_importance(result, cfg, prep.fingerprint)
     return result
 
@@ -511,6 +600,7 @@ def save_importance(result: ImportanceResult, cfg: ImportanceConfig, fingerprint
     store.write_parquet(folder / "importance.parquet", result.table)
     store.write_parquet(folder / "validity.parquet", result.validity)
     store.atomic_write(folder / "per_sample.npz", lambda tmp: np.savez(open(tmp, "wb"), **result.per_sample))
+    store.write_json(folder / "fusion.json", result.fusion_weights)
     store.write_json(folder / "manifest.json", store.manifest(cfg, cfg.seed, data_fingerprint=fingerprint,
                                                               wall_seconds=result.seconds))
 
@@ -520,8 +610,10 @@ def load_importance(folder: str | Path) -> ImportanceResult:
     folder = Path(folder)
     with np.load(folder / "per_sample.npz") as z:
         per_sample = {k: z[k] for k in z.files}
+    fusion = folder / "fusion.json"
+    weights = json.loads(fusion.read_text()) if fusion.exists() else {}
     return ImportanceResult(pd.read_parquet(folder / "importance.parquet"),
-                            pd.read_parquet(folder / "validity.parquet"), per_sample, folder)
+                            pd.read_parquet(folder / "validity.parquet"), per_sample, folder, 0.0, weights)
 
 
 def choose_criterion(validity: pd.DataFrame, truth: str = "ablation_loss") -> dict:

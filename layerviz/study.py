@@ -157,6 +157,11 @@ class StudyConfig:
             bad("calibration", f"{self.calibration!r} must be one of {', '.join(CALIBRATIONS)}")
         if self.criterion != "auto" and self.criterion not in DIRECTION:
             bad("criterion", f"{self.criterion!r} must be 'auto' or one of {', '.join(DIRECTION)}")
+        fw = self.importance.get("fusion_weights") if isinstance(self.importance, dict) else None
+        if isinstance(fw, str) and fw != "fit":
+            bad("importance.fusion_weights", f"{fw!r}: give a mapping of criterion weights or 'fit'")
+        if fw == "fit" and self.importance.get("ablation") is False:
+            bad("importance.fusion_weights", "'fit' is fitted against the loss ablation: keep importance.ablation on")
         if self.criterion == "auto" and self.importance.get("ablation") is False and any(
                 s in ("importance_greedy", "top_k") for s in self.strategies):
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
@@ -453,6 +458,8 @@ class Study:
         from layerviz.importance import ImportanceConfig, run_importance
 
         over = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
+        if not ablation and over.get("fusion_weights") == "fit":  # no ground truth here: domain A's fitted weights
+            over["fusion_weights"] = self.importance(spec, self.cfg.domain_a, zeroshot=zeroshot)["fusion"]
         needs_scorer = ablation and over.get("ablation_users", ImportanceConfig.ablation_users) > 0
         calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
         icfg = ImportanceConfig(model=self.label(spec, zeroshot), dataset=dataset, history_len=self.cfg.history_len,
@@ -462,7 +469,7 @@ class Study:
         def compute(folder):
             model, tok = self.model(spec, zeroshot)
             res = run_importance(icfg, model, tok, report=None)
-            return {"importance": res.table, "validity": res.validity}
+            return {"importance": res.table, "validity": res.validity, "fusion": res.fusion_weights}
 
         suffix = "-zeroshot" if zeroshot and self.finetuning else ""
         return self.stages(f"{_slug(spec)}/{_slug(dataset)}/importance{suffix}", asdict(icfg), compute)

@@ -35,6 +35,9 @@ def test_shipped_configs_parse():
     ({"adapters": {"policy": {"force": "conv"}}}, "unknown adapter type 'conv'"),
     ({"domain_b": "/no/such/data"}, "domain_b"),
     ({"reference": "gpt-5"}, "reference"),
+    ({"importance": {"fusion_weights": "learned"}}, "importance.fusion_weights: 'learned'"),
+    ({"importance": {"fusion_weights": "fit", "ablation": False}, "criterion": "fused"},
+     "importance.fusion_weights: 'fit' is fitted against the loss ablation"),
 ])
 def test_bad_config_is_rejected_before_any_work(tmp_path, over, msg, monkeypatch):
     calls = []

@@ -66,7 +66,8 @@ class StudyConfig:
     finetune: dict = field(default_factory=dict)
     """Fine-tune each model on domain A first (overrides of FinetuneConfig: objective, max_steps, max_seconds,
     full, lora_r, lr, batch_size, ...); every later stage then analyses the fine-tuned recommender, and the
-    zero-shot model is still evaluated and profiled alongside. {}: the zero-shot model only."""
+    zero-shot model is still evaluated and profiled alongside. {}: the zero-shot model only. A ``models``
+    entry overrides settings per model, e.g. ``models: {gemma3-270m: {lr: 1.0e-3}}``."""
     calibration: str = "auto"
     """Likelihood calibration: 'auto' (none or pmi, chosen per model and dataset on validation users), 'none', 'pmi'."""
     calibration_users: int = 40
@@ -88,6 +89,11 @@ class StudyConfig:
     @property
     def folder(self) -> Path:
         return Path(self.results_dir) / self.name
+
+    def finetune_for(self, spec: str) -> dict:
+        """The fine-tuning settings of one model: the shared ones with its ``models`` overrides on top."""
+        shared = {k: v for k, v in self.finetune.items() if k != "models"}
+        return {**shared, **self.finetune.get("models", {}).get(spec, {})}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StudyConfig:
@@ -169,14 +175,25 @@ class StudyConfig:
         ft_names = {f.name for f in fields(FinetuneConfig)} - STUDY_OWNED
         if not isinstance(self.finetune, dict):
             bad("finetune", "must be a mapping (e.g. {objective: rank, max_steps: 60})")
+        per_model = self.finetune.get("models", {})
+        if not isinstance(per_model, dict):
+            bad("finetune.models", "must map a model of `models` to its overrides, e.g. {gemma3-270m: {lr: 1.0e-3}}")
         for k in self.finetune:
-            if k not in ft_names:
-                bad(f"finetune.{k}", f"unknown setting; known: {', '.join(sorted(ft_names))}")
-        if self.finetune:
+            if k not in ft_names | {"models"}:
+                bad(f"finetune.{k}", f"unknown setting; known: {', '.join(sorted(ft_names | {'models'}))}")
+        for spec, over in per_model.items():
+            if spec not in self.models:
+                bad(f"finetune.models.{spec}", f"not one of models ({', '.join(self.models)})")
+            if not isinstance(over, dict):
+                bad(f"finetune.models.{spec}", "must be a mapping of settings")
+            for k in over:
+                if k not in ft_names:
+                    bad(f"finetune.models.{spec}.{k}", f"unknown setting; known: {', '.join(sorted(ft_names))}")
+        for spec in self.models if self.finetune else []:
             try:
-                FinetuneConfig(**self.finetune).validate()
+                FinetuneConfig(**self.finetune_for(spec)).validate()
             except (TypeError, ValueError) as e:
-                bad("finetune", str(e))
+                bad("finetune", f"{spec}: {e}")
         for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -342,7 +359,7 @@ class Study:
         c = self.cfg
         return FinetuneConfig(model=spec, dataset=c.domain_a, history_len=c.history_len,
                               max_title_tokens=c.max_title_tokens, seed=c.seed, device=c.device, dtype=c.dtype,
-                              candidates_dir=str(Path(c.results_dir) / "candidates"), **c.finetune)
+                              candidates_dir=str(Path(c.results_dir) / "candidates"), **c.finetune_for(spec))
 
     def label(self, spec: str, zeroshot: bool = False) -> str:
         """The name results are cached under: the spec, or spec+ft-<key> for the fine-tuned recommender."""
@@ -983,9 +1000,12 @@ def describe_base(cfg: StudyConfig) -> str:
         return "base: the pretrained LM, zero-shot (no finetune section in the config)"
     f = cfg.finetune
     how = "full fine-tuning" if f.get("full") else f"LoRA r={f.get('lora_r', 16)}"
-    budget = ", ".join(f"{k} {f[k]}" for k in ("max_steps", "max_seconds", "epochs") if f.get(k) is not None)
+    budget = ", ".join(f"{k} {f[k]}" for k in ("max_steps", "max_seconds", "epochs", "lr") if f.get(k) is not None)
+    per = "; ".join(f"{spec}: " + ", ".join(f"{k} {v}" for k, v in over.items())
+                    for spec, over in f.get("models", {}).items() if over)
     return (f"base: each model fine-tuned on {cfg.domain_a} ({how}, objective {f.get('objective', 'rank')}"
-            f"{', ' + budget if budget else ''}); the zero-shot model is evaluated alongside")
+            f"{', ' + budget if budget else ''}{'; ' + per if per else ''}); the zero-shot model is evaluated "
+            "alongside")
 
 
 def smoke_config(models: list[str] | None = None, results_dir: str = "results", **over) -> StudyConfig:

@@ -36,6 +36,10 @@ def test_shipped_configs_parse():
     ({"domain_b": "/no/such/data"}, "domain_b"),
     ({"reference": "gpt-5"}, "reference"),
     ({"importance": {"fusion_weights": "learned"}}, "importance.fusion_weights: 'learned'"),
+    ({"finetune": {"max_steps": 2, "models": {"tiny-qwen3": {"lr": 1e-3}}}}, "finetune.models.tiny-qwen3: not one"),
+    ({"finetune": {"max_steps": 2, "models": {"tiny-gemma3": {"lrate": 1e-3}}}},
+     "finetune.models.tiny-gemma3.lrate: unknown setting"),
+    ({"finetune": {"max_steps": 2, "models": {"tiny-gemma3": {"objective": "pairwise"}}}}, "finetune: tiny-gemma3"),
     ({"importance": {"fusion_weights": "fit", "ablation": False}, "criterion": "fused"},
      "importance.fusion_weights: 'fit' is fitted against the loss ablation"),
 ])
@@ -224,3 +228,16 @@ def test_finetune_shift_verdicts(verdict_case, lo, hi, expected, monkeypatch):
     h = study.hypotheses({"models": {}}, study.smoke_config())
     assert list(h["verdict"]) == [expected]
     assert verdict_case in study.shift_sentences(shift)[0] or expected == "inconclusive"
+
+
+def test_per_model_finetune_settings(tmp_path):
+    base = study.smoke_config().finetune
+    cfg = _tiny_config(tmp_path, finetune={**base, "models": {"tiny-llama3": {"lr": 5e-3}}})
+    s = study.Study(cfg, report=None)
+    assert s.ft_config("tiny-llama3").lr == 5e-3
+    assert s.ft_config("tiny-gemma3").lr == base.get("lr")
+    shared = study.Study(_tiny_config(tmp_path, finetune=base), report=None)
+    # the override changes that model's cache label only
+    assert s.label("tiny-llama3") != shared.label("tiny-llama3")
+    assert s.label("tiny-gemma3") == shared.label("tiny-gemma3")
+    assert "tiny-llama3: lr 0.005" in study.describe_base(cfg)

@@ -472,7 +472,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
             return float(np.mean(evaluator(inner)))
 
     state = {"step": 0, "elapsed": 0.0, "curves": [], "best": None, "best_step": 0, "bad_evals": 0,
-             "evaluated": True, "examples": 0}
+             "examples": 0}
     ckpt = partial_path(out) if out is not None else None
     if ckpt is not None and ckpt.exists() and not overwrite:
         saved = torch.load(ckpt, weights_only=False)
@@ -538,11 +538,9 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
         state["curves"].append({"step": step + 1, "seconds": time.perf_counter() - t_start,
                                 "examples": state["examples"], "train_loss": step_loss,
                                 "lr": sched.get_last_lr()[0], "valid_ndcg@10": np.nan})  # one row per step
-        state["evaluated"] = False
         if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
             ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
             state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
-            state["evaluated"] = True
             if ndcg > state["best_ndcg"]:
                 state["best"], state["best_ndcg"], state["best_step"], state["bad_evals"] = (
                     _trainable_state(named), ndcg, step + 1, 0)
@@ -556,7 +554,8 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
         if stop_after is not None and ran >= stop_after:
             raise KeyboardInterrupt(f"stop_after={stop_after}")
     state["elapsed"] = time.perf_counter() - t_start
-    if not state["evaluated"]:  # steps after the last evaluation (time budget): measure where training stopped
+    if np.isnan(state["curves"][-1]["valid_ndcg@10"]):  # steps after the last evaluation (time budget): measure
+        # where training stopped
         ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
         state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
         if ndcg > state["best_ndcg"]:

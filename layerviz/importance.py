@@ -341,6 +341,14 @@ def tidy(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.
     return pd.DataFrame(rows)
 
 
+def check_fusion_weights(weights, ablation: bool) -> None:
+    """Refuse fusion weights that are neither a mapping nor 'fit', and 'fit' without the loss ablation."""
+    if isinstance(weights, str) and weights != "fit":
+        raise ValueError(f"{weights!r}: give a mapping of criterion weights or 'fit'")
+    if weights == "fit" and not ablation:
+        raise ValueError("'fit' is fitted against the loss ablation: keep ablation on, or give fixed weights")
+
+
 def _weight_grid(n: int, step: float = FIT_STEP) -> np.ndarray:
     """All non-negative weightings of n criteria on a grid of ``step`` that sum to 1 (rows)."""
     m = int(round(1 / step))
@@ -395,9 +403,8 @@ def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray],
     crits = [c for c in per_sample if c in HOOK_CRITERIA and DIRECTION[c] != 0]
     truths = [g for g in ABLATION_CRITERIA if g in ablation]
     n = len(per_sample["loss"])
-    fit = isinstance(weights, str)
-    if fit and weights != "fit":
-        raise ValueError(f"fusion weights {weights!r}: pass a dict of criterion weights or 'fit'")
+    check_fusion_weights(weights, ablation="ablation_loss" in ablation)
+    fit = weights == "fit"
     if fit and n < 4:
         raise ValueError(f"fusion 'fit' is cross-fitted on two halves of the calibration examples and needs at "
                          f"least 4 of them (got {n}): raise importance samples")
@@ -450,9 +457,7 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
     ``fusion_weights="fit"`` fits them on these calibration examples against ``ablation["ablation_loss"]``;
     the weights used are in ``df.attrs["fusion_weights"]``.
     """
-    if fusion_weights == "fit" and (ablation is None or "ablation_loss" not in ablation):
-        raise ValueError("fusion weights 'fit' are fitted against the loss ablation: run with the ablation on, "
-                         "or pass fixed weights (e.g. the defaults)")
+    check_fusion_weights(fusion_weights, ablation=ablation is not None and "ablation_loss" in ablation)
     criteria = criteria or HOOK_CRITERIA
     unknown = set(criteria) - set(HOOK_CRITERIA)
     if unknown:
@@ -549,11 +554,7 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
     from layerviz.evaluate import TaskEvaluator, pick_calibration
     from layerviz.models import load_model
 
-    if isinstance(cfg.fusion_weights, str) and cfg.fusion_weights != "fit":
-        raise ValueError(f"fusion_weights {cfg.fusion_weights!r}: give a dict of criterion weights or 'fit'")
-    if cfg.fusion_weights == "fit" and not cfg.ablation:
-        raise ValueError("fusion_weights 'fit' are fitted against the loss ablation: keep ablation on, "
-                         "or give fixed weights")
+    check_fusion_weights(cfg.fusion_weights, cfg.ablation)  # before any work
     prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len),
                 report=report)
     settings = {k: v for k, v in asdict(cfg).items() if k != "results_dir"}  # where, not what

@@ -157,17 +157,17 @@ class StudyConfig:
             bad("reference", f"{self.reference!r} is not in data/reference_selections.json")
         from layerviz.evaluate import CALIBRATIONS
         from layerviz.finetune import FinetuneConfig
-        from layerviz.importance import DIRECTION
+        from layerviz.importance import DIRECTION, check_fusion_weights
 
         if self.calibration not in CALIBRATIONS:
             bad("calibration", f"{self.calibration!r} must be one of {', '.join(CALIBRATIONS)}")
         if self.criterion != "auto" and self.criterion not in DIRECTION:
             bad("criterion", f"{self.criterion!r} must be 'auto' or one of {', '.join(DIRECTION)}")
-        fw = self.importance.get("fusion_weights") if isinstance(self.importance, dict) else None
-        if isinstance(fw, str) and fw != "fit":
-            bad("importance.fusion_weights", f"{fw!r}: give a mapping of criterion weights or 'fit'")
-        if fw == "fit" and self.importance.get("ablation") is False:
-            bad("importance.fusion_weights", "'fit' is fitted against the loss ablation: keep importance.ablation on")
+        if isinstance(self.importance, dict):
+            try:
+                check_fusion_weights(self.importance.get("fusion_weights"), self.importance.get("ablation", True))
+            except ValueError as e:
+                bad("importance.fusion_weights", str(e))
         if self.criterion == "auto" and self.importance.get("ablation") is False and any(
                 s in ("importance_greedy", "top_k") for s in self.strategies):
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "

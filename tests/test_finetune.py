@@ -270,3 +270,18 @@ def test_real_model_finetunes_without_touching_its_cache(smollm2, tmp_path):
     res = finetune(_cfg(tmp_path, model="smollm2-135m", max_steps=2, eval_users=2), model, tok, report=None)
     assert res.summary["steps"] == 2 and cached and [sha256_file(p) for p in cached] == digests
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+
+
+def test_time_budget_measures_where_training_stopped(tmp_path, monkeypatch):
+    """Stopped by --max-seconds between evaluations: the last step still gets its validation NDCG@10."""
+    import layerviz.finetune as ft
+
+    clock = iter(range(0, 10_000, 10))  # every clock read advances 10 s
+    monkeypatch.setattr(ft.time, "perf_counter", lambda: float(next(clock)))
+    model, tok = load_model("tiny-llama3", device="cpu")
+    res = finetune(_cfg(tmp_path, max_steps=50, eval_every=40, max_seconds=100), model, tok, report=None)
+    steps = res.summary["steps"]
+    assert 0 < steps < 40 and res.summary["stopped"] == "time budget (100 s)"
+    assert list(res.curves["step"]) == list(range(steps + 1))
+    evaluated = res.curves.dropna(subset=["valid_ndcg@10"])["step"].tolist()
+    assert evaluated == [0, steps]  # step 0 (zero-shot) and where the budget ran out, nothing in between

@@ -344,7 +344,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.results_dir:
         cfg.results_dir = args.results_dir
     out = run_study(cfg)
-    t = out["tables"]
+    t = out.tables
     with pd_options():
         print("\nheadline:\n" + t["headline"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
         print("\nhypotheses:\n" + t["hypotheses"][["model", "claim", "evidence", "value", "ci_low", "ci_high",

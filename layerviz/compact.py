@@ -315,12 +315,14 @@ class AdaptConfig:
 
 
 def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, tokenizer=None, use_cache: bool = True,
-              report=print) -> dict:
+              report=print, measured: dict[str, pd.DataFrame] | None = None) -> dict:
     """Build, train and evaluate a compact model; write it and its tables to ``out`` -> summary dict.
 
     Retention (compact / full NDCG@10 on the test users, paired bootstrap CI) and the
     validation MSE of the pre-norm final hidden state are measured before training (plain
-    layer dropping), after stage 1 and after stage 2.
+    layer dropping), after stage 1 and after stage 2. ``measured`` may hold the per-user ``ndcg@5`` and
+    ``ndcg@10`` of the full model ("full") and of plain dropping ("drop") that the caller already scored
+    on these test users with this calibration: they are used instead of scoring them again.
     """
     from layerviz import metrics, store
     from layerviz.adapters import NonFiniteLossError, TrainConfig, train_adapters
@@ -350,13 +352,14 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
                                       candidates_dir=Path(cfg.results_dir) / "candidates")
     evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
                               calibration=calibration)
-    full = evaluator.metrics(model)
+    measured = measured or {}
+    full = measured["full"] if "full" in measured else evaluator.metrics(model)
     compact = build_compact(model, layers, policy, seed=cfg.seed)
     pad = tokenizer.pad_token_id
     rows, per_user = [], {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
 
     def checkpoint(stage: str, mse: float, nmse: float, seconds: float) -> None:
-        got = evaluator.metrics(compact)
+        got = measured[stage] if stage in measured else evaluator.metrics(compact)
         row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
         for m in ("ndcg@5", "ndcg@10"):
             per_user[f"{stage}:{m}"] = got[m].to_numpy()

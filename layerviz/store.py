@@ -1,4 +1,10 @@
-"""Results on disk: atomic writes (temp file, then rename) and JSON manifests with versions."""
+"""Results on disk: atomic writes (temp file, then rename), JSON manifests with versions, and the one
+stage cache (``cached`` and ``Stages``) that the study, importance and adapter runs share.
+
+A cached computation returns a dict of named outputs: DataFrames (parquet), ``Arrays`` (npz) or
+JSON-able objects. They are written atomically, the marker file (with the key) last, and then read
+back: the first run and a resumed run return the same shapes, so callers never cast.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,14 @@ import json
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
@@ -77,3 +87,93 @@ def manifest(config, seed: int, **extra) -> dict:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **extra,
     }
+
+
+class Arrays(dict):
+    """Named numpy arrays, stored as one .npz file by ``cached``."""
+
+
+def _write_output(folder: Path, name: str, obj) -> str:
+    if isinstance(obj, pd.DataFrame):
+        write_parquet(folder / f"{name}.parquet", obj)
+        return f"{name}.parquet"
+    if isinstance(obj, Arrays):
+        atomic_write(folder / f"{name}.npz", lambda tmp: np.savez(open(tmp, "wb"), **obj))
+        return f"{name}.npz"
+    write_json(folder / f"{name}.json", obj)
+    return f"{name}.json"
+
+
+def read_outputs(folder: str | Path, files: list[str]) -> dict:
+    """The outputs a cached computation wrote, by name (file stem)."""
+    out = {}
+    for f in files:
+        p = Path(folder) / f
+        if p.suffix == ".parquet":
+            out[p.stem] = pd.read_parquet(p)
+        elif p.suffix == ".npz":
+            with np.load(p) as z:
+                out[p.stem] = Arrays({k: z[k] for k in z.files})
+        else:
+            out[p.stem] = json.loads(p.read_text())
+    return out
+
+
+def cached(folder: str | Path, key: str, compute: Callable[[Path], dict], use_cache: bool = True,
+           marker: str = "done.json", meta: dict | None = None) -> tuple[dict, bool]:
+    """Run ``compute(folder)`` once per ``key`` -> (outputs read back from disk, whether they were cached).
+
+    The marker file (``key``, files, seconds, versions and ``meta``) is written last, so a run killed
+    mid-way leaves no marker and is recomputed. ``compute`` may also write files of its own into
+    ``folder`` (a model, say) before it returns.
+    """
+    folder = Path(folder)
+    done = folder / marker
+    if use_cache and done.exists():
+        doc = json.loads(done.read_text())
+        if doc.get("key") == key:
+            return read_outputs(folder, doc["files"]), True
+    t0 = time.perf_counter()
+    result = compute(folder)
+    files = [_write_output(folder, name, obj) for name, obj in result.items()]
+    seconds = time.perf_counter() - t0
+    write_json(done, {"key": key, "files": files, "seconds": seconds, "versions": versions(), **(meta or {})})
+    return read_outputs(folder, files), False
+
+
+def where_free(obj):
+    """Key parts without ``results_dir``: where results live is not what they are."""
+    if isinstance(obj, dict):
+        return {k: where_free(v) for k, v in obj.items() if k != "results_dir"}
+    if isinstance(obj, list | tuple):
+        return [where_free(v) for v in obj]
+    return obj
+
+
+class Stages:
+    """The study's named stages under one root: each computed once per key (``cached``), reported as it runs."""
+
+    def __init__(self, root: str | Path, report=print, use_cache: bool = True):
+        self.root, self.report, self.use_cache = Path(root), report, use_cache
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def __call__(self, name: str, key_parts, compute: Callable[[Path], dict]) -> dict:
+        key = config_hash(name, where_free(key_parts), versions()["layerviz"])
+
+        def announced(folder):
+            if self.report:
+                self.report(f"[{name}] running")
+            return compute(folder)
+
+        t0 = time.perf_counter()
+        out, was_cached = cached(self.root / name, key, announced, self.use_cache)
+        (self.skipped if was_cached else self.ran).append(name)
+        if self.report and not was_cached:
+            self.report(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
+        return out
+
+
+def slug(s: str) -> str:
+    """A model spec or dataset path as one folder name."""
+    return s.replace("/", "_").replace("\\", "_").strip("._") or "x"

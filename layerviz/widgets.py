@@ -107,7 +107,7 @@ def explore(importance: pd.DataFrame, curves: pd.DataFrame, criterion: str, stra
         raise ValueError(f"the explorer shows {', '.join((*FIXED, 'importance_greedy'))}, not {strategy!r}")
     layers = fixed_layers("top_k" if strategy == "importance_greedy" else strategy, n, k,
                           order if strategy in ("top_k", "importance_greedy") else None)
-    measured = {tuple(int(i) for i in v): s for v, s in zip(curves["layers"], curves["score"], strict=True)}
+    measured = {tuple(np.asarray(v).tolist()): s for v, s in zip(curves["layers"], curves["score"], strict=True)}
     full = curves.loc[curves["strategy"] == "full", "score"]
     score = measured.get(tuple(layers))
     retention = score / full.iloc[0] if score is not None and len(full) and full.iloc[0] else None
@@ -149,26 +149,24 @@ def explorer_figure(importance: pd.DataFrame, curves: pd.DataFrame, criterion: s
     return fig
 
 
-def explorer(study_out: dict):
-    """ipywidgets controls (model, criterion, strategy, k) wired to :func:`explorer_figure`."""
-    import ipywidgets as W
+def explorer(res):
+    """ipywidgets controls (model, criterion, strategy, k) wired to :func:`explorer_figure` (a StudyResult)."""
+    import ipywidgets as W  # only where widgets are shown: the figure functions above do not need them
     from IPython.display import display
 
-    models = study_out["models"]
-    first = next(iter(models.values()))
-    crits = [c for c in CRITERIA_ORDER if c in set(first["importance"]["importance"]["criterion"])]
-    strategies = [s for s in dict.fromkeys(first["curves"]["curves"]["strategy"]) if s != "full"]
-    max_k = max(int(r["importance"]["importance"]["layer"].nunique()) for r in models.values())
-    model_w = W.Dropdown(options=list(models), description="model")
+    first = res.importance_table(res.models[0])
+    crits = [c for c in CRITERIA_ORDER if c in set(first["criterion"])]
+    strategies = [s for s in dict.fromkeys(res.rows("curves", res.models[0])["strategy"]) if s != "full"]
+    max_k = max(res.layers(m) for m in res.models)
+    model_w = W.Dropdown(options=res.models, description="model")
     crit_w = W.Dropdown(options=crits, value="fused" if "fused" in crits else crits[0], description="criterion")
     strat_w = W.Dropdown(options=strategies, description="strategy")
     k_w = W.IntSlider(value=min(8, max_k), min=1, max=max_k, description="k")
 
     def show(model, criterion, strategy, k):
-        r = models[model]
-        imp = r["importance"]["importance"]
-        k = min(k, int(imp["layer"].nunique()))
-        display(explorer_figure(imp, r["curves"]["curves"], criterion, strategy, k, model=model))
+        imp = res.importance_table(model)
+        k = min(k, res.layers(model))
+        display(explorer_figure(imp, res.rows("curves", model), criterion, strategy, k, model=model))
 
     out = W.interactive_output(show, {"model": model_w, "criterion": crit_w, "strategy": strat_w, "k": k_w})
     return W.VBox([W.HBox([model_w, crit_w]), W.HBox([strat_w, k_w]), out])

@@ -70,3 +70,18 @@ def test_nbstripout_finds_nothing_to_strip():
     r = subprocess.run([sys.executable, "-m", "nbstripout", "--verify", *map(str, NOTEBOOKS)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_cells_are_thin_and_imports_used(path):
+    """No code cell over 12 lines; every name a notebook imports is used in it."""
+    import ast
+
+    code = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    long = [len(c["source"]) for c in code if len("".join(c["source"]).splitlines()) > 12]
+    assert not long, f"{path.name}: code cells of {long} lines (at most 12)"
+    tree = ast.parse("\n".join("".join(c["source"]) for c in code))
+    imported = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
+                for a in n.names}
+    used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert imported <= used, f"{path.name} imports {sorted(imported - used)} without using them"

@@ -44,8 +44,10 @@ def test_shipped_configs_parse():
      "importance.fusion_weights: 'fit' is fitted against the loss ablation"),
 ])
 def test_bad_config_is_rejected_before_any_work(tmp_path, over, msg, monkeypatch):
+    import layerviz.study.runner as runner
+
     calls = []
-    monkeypatch.setattr(study.Study, "run", lambda self: calls.append(1))
+    monkeypatch.setattr(runner, "run", lambda study: calls.append(1))
     with pytest.raises(ValueError, match=msg):
         study.run_study(_tiny_config(tmp_path, **over))
     assert not calls and not (tmp_path / "results").exists()
@@ -60,14 +62,20 @@ def test_bad_yaml_file_is_rejected(tmp_path):
         StudyConfig.from_yaml(tmp_path / "missing.yaml")
 
 
-def test_analysis_helpers():
-    assert study.map_reference([18, 20, 24, 26, 27, 29, 30, 31], 32, 30) == [17, 19, 22, 24, 25, 27, 28, 29]
-    assert study.depth_overlap([0, 29], 30, [0, 17], 18) == 1.0
-    assert study.depth_overlap([0], 30, [17], 18) == 0.0
+def test_depth_helpers():
+    from layerviz.study import depth
+
+    assert depth.map_reference([18, 20, 24, 26, 27, 29, 30, 31], 32, 30) == [17, 19, 22, 24, 25, 27, 28, 29]
+    assert depth.depth_overlap([0, 29], 30, [0, 17], 18) == 1.0
+    assert depth.depth_overlap([0], 30, [17], 18) == 0.0
     grid = np.linspace(0, 1, 5)
-    assert np.allclose(study.profile_on_grid(np.array([0.0, 1.0, 2.0]), grid), [0, 0.5, 1, 1.5, 2])
-    assert study.verdict(0.1, 0.3) == "supported" and study.verdict(-0.3, -0.1) == "contradicted"
-    assert study.verdict(-0.1, 0.1) == "inconclusive" and study.verdict(0.85, 0.95, 0.9) == "inconclusive"
+    assert np.allclose(depth.profile_on_grid(np.array([0.0, 1.0, 2.0]), grid), [0, 0.5, 1, 1.5, 2])
+    # 30 layers: depth i/29; 9/29 < 1/3 <= 10/29, 19/29 < 2/3 <= 20/29
+    assert depth.thirds(range(30), 30) == {"lower": 10, "middle": 10, "upper": 10}
+    assert [depth.region(i, 30) for i in (-1, 9, 10, 19, 20, 30)] == ["embedding", "lower", "middle", "middle",
+                                                                       "upper", "norm"]
+    assert depth.without_lower_third(4) == [1, 2, 3]  # depths 0, 1/3, 2/3, 1: 1/3 is the middle third
+    assert depth.without_lower_third(30) == list(range(10, 30))
 
 
 class Boom(RuntimeError):
@@ -82,127 +90,121 @@ def _all_files_readable(root: Path) -> None:
         pd.read_parquet(p)
 
 
-def test_runner_resumes_after_a_kill_without_repeating_work(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
-    cfg = _tiny_config(tmp_path, models=["tiny-gemma3"], cross_domain_models=["tiny-gemma3"])
-    import layerviz.compact as compact_mod
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """A smoke study killed in its first adapter stage, then resumed: (stages done before, the study, result)."""
+    tmp = tmp_path_factory.mktemp("study")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LAYERVIZ_DEMO_DIR", str(tmp / "demo"))
+    cfg = _tiny_config(tmp, models=["tiny-gemma3"], cross_domain_models=["tiny-gemma3"])
+    import layerviz.study.stages as stages_mod
 
-    real = compact_mod.run_adapt
-    calls = {"adapt": 0}
+    real = stages_mod.run_adapt
 
     def dying(*a, **k):  # the first adapter stage dies half-way: after writing part of its output
-        calls["adapt"] += 1
         out = Path(k["out"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "partial.json").write_text('{"half": ')  # what a crash mid-write would leave
         raise Boom("killed mid-stage")
 
-    monkeypatch.setattr(compact_mod, "run_adapt", dying)
+    mp.setattr(stages_mod, "run_adapt", dying)
     with pytest.raises(Boom):
         study.run_study(cfg, report=None)
     root = cfg.folder
     done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
-    a, b = "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
+    (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only our fake left this
+    mp.setattr(stages_mod, "run_adapt", real)
+    s = study.Study(cfg, report=None)
+    res = study.run(s)
+    yield done, s, res
+    mp.undo()
+
+
+def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
+    done, s, res = killed_and_resumed
+    root, a, b = s.cfg.folder, "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
     assert done == sorted([f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
                            f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance", f"{a}/calibration",
-                           f"{a}/select-importance_greedy", f"{a}/select-last_k"])
-    assert not (root / "tiny-gemma3/demo-electronics/adapters/done.json").exists()
-    (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only our fake left this
-
-    monkeypatch.setattr(compact_mod, "run_adapt", real)
-    s = study.Study(cfg, report=None)
-    out = s.run()
+                           f"{a}/select-importance_greedy", f"{a}/select-last_k", f"{a}/evaluation"])
     assert not set(s.stages.ran) & set(done)  # nothing finished is recomputed
     assert {f"{a}/importance", f"{a}/finetune", f"{a}/zeroshot"} <= set(s.stages.skipped)
-    assert "tiny-gemma3/demo-electronics/adapters" in s.stages.ran
+    assert f"{a}/adapters" in s.stages.ran
     _all_files_readable(root)
-    for name in ("headline", "thirds", "cross_model", "cross_domain", "hypotheses"):
-        assert (root / f"{name}.csv").exists()
+    assert (root / "cross_model.csv").exists()  # empty: one model
+    for name in ("headline", "thirds", "cross_domain", "hypotheses", "variants", "finetune"):
+        assert len(pd.read_csv(root / f"{name}.csv")) == len(pd.read_parquet(root / f"{name}.parquet")) > 0
     assert (root / "headline.tex").read_text().lstrip().startswith("\\begin{tabular}")
-    h = out["tables"]["hypotheses"]
-    assert set(h["verdict"]) <= {"supported", "contradicted", "inconclusive"}
-    assert {"upper layers are the most important", "lower layers can be dropped",
-            "non-contiguous selections work with adapters"} <= set(h["claim"])
-    cd = out["tables"]["cross_domain"]
-    assert set(cd["variant"]) == {"adapters", "plain"} and np.isfinite(cd["transfer_ratio"]).all()
-    _check_curves_and_variants(s, cfg, out)
-    _check_finetune_tables(s, cfg, out)
-    # a third run does nothing but rebuild the tables
-    s3 = study.Study(cfg, report=None)
-    s3.run()
-    assert s3.stages.ran == []
+    s3 = study.Study(s.cfg, report=None)  # a third run does nothing but rebuild the tables
+    again = study.run(s3)
+    assert s3.stages.ran == [] and again.tables["hypotheses"].equals(res.tables["hypotheses"])
 
 
-def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
-    cfg = _tiny_config(tmp_path, cross_domain_models=[])
-    out = study.Study(cfg, report=None).run()
-    cm = out["tables"]["cross_model"]
-    assert len(cm) == 1 and -1 <= cm["spearman"].iloc[0] <= 1
-    assert cm["ci_low"].iloc[0] <= cm["spearman"].iloc[0] <= cm["ci_high"].iloc[0]
-    th = out["tables"]["thirds"]
-    assert len(th) == 4 and np.allclose(th[["lower_share", "middle_share", "upper_share"]].sum(1), 1)
-    head = out["tables"]["headline"]
-    assert list(head["model"]) == ["tiny-gemma3", "tiny-llama3"] and list(head["L"]) == [18, 32]
-    assert "the pattern generalizes across models" in set(out["tables"]["hypotheses"]["claim"])
+def test_a_stage_returns_the_same_shapes_computed_or_cached(killed_and_resumed):
+    _, s, res = killed_and_resumed
+    fresh = s.stages.root / "tiny-gemma3/demo-electronics/select-last_k"
+    cached = study.Study(s.cfg, report=None).selection("tiny-gemma3", s.cfg.domain_a, "last_k")
+    assert json.loads((fresh / "selection.json").read_text()) == cached["selection"]
+    trace = res.traces.query("strategy == 'last_k' and dataset == @s.cfg.domain_a")
+    assert [list(v) for v in trace["layers"]] == [list(v) for v in cached["trace"]["layers"]]
 
 
-def _check_curves_and_variants(s, cfg, out):
+def test_result_frames_are_tidy_and_complete(killed_and_resumed):
+    _, s, res = killed_and_resumed
+    a, b = s.cfg.domain_a, s.cfg.domain_b
+    pu = res.per_user
+    assert not pu.duplicated(["model", "dataset", "variant", "user", "metric"]).any()
+    va = set(pu[pu.dataset == a].variant)
+    assert {"full", "popularity", "zeroshot", "select:importance_greedy", "drop_lower_third", "reference_mapped",
+            "adapters:drop", "adapters:stage1"} <= va
+    assert {"full", "zeroshot", "transfer:plain", "transfer:adapters", "adapters:drop"} <= set(pu[pu.dataset == b].variant)
+    assert (pu.groupby(["dataset", "variant", "metric"]).size() == s.cfg.eval_users).all()
+    assert set(res.importance.base) == {"fine-tuned", "zero-shot"} and set(res.importance.dataset) == {a, b}
+    assert set(res.selections.dataset) == {a, b} and set(res.calibration.base) == {"fine-tuned", "zero-shot"}
+    assert list(res.bench.model.unique()) == ["tiny-gemma3"]
+    # the adapters stage reused the evaluation's scores of the same users: identical, not re-measured
+    assert res.values("tiny-gemma3", "adapters:drop").equals(res.values("tiny-gemma3", "select:importance_greedy"))
+
+
+def test_curves_and_variants_agree_with_the_selections(killed_and_resumed):
     """RQ2 curves and the variants table: consistent with the selections, one point re-measured independently."""
     from layerviz import arch
-    from layerviz.metrics import metric_names
 
-    r = out["models"]["tiny-gemma3"]
-    c = r["curves"]["curves"]
-    k = s.k("tiny-gemma3")
+    _, s, res = killed_and_resumed
+    m, cfg = "tiny-gemma3", s.cfg
+    c = res.rows("curves", m)
+    k = s.k(m)
     full = c[c.strategy == "full"]
     assert len(full) == 1 and full["k"].iloc[0] == 18
     last = c[c.strategy == "last_k"].sort_values("k")
     assert list(last["k"]) == list(range(1, k + 1))
     assert [list(v) for v in last["layers"]] == [list(range(18 - j, 18)) for j in range(1, k + 1)]
-    greedy = r["selections"]["importance_greedy"]
+    trace = res.rows("traces", m).query("strategy == 'importance_greedy'")
     g = c[c.strategy == "importance_greedy"].sort_values("k")
-    assert np.allclose(g["score"], greedy["trace"]["score"]) and list(g["layers"].iloc[-1]) == greedy["selection"]["layers"]
-    assert last["score"].iloc[-1] == pytest.approx(r["selections"]["last_k"]["selection"]["score"])
-    ev, _ = s.evaluator("tiny-gemma3", cfg.domain_a, "valid", cfg.select_users)
-    model, _ = s.model("tiny-gemma3")
+    assert np.allclose(g["score"], trace["score"]) and list(g["layers"].iloc[-1]) == res.selection(m)["layers"]
+    assert last["score"].iloc[-1] == pytest.approx(res.selection(m, "last_k")["score"])
+    ev, _ = s.evaluator(m, cfg.domain_a, "valid", cfg.select_users)
+    model, _ = s.model(m)
     with arch.keep_layers(model, [17]):
         assert float(np.mean(ev(model))) == pytest.approx(last["score"].iloc[0])
-    pu = r["evaluation"]["per_user"]
-    for name in ("full", "popularity", "select:importance_greedy", "reference_mapped", "drop_lower_third"):
-        assert {f"{name}:{m}" for m in metric_names()} <= set(pu.columns)
-    assert np.allclose(pu["full:ndcg@10"], r["adapters"]["per_user"]["full:ndcg@10"])  # same test users
-    assert np.allclose(pu["select:importance_greedy:ndcg@10"], r["adapters"]["per_user"]["drop:ndcg@10"])
-    var = out["tables"]["variants"].set_index(["model", "variant"]).loc["tiny-gemma3"]
+    var = res.tables["variants"].set_index(["model", "variant"]).loc[m]
     assert var.loc["full", "retention"] == pytest.approx(1.0)
     assert var.loc["full", "layers"] == list(range(18)) and all(type(i) is int for i in var.loc["full", "layers"])
-    assert var.loc["chance", "ndcg@10"] == pytest.approx(r["evaluation"]["chance"]["ndcg@10"])
-    assert var.loc["popularity", "ndcg@10"] == pytest.approx(pu["popularity:ndcg@10"].mean())
-    ratio = pu["reference_mapped:ndcg@10"].mean() / pu["full:ndcg@10"].mean()
+    ratio = res.values(m, "reference_mapped").mean() / res.values(m, "full").mean()
     assert var.loc["reference_mapped", "retention"] == pytest.approx(ratio)
-    assert var.loc["reference_mapped", "retention_low"] <= ratio <= var.loc["reference_mapped", "retention_high"]
 
 
-def _check_finetune_tables(s, cfg, out):
-    """The fine-tuned recommender is what the stages analyse; the zero-shot model is measured alongside."""
-    from layerviz.finetune import read_manifest
-
-    r = out["models"]["tiny-gemma3"]
-    assert read_manifest(s.ft_folder("tiny-gemma3"))["summary"]["steps"] == 2
-    assert s.label("tiny-gemma3") != "tiny-gemma3" and s.label("tiny-gemma3", zeroshot=True) == "tiny-gemma3"
-    ft = out["tables"]["finetune"]
-    assert set(ft["dataset"]) == {cfg.domain_a, cfg.domain_b}
-    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a)].set_index("system")
-    zs, tuned = r["zeroshot"][cfg.domain_a]["per_user"], r["evaluation"]["per_user"]
-    assert v.loc["zero-shot", "mean"] == pytest.approx(zs["zeroshot:ndcg@10"].mean())
-    assert v.loc["fine-tuned", "mean"] == pytest.approx(tuned["full:ndcg@10"].mean())
-    assert v.loc["fine-tuned - zero-shot", "mean"] == pytest.approx(v.loc["fine-tuned", "mean"] - v.loc["zero-shot", "mean"])
-    assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
-    assert v.loc["zero-shot", "calibration"] in ("none", "pmi")
-    shift = study.importance_shift(out, cfg)
-    assert set(shift["criterion"]) == {"fused", "ablation_loss"} and (shift["layers"] == 18).all()
-    h = out["tables"]["hypotheses"]
-    assert len(h[h.claim == "fine-tuning moves which layers matter"]) == 2
+def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    cfg = _tiny_config(tmp_path, cross_domain_models=[], finetune={})
+    res = study.run(study.Study(cfg, report=None))
+    cm = res.tables["cross_model"]
+    assert len(cm) == 1 and cm["ci_low"].iloc[0] <= cm["spearman"].iloc[0] <= cm["ci_high"].iloc[0]
+    th = res.tables["thirds"]
+    assert len(th) == 4 and np.allclose(th[["lower_share", "middle_share", "upper_share"]].sum(1), 1)
+    head = res.tables["headline"]
+    assert list(head["model"]) == ["tiny-gemma3", "tiny-llama3"] and list(head["L"]) == [18, 32]
+    assert "the pattern generalizes across models" in set(res.tables["hypotheses"]["claim"])
+    assert "finetune" not in res.tables and set(res.importance.base) == {"zero-shot"}
 
 
 def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
@@ -218,18 +220,6 @@ def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
         study.Study(cfg, report=None).model("tiny-llama3")
 
 
-@pytest.mark.parametrize("verdict_case,lo,hi,expected", [
-    ("moved", -0.2, 0.3, "supported"), ("kept", 0.6, 0.9, "contradicted"), ("unclear", 0.2, 0.8, "inconclusive")])
-def test_finetune_shift_verdicts(verdict_case, lo, hi, expected, monkeypatch):
-    shift = pd.DataFrame([{"model": "m", "criterion": "fused", "spearman": (lo + hi) / 2, "ci_low": lo, "ci_high": hi,
-                           "layers": 30}])
-    monkeypatch.setattr(study, "importance_shift", lambda out, cfg: shift)
-    monkeypatch.setattr(study, "cross_model", lambda out, cfg: pd.DataFrame())
-    h = study.hypotheses({"models": {}}, study.smoke_config())
-    assert list(h["verdict"]) == [expected]
-    assert verdict_case in study.shift_sentences(shift)[0] or expected == "inconclusive"
-
-
 def test_per_model_finetune_settings(tmp_path):
     base = study.smoke_config().finetune
     cfg = _tiny_config(tmp_path, finetune={**base, "models": {"tiny-llama3": {"lr": 5e-3}}})
@@ -241,3 +231,19 @@ def test_per_model_finetune_settings(tmp_path):
     assert s.label("tiny-llama3") != shared.label("tiny-llama3")
     assert s.label("tiny-gemma3") == shared.label("tiny-gemma3")
     assert "tiny-llama3: lr 0.005" in study.describe_base(cfg)
+
+
+def test_finetune_table_reads_the_zero_shot_side(killed_and_resumed):
+    from layerviz.finetune import read_manifest
+
+    _, s, res = killed_and_resumed
+    m, cfg = "tiny-gemma3", s.cfg
+    assert read_manifest(s.ft_folder(m))["summary"]["steps"] == 2
+    assert s.label(m) != m and s.label(m, zeroshot=True) == m
+    ft = res.tables["finetune"]
+    assert set(ft["dataset"]) == {cfg.domain_a, cfg.domain_b}
+    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a)].set_index("system")
+    assert v.loc["zero-shot", "mean"] == pytest.approx(res.values(m, "zeroshot").mean())
+    assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
+    shift = study.importance_shift(res)
+    assert set(shift["criterion"]) == {"fused", "ablation_loss"} and (shift["layers"] == 18).all()

@@ -1,0 +1,135 @@
+"""The paper plan's claims, one small function each, tested against what the study measured.
+
+Each rule returns rows of the hypotheses table (model, claim, evidence, value, ci_low, ci_high,
+verdict, detail). Thresholds are the named constants of ``tables``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from layerviz import metrics
+from layerviz.study.result import StudyResult
+from layerviz.study.tables import (
+    MOVED_RHO,
+    RETENTION_CLAIM,
+    RETENTION_FLOOR,
+    SPEEDUP_CLAIM,
+    SPEEDUP_TOLERANCE,
+    bench_row,
+    cross_model,
+    importance_shift,
+    last_stage,
+    region_contrast,
+    verdict,
+)
+
+UPPER = "upper layers are the most important"
+
+
+def _row(model, claim, evidence, value, low, high, v, detail) -> dict:
+    return {"model": model, "claim": claim, "evidence": evidence, "value": value, "ci_low": low, "ci_high": high,
+            "verdict": v, "detail": detail}
+
+
+def upper_by_importance(res: StudyResult, m: str) -> list[dict]:
+    """H1 from the profiles: upper-third mean minus the larger other-third mean (ablation loss and fused)."""
+    rows = []
+    for crit in ("ablation_loss", "fused"):
+        vals = res.profile(m, crit)
+        if len(vals) == 0:
+            continue
+        d, lo, hi, means = region_contrast(vals, res.config.seed)
+        rows.append(_row(m, UPPER, crit, d, lo, hi, verdict(lo, hi), "upper-third mean minus the larger other-third "
+                         "mean; means " + ", ".join(f"{k} {v:.3g}" for k, v in means.items())))
+    return rows
+
+
+def upper_by_selection(res: StudyResult, m: str) -> list[dict]:
+    """H1 from selections: last_k and the mapped reference list against the primary selection (test NDCG@10)."""
+    rows, primary = [], f"select:{res.config.primary}"
+    for variant in ("select:last_k", "reference_mapped"):
+        if res.has(m, variant) and res.has(m, primary):
+            x = res.values(m, variant)
+            c = metrics.paired_comparison(x, res.values(m, primary), seed=res.config.seed)
+            rows.append(_row(m, UPPER, f"{variant} minus {res.config.primary} (test NDCG@10, no adapters)",
+                             c["diff"], c["ci_low"], c["ci_high"], verdict(c["ci_low"], c["ci_high"]),
+                             f"{variant} NDCG@10 {x.mean():.3f}"))
+    return rows
+
+
+def lower_droppable(res: StudyResult, m: str) -> list[dict]:
+    """H2: the model without its lower third keeps >= RETENTION_CLAIM of the full model's NDCG@10."""
+    drop, full = res.values(m, "drop_lower_third"), res.values(m, "full")
+    ratio, lo, hi = metrics.ratio_ci(drop, full, seed=res.config.seed)
+    return [_row(m, "lower layers can be dropped",
+                 f"NDCG@10 retention without the lower third (threshold {RETENTION_CLAIM:g})", ratio, lo, hi,
+                 verdict(lo, hi, RETENTION_CLAIM), f"full {full.mean():.3f}, without lower third {drop.mean():.3f}")]
+
+
+def adapters_help(res: StudyResult, m: str) -> list[dict]:
+    """H3: the trained adapters beat plain dropping of the same (non-contiguous) selection."""
+    last = last_stage(res, m).name
+    c = metrics.paired_comparison(res.values(m, f"adapters:{last}"), res.values(m, "adapters:drop"),
+                                  seed=res.config.seed)
+    return [_row(m, "non-contiguous selections work with adapters",
+                 f"NDCG@10 with adapters ({last}) minus plain dropping, {res.config.primary} selection", c["diff"],
+                 c["ci_low"], c["ci_high"], verdict(c["ci_low"], c["ci_high"]),
+                 f"layers {list(res.summary(m)['layers'])}")]
+
+
+def speed_verdict(speedup: float, retention_low: float, retention_high: float) -> str:
+    """'4x with ~90% kept': supported when the speedup is within 10% of 4x and the retention CI lies in
+    [RETENTION_FLOOR, ...] while reaching RETENTION_CLAIM; contradicted when the speedup falls short or the
+    whole CI lies below RETENTION_CLAIM; inconclusive otherwise (fast, but the CI starts below the floor)."""
+    fast = speedup >= SPEEDUP_TOLERANCE * SPEEDUP_CLAIM
+    kept = retention_high >= RETENTION_CLAIM
+    if fast and retention_low >= RETENTION_FLOOR and kept:
+        return "supported"
+    return "contradicted" if (not fast or not kept) else "inconclusive"
+
+
+def speed_and_retention(res: StudyResult, m: str) -> list[dict]:
+    """H5: k = L/4 of L layers give 4x prefill speed with about 90% of NDCG@10 kept (with adapters)."""
+    s, ret = res.summary(m), last_stage(res, m)
+    b = bench_row(res, m, s["k"])
+    speed = float(b["speedup"]) if b is not None else np.nan
+    bound = float(b["bound"]) if b is not None else np.nan
+    return [_row(m, f"{s['k']} of {s['n_layers']} layers: 4x speed with ~90% NDCG retained",
+                 "measured prefill speedup; NDCG@10 retention with adapters", speed, ret["retention_low"],
+                 ret["retention_high"], speed_verdict(speed, ret["retention_low"], ret["retention_high"]),
+                 f"speedup {speed:.2f}x (FLOP bound {bound:.2f}x), retention {ret['retention']:.2f}")]
+
+
+def moved_verdict(low: float, high: float) -> str:
+    """Fine-tuning moved the layer ranking when the Spearman CI lies below MOVED_RHO, kept it when above."""
+    return "supported" if high < MOVED_RHO else "contradicted" if low > MOVED_RHO else "inconclusive"
+
+
+def finetuning_moves(res: StudyResult) -> list[dict]:
+    """Fine-tuning moves which layers matter: zero-shot against fine-tuned importance of the same model."""
+    return [_row(c["model"], "fine-tuning moves which layers matter",
+                 f"Spearman of {c['criterion']} importance, zero-shot vs fine-tuned (moved if the CI lies below "
+                 f"{MOVED_RHO})", c["spearman"], c["ci_low"], c["ci_high"], moved_verdict(c["ci_low"], c["ci_high"]),
+                 f"{c['layers']} layers; bootstrap over layers") for _, c in importance_shift(res).iterrows()]
+
+
+def generalizes(res: StudyResult) -> list[dict]:
+    """H4: the fused profiles of every model pair agree on a common depth grid (Spearman CI above 0)."""
+    return [_row(f"{c['model_a']} vs {c['model_b']}", "the pattern generalizes across models",
+                 "Spearman of fused importance on a common depth grid", c["spearman"], c["ci_low"], c["ci_high"],
+                 verdict(c["ci_low"], c["ci_high"]),
+                 ", ".join(f"{k} {v:.2f}" for k, v in c.items() if str(k).startswith("overlap:")))
+            for _, c in cross_model(res).iterrows()]
+
+
+PER_MODEL = (upper_by_importance, upper_by_selection, lower_droppable, adapters_help, speed_and_retention)
+"""The per-model rules, in the table's order."""
+
+
+def hypotheses(res: StudyResult) -> pd.DataFrame:
+    """One row per claim of the paper plan, with measured evidence and a verdict computed from CIs."""
+    rows = [row for m in res.models for rule in PER_MODEL for row in rule(res, m)]
+    rows += finetuning_moves(res) + generalizes(res)
+    return pd.DataFrame(rows)

@@ -1,0 +1,154 @@
+"""The stages in order: ``layerviz run CONFIG``, ``notebook_study`` and ``open_study`` all come here.
+
+Per model on domain A: fine-tuning (if configured) and the zero-shot side, importance, every
+selection strategy, the test evaluation (full model, popularity, plain-dropping variants), adapters
+on the primary selection (reusing the evaluation's full-model and plain-dropping scores), RQ2
+curves, calibration records; per cross-domain model, on domain B: B's own selection and adapters
+and A's selection evaluated on B; then bench. The stage outputs are collected into a
+``StudyResult`` and the tables are written next to the stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from layerviz import store
+from layerviz.store import slug
+from layerviz.study.config import StudyConfig, describe_base, smoke_config
+from layerviz.study.hypotheses import hypotheses
+from layerviz.study.result import FINE_TUNED, StudyResult, collect
+from layerviz.study.stages import Study
+from layerviz.study.tables import (
+    cross_domain,
+    cross_model,
+    finetune_table,
+    headline,
+    thirds_table,
+    variants_table,
+)
+
+
+def _ndcg(frame: pd.DataFrame, variant: str) -> pd.DataFrame:
+    """The ndcg@5/@10 columns of one variant of a per-user frame, as the adapters stage wants them."""
+    return pd.DataFrame({m: frame[f"{variant}:{m}"] for m in ("ndcg@5", "ndcg@10")})
+
+
+def run_model(study: Study, spec: str, cross_domain_model: bool) -> dict:
+    """Every stage of one model, in order -> the stage outputs by name."""
+    cfg, r = study.cfg, {}
+    a, b = cfg.domain_a, cfg.domain_b
+    if study.finetuning:  # the zero-shot side first: one model switch per model
+        r["finetune"] = study.finetune(spec)
+        r["zeroshot"] = {d: study.zeroshot(spec, d) for d in ([a, b] if cross_domain_model else [a])}
+        r["calibration_zeroshot"] = {d: study.calibration(spec, d, zeroshot=True) for d in r["zeroshot"]}
+        r["importance_zeroshot"] = study.importance(spec, a, zeroshot=True)
+    r["importance"] = study.importance(spec, a)
+    r["selections"] = {s: study.selection(spec, a, s) for s in cfg.strategies}
+    primary = r["selections"][cfg.primary]["selection"]["layers"]
+    r["evaluation"] = study.evaluation(spec)
+    pu = r["evaluation"]["per_user"]  # the same test users and candidates as the adapters stage: scored once
+    r["adapters"] = study.adapters(spec, a, primary, {"full": _ndcg(pu, "full"),
+                                                      "drop": _ndcg(pu, f"select:{cfg.primary}")})
+    r["curves"] = study.curves(spec, a)
+    r["calibration"] = {d: study.calibration(spec, d) for d in ([a, b] if cross_domain_model else [a])}
+    if cross_domain_model:
+        r["b_importance"] = study.importance(spec, b, ablation=False)
+        r["b_selection"] = study.selection(spec, b, cfg.primary)
+        if study.finetuning:
+            r["tuned_b"] = study.tuned_on(spec, b)
+        measured = {"full": _ndcg(r["tuned_b"]["per_user"], "full")} if study.finetuning else None
+        r["b_adapters"] = study.adapters(spec, b, r["b_selection"]["selection"]["layers"], measured)
+        r["transfer"] = study.transfer(spec, f"{slug(spec)}/{slug(a)}/adapters", primary, r["b_adapters"])
+    r["bench"] = study.bench(spec, primary)
+    return r
+
+
+def all_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
+    """Every table the study writes (the finetune table only when the study fine-tunes)."""
+    tables = {"headline": headline(res), "thirds": thirds_table(res), "cross_model": cross_model(res),
+              "cross_domain": cross_domain(res), "variants": variants_table(res), "hypotheses": hypotheses(res)}
+    if res.base == FINE_TUNED:
+        tables["finetune"] = finetune_table(res)
+    return tables
+
+
+def write_tables(cfg: StudyConfig, tables: dict[str, pd.DataFrame]) -> None:
+    """Each table as parquet and CSV (and the headline as LaTeX) next to the stages, atomically."""
+    for name, df in tables.items():
+        store.write_parquet(cfg.folder / f"{name}.parquet", df)
+        store.atomic_write(cfg.folder / f"{name}.csv", lambda tmp, df=df: df.to_csv(tmp, index=False))
+    store.atomic_write(cfg.folder / "headline.tex", lambda tmp: Path(tmp).write_text(
+        tables["headline"].to_latex(index=False, float_format="%.2f", escape=True)))
+
+
+def run(study: Study) -> StudyResult:
+    """Run (or resume) every stage of ``study`` -> its ``StudyResult``; tables and manifest written."""
+    cfg = study.cfg
+    cd_models = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
+    outputs = {spec: run_model(study, spec, spec in cd_models) for spec in cfg.models}
+    study.release()
+    res = collect(cfg, outputs)
+    res.tables = all_tables(res)
+    write_tables(cfg, res.tables)
+    store.write_json(cfg.folder / "manifest.json", store.manifest(cfg, cfg.seed, stages_run=study.stages.ran,
+                                                                  stages_cached=study.stages.skipped))
+    return res
+
+
+def run_study(path_or_cfg, report=print) -> StudyResult:
+    """``layerviz run CONFIG``: validate first, then run (or resume) every stage."""
+    cfg = path_or_cfg if isinstance(path_or_cfg, StudyConfig) else StudyConfig.from_yaml(path_or_cfg)
+    return run(Study(cfg, report))
+
+
+def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: str = "results",
+                   device: str | None = None, overrides: dict | None = None, use_cache: bool = True,
+                   models: list[str] | None = None, dataset: str | None = None) -> StudyResult:
+    """The study of ``config`` (or the CI smoke study), with overrides -> its ``StudyResult``.
+
+    ``models`` and ``dataset`` (domain A) are shorthands for those overrides. Finished stages are loaded
+    from ``results_dir``; missing ones are computed and cached, so a notebook opened after
+    ``layerviz run CONFIG`` only reads files.
+    """
+    over = dict(overrides or {})
+    if models:
+        over["models"] = [models] if isinstance(models, str) else list(models)
+        over.setdefault("cross_domain_models", over["models"][:1])
+    if dataset:
+        over["domain_a"] = dataset
+    if smoke:
+        cfg = smoke_config(results_dir=results_dir, **over)
+    else:
+        raw = asdict(StudyConfig.from_yaml(config)) if config else {}
+        cfg = StudyConfig.from_dict({**raw, **over, "results_dir": results_dir},
+                                    where=f"{config or 'defaults'} with notebook overrides")
+    if device is not None:
+        cfg.device = device
+    return run(Study(cfg, report=None, use_cache=use_cache))
+
+
+def pick_models(res: StudyResult, model: str | None) -> list[str]:
+    """The study's models, or just ``model`` (refused with the choices if it is not one of them)."""
+    names = res.models
+    if model is None:
+        return names
+    if model not in names:
+        raise ValueError(f"MODEL={model!r} is not in this study; its models: {', '.join(names)} "
+                         "(set MODELS to run a study of another model)")
+    return [model]
+
+
+def open_study(params: dict) -> tuple[StudyResult, list[str]]:
+    """What every notebook does first, from its parameters cell (``globals()``): the study's result and the
+    models to show; prints what the study is. Keys: CONFIG, SMOKE, RESULTS_DIR, DEVICE, OVERRIDES,
+    USE_CACHE, MODELS, DATASET, MODEL (the notebooks' parameters)."""
+    res = notebook_study(params["CONFIG"], params["SMOKE"], params["RESULTS_DIR"], params["DEVICE"],
+                         params["OVERRIDES"], params["USE_CACHE"], models=params["MODELS"], dataset=params["DATASET"])
+    cfg = res.config
+    print(f"study {cfg.name!r}: models {', '.join(res.models)}; domain A {cfg.domain_a}, domain B {cfg.domain_b}; "
+          f"k = round(L x {cfg.k_fraction}); results in {cfg.folder}")
+    print(describe_base(cfg))
+    return res, pick_models(res, params["MODEL"])

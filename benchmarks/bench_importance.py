@@ -44,7 +44,7 @@ def worker(method: str, model_name: str, samples: int, history: int) -> dict:
         for layer in arch.layers(model):
             layer.requires_grad_(True)
         for i in range(len(cal.examples)):
-            exs, ids, mask, _ = imp._batch(cal, [i], 0, dev)
+            exs, ids, mask, _ = imp.calibration_batch(cal, [i], 0, dev)
             if method == "plain":
                 imp.per_sample_loss(model, cal, exs, ids, mask).mean().backward()
             else:

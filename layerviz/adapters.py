@@ -301,16 +301,8 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
     n = arch.num_layers(model)
     dev = arch.embedding(model).weight.device
     out: dict[int, list[torch.Tensor]] = {i: [] for i in points}
-    caught: dict[int, torch.Tensor] = {}
-
-    def hook(i):
-        def fn(_module, args, kwargs):
-            caught[i] = args[0] if args else kwargs["hidden_states"]
-        return fn
-
-    mods = {i: (arch.layers(model)[i] if i < n else arch.final_norm(model)) for i in points}
-    handles = [m.register_forward_pre_hook(hook(i), with_kwargs=True) for i, m in mods.items()]
-    try:
+    names = {i: f"resid_pre.{i}" if i < n else "resid_final" for i in points}
+    with arch.capture(model, list(names.values())) as caught:
         for s in progress(range(0, len(examples), batch), desc=desc, unit="batch"):
             idx = list(range(s, min(s + batch, len(examples))))
             ids, mask = _padded(examples, idx, pad, dev)
@@ -318,10 +310,7 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
             keep = _loss_mask(mask, skip_first)
             for i in points:
                 for r in range(len(idx)):
-                    out[i].append(caught[i][r][keep[r]].float())
-    finally:
-        for h in handles:
-            h.remove()
+                    out[i].append(caught[names[i]][r][keep[r]].float())
     return out
 
 
@@ -420,22 +409,18 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
     Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens.
     """
     dev = arch.embedding(model).weight.device
-    caught = {}
-    h = arch.final_norm(model).register_forward_pre_hook(lambda m, a: caught.__setitem__("h", a[0]))
     total, count = torch.zeros((), device=dev), 0
-    try:
+    with arch.capture(model, ["resid_final"]) as caught:
         for s in range(0, len(examples), batch):
             idx = list(range(s, min(s + batch, len(examples))))
             ids, mask = _padded(examples, idx, pad, dev)
             with torch.set_grad_enabled(grad), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
                 arch.run_decoder(model, ids, mask)
             keep = _loss_mask(mask, skip_first)
-            pred = caught["h"][keep].float()
+            pred = caught["resid_final"][keep].float()
             tgt = torch.cat([targets[i] for i in idx])
             total = total + F.mse_loss(pred, tgt, reduction="sum") / pred.shape[-1]
             count += len(pred)
-    finally:
-        h.remove()
     return total / max(count, 1)
 
 

@@ -125,6 +125,13 @@ def hidden_size(model: nn.Module) -> int:
     return int(text_config(model).hidden_size)
 
 
+def attention_shape(model: nn.Module) -> tuple[int, int]:
+    """(query heads, head dimension) of every layer's attention, from the model's config."""
+    cfg = text_config(model)
+    heads = int(cfg.num_attention_heads)
+    return heads, int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+
+
 def layer_types(model: nn.Module) -> list[str]:
     """Per-layer attention type: 'full_attention' or 'sliding_attention' (Gemma3 alternates)."""
     config = text_config(model)
@@ -346,3 +353,58 @@ def attention_probs(attn: nn.Module, hidden: torch.Tensor, position_embeddings, 
     allowed = allowed[None, None] & token_mask[:, None, None, :].bool()
     scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1).nan_to_num(0.0)  # fully masked (padding) rows -> 0
+
+
+def _hook_point(model: nn.Module, name: str):
+    """(module, kind) for a capture point name; kind: 'pre' (module input) or 'post' (module output)."""
+    n = num_layers(model)
+    kind, _, idx = name.partition(".")
+    if kind == "resid_final" and not idx:
+        return final_norm(model), "pre"
+    if kind in ("resid_pre", "resid_post", "attn_in") and idx.isdigit() and int(idx) < n:
+        layer = layers(model)[int(idx)]
+        if kind == "attn_in":
+            return attention_module(layer), "attn"
+        return layer, "pre" if kind == "resid_pre" else "post"
+    raise ValueError(f"unknown capture point {name!r}: use resid_pre.i, resid_post.i or attn_in.i with i in "
+                     f"0..{n - 1}, or resid_final")
+
+
+@contextmanager
+def capture(model: nn.Module, points: list[str], detach: bool = False, on=None):
+    """Capture residual-stream states during forward passes (TransformerLens-style names).
+
+    Points: ``resid_pre.i`` (the hidden state entering layer i), ``resid_post.i`` (leaving layer i),
+    ``resid_final`` (entering the final norm) and ``attn_in.i`` (layer i's attention module input, as
+    ``(hidden_states, kwargs)``). Yields a dict that holds, per point, the state of the latest forward
+    pass; with ``on``, each state is passed to ``on(name, state)`` as it is produced instead (streaming).
+    ``detach`` cuts states from the autograd graph. Every hook is removed on exit, also after an exception.
+    """
+    caught: dict = {}
+    where = [(name, *_hook_point(model, name)) for name in points]  # every name checked before any hook
+
+    def emit(name, value):
+        if detach:
+            value = value.detach() if torch.is_tensor(value) else (value[0].detach(), value[1])
+        if on is not None:
+            on(name, value)
+        else:
+            caught[name] = value
+
+    def make(name, kind):
+        if kind == "post":
+            return lambda _m, _a, _k, out: emit(name, out[0] if isinstance(out, tuple) else out)
+        if kind == "attn":
+            return lambda _m, args, kwargs: emit(name, (kwargs.get("hidden_states", args[0] if args else None),
+                                                        kwargs))
+        return lambda _m, args, kwargs: emit(name, args[0] if args else kwargs["hidden_states"])
+
+    handles = []
+    try:
+        for name, module, kind in where:
+            register = module.register_forward_hook if kind == "post" else module.register_forward_pre_hook
+            handles.append(register(make(name, kind), with_kwargs=True))
+        yield caught
+    finally:
+        for h in handles:
+            h.remove()

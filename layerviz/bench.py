@@ -42,11 +42,11 @@ def layer_costs(model) -> dict:
     out = {"layer_params": [], "heads": [], "head_dim": [], "window": []}
     cfg = arch.text_config(model)
     types = arch.layer_types(model)
+    heads, head_dim = arch.attention_shape(model)
     for layer, kind in zip(arch.layers(model), types, strict=True):
-        attn = arch.attention_module(layer)
         out["layer_params"].append(sum(p.numel() for p in layer.parameters()))
-        out["heads"].append(int(attn.q_proj.out_features // attn.head_dim))
-        out["head_dim"].append(int(attn.head_dim))
+        out["heads"].append(heads)
+        out["head_dim"].append(head_dim)
         out["window"].append(int(getattr(cfg, "sliding_window", 0) or 0) if kind == "sliding_attention" else 0)
     out["head_params"] = arch.lm_head(model).weight.numel()
     out["embedding_params"] = arch.embedding(model).weight.numel()

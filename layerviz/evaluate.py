@@ -10,9 +10,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import metrics
+from layerviz import arch, metrics
 from layerviz.data import CandidateConfig, Prepared, PrepConfig, candidates_for, load
-from layerviz.scoring import Request, ScoringConfig, embed_items, embed_users, score, title_priors
+from layerviz.scoring import (
+    Prompt,
+    Request,
+    ScoringConfig,
+    embed_items,
+    embed_users,
+    score,
+    title_priors,
+)
 from layerviz.store import manifest, write_json, write_parquet
 
 
@@ -175,20 +183,14 @@ class FidelityEvaluator:
         if self.kind == "kl":
             scores = score(model, self.tokenizer, self.requests, self.cfg, desc="fidelity")
             return torch.log_softmax(torch.tensor(np.stack(scores)), dim=-1)
-        from layerviz import arch
-        from layerviz.scoring import Prompt
-
         text = Prompt(self.tokenizer, self.cfg)
-        caught = []
-        h = arch.final_norm(model).register_forward_pre_hook(lambda m, a: caught.append(a[0].detach()[0]))
-        try:
-            with torch.no_grad():
-                for r in self.requests:
-                    ids = torch.tensor([text.likelihood_prefix(r.history)], device=arch.embedding(model).weight.device)
-                    arch.run_decoder(model, ids)
-        finally:
-            h.remove()
-        return [c.float().cpu() for c in caught]
+        out = []
+        with arch.capture(model, ["resid_final"], detach=True) as caught, torch.no_grad():
+            for r in self.requests:
+                ids = torch.tensor([text.likelihood_prefix(r.history)], device=arch.embedding(model).weight.device)
+                arch.run_decoder(model, ids)
+                out.append(caught["resid_final"][0].float().cpu())
+        return out
 
     def __call__(self, model) -> np.ndarray:
         out = self._outputs(model)

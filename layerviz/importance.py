@@ -115,7 +115,8 @@ def build_calibration(prep, tokenizer, n: int = 128, split: str = "valid", loss:
     return Calibration(out, loss, yes_no_ids(tokenizer) if loss == "yesno" else None)
 
 
-def _batch(cal: Calibration, idx: list[int], pad: int, device):
+def calibration_batch(cal: Calibration, idx: list[int], pad: int, device):
+    """Examples ``idx`` of a calibration set, right-padded -> (examples, input ids, attention mask, item mask)."""
     exs = [cal.examples[i] for i in idx]
     t = max(len(e.ids) for e in exs)
     ids = torch.full((len(exs), t), pad, dtype=torch.long)
@@ -157,11 +158,19 @@ class _Restore:
         self.model, self.training = model, model.training
         self.flags = [(p, p.requires_grad) for p in model.parameters()]
         self.handles: list = []
+        self.contexts: list = []
+
+    def enter(self, context):
+        """Enter a context manager (a capture) that ``restore`` exits."""
+        self.contexts.append(context)
+        return context.__enter__()
 
     def restore(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
+        while self.contexts:
+            self.contexts.pop().__exit__(None, None, None)
         for p, flag in self.flags:
             p.requires_grad_(flag)
             p.grad = None
@@ -182,43 +191,47 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
     guard = _Restore(model)
     n_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
 
-    def act_hook(i):
-        def hook(mod, args, kwargs, out):
-            h_in = (args[0] if args else kwargs["hidden_states"]).detach().float()
-            h_out = (out[0] if isinstance(out, tuple) else out).detach().float()
-            if "bad_layer" not in state and not torch.isfinite(h_out).all():
-                state["bad_layer"] = i
-            if not activations:
-                return
-            m = state["mask"].float()
-            cnt = m.sum(1)
-            cos = F.cosine_similarity(h_in, h_out, dim=-1).clamp(-1, 1)
-            ratio = h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
-            x = h_out - h_out.mean(-1, keepdim=True)
-            kurt = (x**4).mean(-1) / (x**2).mean(-1).clamp_min(1e-12) ** 2 - 3
-            rows = state["rows"]
-            for name, v in (("block_influence", 1 - cos), ("angular_distance", torch.arccos(cos) / torch.pi),
-                            ("norm_ratio", ratio), ("kurtosis", kurt)):
-                res[name][rows, i] = ((v * m).sum(1) / cnt).cpu().numpy()
-        return hook
+    def layer_stats(i, h_in, h_out):
+        h_in, h_out = h_in.float(), h_out.float()
+        if "bad_layer" not in state and not torch.isfinite(h_out).all():
+            state["bad_layer"] = i
+        if not activations:
+            return
+        m = state["mask"].float()
+        cnt = m.sum(1)
+        cos = F.cosine_similarity(h_in, h_out, dim=-1).clamp(-1, 1)
+        ratio = h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
+        x = h_out - h_out.mean(-1, keepdim=True)
+        kurt = (x**4).mean(-1) / (x**2).mean(-1).clamp_min(1e-12) ** 2 - 3
+        rows = state["rows"]
+        for name, v in (("block_influence", 1 - cos), ("angular_distance", torch.arccos(cos) / torch.pi),
+                        ("norm_ratio", ratio), ("kurtosis", kurt)):
+            res[name][rows, i] = ((v * m).sum(1) / cnt).cpu().numpy()
 
-    def attn_hook(i):
-        def hook(mod, args, kwargs):
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            with torch.no_grad():
-                p = arch.attention_probs(mod, hidden.detach(), kwargs["position_embeddings"], state["mask"])
-                m = state["mask"].float()
-                ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(1)  # (B, T) mean over heads
-                res["attn_entropy"][state["rows"], i] = ((ent * m).sum(1) / m.sum(1)).cpu().numpy()
-                q = state["qpos"]
-                b = torch.arange(len(q), device=p.device)
-                last = p[b, :, q, :].mean(1)  # (B, T) over heads
-                item = state["item"].float()
-                res["attn_item_mass"][state["rows"], i] = (last * item).sum(1).cpu().numpy()
-                visible = (torch.arange(item.shape[1], device=p.device)[None] <= q[:, None]).float() * m
-                res["attn_item_share"][state["rows"], i] = ((item * visible).sum(1) / visible.sum(1)).cpu().numpy()
-                del p
-        return hook
+    def attn_stats(i, hidden, kwargs):
+        with torch.no_grad():
+            p = arch.attention_probs(arch.attention_module(layers[i]), hidden, kwargs["position_embeddings"],
+                                     state["mask"])
+            m = state["mask"].float()
+            ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(1)  # (B, T) mean over heads
+            res["attn_entropy"][state["rows"], i] = ((ent * m).sum(1) / m.sum(1)).cpu().numpy()
+            q = state["qpos"]
+            b = torch.arange(len(q), device=p.device)
+            last = p[b, :, q, :].mean(1)  # (B, T) over heads
+            item = state["item"].float()
+            res["attn_item_mass"][state["rows"], i] = (last * item).sum(1).cpu().numpy()
+            visible = (torch.arange(item.shape[1], device=p.device)[None] <= q[:, None]).float() * m
+            res["attn_item_share"][state["rows"], i] = ((item * visible).sum(1) / visible.sum(1)).cpu().numpy()
+            del p
+
+    def on_state(name, value):  # hooks fire in order: resid_pre.i, attn_in.i, resid_post.i
+        kind, i = name.split(".")
+        if kind == "resid_pre":
+            state["h_in"] = value
+        elif kind == "attn_in":
+            attn_stats(int(i), *value)
+        else:
+            layer_stats(int(i), state.pop("h_in"), value)
 
     def grad_hook(i):
         def hook(param):
@@ -230,10 +243,10 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
         model.eval()
         for p, _ in guard.flags:
             p.requires_grad_(False)
+        points = [f"{kind}.{i}" for i in range(L) for kind in ("resid_pre", "resid_post")]
+        points += [f"attn_in.{i}" for i in range(L)] if attention else []
+        guard.enter(arch.capture(model, points, detach=True, on=on_state))
         for i, layer in enumerate(layers):
-            guard.handles.append(layer.register_forward_hook(act_hook(i), with_kwargs=True))
-            if attention:
-                guard.handles.append(arch.attention_module(layer).register_forward_pre_hook(attn_hook(i), with_kwargs=True))
             if fisher:
                 for p in layer.parameters():
                     p.requires_grad_(True)
@@ -241,7 +254,7 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
         pad = 0
         for start in progress(range(0, n, batch_size), desc=desc, unit="batch"):
             idx = list(range(start, min(n, start + batch_size)))
-            exs, ids, mask, item = _batch(cal, idx, pad, dev)
+            exs, ids, mask, item = calibration_batch(cal, idx, pad, dev)
             state.update(rows=idx, mask=mask, item=item, fisher=[0.0] * L,
                          qpos=torch.tensor(_query_positions(cal, exs), device=dev))
             state.pop("bad_layer", None)
@@ -280,7 +293,7 @@ def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarr
     with torch.no_grad():
         for start in range(0, len(cal.examples), batch_size):
             idx = list(range(start, min(len(cal.examples), start + batch_size)))
-            exs, ids, mask, _ = _batch(cal, idx, 0, dev)
+            exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
             out[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
     return out
 

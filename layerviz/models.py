@@ -232,6 +232,7 @@ def _load_gguf(gguf_path: Path, name: str, sha256: str | None, dtype, device):
     sha256 = sha256 or sha256_file(gguf_path)
     target = gguf_cache_dir(name, sha256)
     if not (target / "layerviz_manifest.json").exists():
+        shutil.rmtree(target, ignore_errors=True)  # a half-written copy (no manifest) is never served
         t0 = time.perf_counter()
         model, tokenizer = _dequantize_gguf(gguf_path)
         manifest = {
@@ -425,9 +426,7 @@ def _pkg_version(name: str) -> str | None:
 
 
 def _version() -> str:
-    from layerviz import __version__
-
-    return __version__
+    return _pkg_version("layerviz") or "unknown"
 
 
 def offline_status(preset: Preset) -> str:

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from layerviz import arch
+from layerviz.importance import calibration_batch
 
 STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
               "first_k", "last_k", "uniform", "random", "reference"]
@@ -188,33 +190,18 @@ def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> 
 
 def angular_distances(model, calibration, n: int) -> np.ndarray:
     """Gromov et al.: mean over samples of arccos(cos(h_l, h_{l+n}))/pi on the last token, for each start l."""
-    import torch
-
-    from layerviz.importance import _batch
-
-    layers = arch.layers(model)
-    L = len(layers)
-    states: list = []
-    handles = [layers[0].register_forward_pre_hook(
-        lambda m, a, k: states.append((a[0] if a else k["hidden_states"]).detach()), with_kwargs=True)]
-    handles += [layer.register_forward_hook(
-        lambda m, a, k, o: states.append((o[0] if isinstance(o, tuple) else o).detach()), with_kwargs=True)
-        for layer in layers]
+    L = arch.num_layers(model)
     dev = arch.embedding(model).weight.device
     total = np.zeros(L - n + 1)
-    try:
-        with torch.no_grad():
-            for i in range(len(calibration.examples)):
-                states.clear()
-                exs, ids, mask, _ = _batch(calibration, [i], 0, dev)
-                arch.run_decoder(model, ids, mask)
-                last = [s[0, -1].float() for s in states]  # index j = input of layer j (j = L: output)
-                for start in range(L - n + 1):
-                    cos = torch.nn.functional.cosine_similarity(last[start], last[start + n], dim=0).clamp(-1, 1)
-                    total[start] += float(torch.arccos(cos) / torch.pi)
-    finally:
-        for h in handles:
-            h.remove()
+    points = ["resid_pre.0", *(f"resid_post.{i}" for i in range(L))]  # index j: entering layer j (j = L: output)
+    with arch.capture(model, points, detach=True) as states, torch.no_grad():
+        for i in range(len(calibration.examples)):
+            exs, ids, mask, _ = calibration_batch(calibration, [i], 0, dev)
+            arch.run_decoder(model, ids, mask)
+            last = [states[p][0, -1].float() for p in points]
+            for start in range(L - n + 1):
+                cos = torch.nn.functional.cosine_similarity(last[start], last[start + n], dim=0).clamp(-1, 1)
+                total[start] += float(torch.arccos(cos) / torch.pi)
     return total / len(calibration.examples)
 
 

@@ -114,8 +114,14 @@ def test_gguf_cache_is_keyed_by_content(monkeypatch, tmp_path):
     load_model(str(src))
     assert len(calls) == 2
     assert len(list((tmp_path / "cache" / "dequantized").iterdir())) == 2
-    # a half-written cache folder (no manifest) is never served
-    (tmp_path / "cache" / "dequantized" / "x").mkdir()
+    # a half-written cache folder (no manifest) is never served: it is dequantized again and replaced
+    src.write_bytes(b"version three")
+    half = lm.gguf_cache_dir(src.stem, lm.sha256_file(src))
+    half.mkdir(parents=True)
+    (half / "config.json").write_text('{"model_type": ')  # what a crash mid-write would leave
+    model, _ = load_model(str(src))
+    assert len(calls) == 3 and (half / "layerviz_manifest.json").exists()
+    assert arch.num_layers(model) == arch.num_layers(tiny)
     assert not any(p.name.startswith(".") for p in (tmp_path / "cache" / "dequantized").iterdir())
 
 

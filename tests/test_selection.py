@@ -31,12 +31,9 @@ class HiddenFidelity:
         self.ref = self.hidden(model)
 
     def hidden(self, model):
-        out = []
-        h = arch.final_norm(model).register_forward_pre_hook(lambda m, a: out.append(a[0]))
-        with torch.no_grad():
+        with arch.capture(model, ["resid_final"]) as caught, torch.no_grad():
             arch.run_decoder(model, self.ids)
-        h.remove()
-        return out[0]
+        return caught["resid_final"]
 
     def __call__(self, model):
         self.calls += 1
@@ -157,7 +154,11 @@ def test_random_baseline_is_a_distribution(planted):
     ev = HiddenFidelity(planted)
     dist = sel.random_baseline(planted, ev, k=4, seeds=range(5))
     assert list(dist.seed) == [0, 1, 2, 3, 4] and dist.layers.map(len).eq(4).all()
-    assert dist.score.nunique() > 1 and (dist.score <= 0).all()
+    assert dist.score.nunique() > 1
+    for _, row in dist.iterrows():  # each score is that subset's own measurement, not another's
+        with arch.keep_layers(planted, list(row.layers)):
+            assert HiddenFidelity(planted)(planted) == 0.0  # (its own reference)
+            assert ev(planted) == pytest.approx(row.score)
 
 
 def test_subset_evaluation_restores_the_model(planted):

@@ -153,6 +153,37 @@ class StudyConfig:
                 s in ("importance_greedy", "top_k") for s in self.strategies):
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
                              "or name a criterion")
+        self._check_finetune(bad)
+        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(key, f"{v!r} must be a positive integer")
+        self._check_sections(bad)
+
+
+# ----------------------------------------------------------------------------- cached stages
+
+
+    def _check_sections(self, bad) -> None:
+        """The importance, bench and adapters sections: known settings with valid values."""
+        for key, cls, allowed in (("importance", ImportanceConfig, None), ("bench", BenchConfig, None),
+                                  ("adapters", AdaptConfig, {"samples", "policy", "train"})):
+            section = getattr(self, key)
+            if not isinstance(section, dict):
+                bad(key, "must be a mapping")
+            names = allowed or {f.name for f in fields(cls)} - STUDY_OWNED
+            for k in section:
+                if k not in names:
+                    bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
+        try:
+            AdapterPolicy(**self.adapters.get("policy", {}))
+            TrainConfig(**self.adapters.get("train", {}))
+            BenchConfig(**self.bench)
+        except (TypeError, ValueError) as e:
+            bad("adapters/bench", str(e))
+
+    def _check_finetune(self, bad) -> None:
+        """The finetune section: known settings, per-model overrides of models in the study, valid values."""
         ft_names = {f.name for f in fields(FinetuneConfig)} - STUDY_OWNED
         if not isinstance(self.finetune, dict):
             bad("finetune", "must be a mapping (e.g. {objective: rank, max_steps: 60})")
@@ -175,28 +206,6 @@ class StudyConfig:
                 FinetuneConfig(**self.finetune_for(spec)).validate()
             except (TypeError, ValueError) as e:
                 bad("finetune", f"{spec}: {e}")
-        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users"):
-            v = getattr(self, key)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                bad(key, f"{v!r} must be a positive integer")
-        for key, cls, allowed in (("importance", ImportanceConfig, None), ("bench", BenchConfig, None),
-                                  ("adapters", AdaptConfig, {"samples", "policy", "train"})):
-            section = getattr(self, key)
-            if not isinstance(section, dict):
-                bad(key, "must be a mapping")
-            names = allowed or {f.name for f in fields(cls)} - STUDY_OWNED
-            for k in section:
-                if k not in names:
-                    bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
-        try:
-            AdapterPolicy(**self.adapters.get("policy", {}))
-            TrainConfig(**self.adapters.get("train", {}))
-            BenchConfig(**self.bench)
-        except (TypeError, ValueError) as e:
-            bad("adapters/bench", str(e))
-
-
-# ----------------------------------------------------------------------------- cached stages
 
 
 def describe_base(cfg: StudyConfig) -> str:

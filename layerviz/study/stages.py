@@ -1,9 +1,6 @@
-"""The study's stages: each one cached under results_dir/name/ by ``store.Stages``.
-
-A stage is a method of ``Study`` that computes one thing for one model (and dataset), keyed by
-everything that decides it. Models, datasets and evaluators are loaded lazily, so a fully cached
-rerun loads nothing. ``runner.py`` calls the stages in order.
-"""
+"""The study's stages: methods of ``Study``, each computing one thing for one model (and dataset), cached
+under results_dir/name/ by ``store.Stages`` and keyed by everything that decides it. Models and data load
+lazily (a fully cached rerun loads nothing); ``runner.py`` calls the stages in order."""
 
 from __future__ import annotations
 
@@ -46,8 +43,7 @@ class Study:
         self._preps: dict = {}
 
     # -- shared resources, loaded lazily (a fully cached rerun loads nothing)
-    def release(self) -> None:
-        """Drop the model held in memory."""
+    def release(self) -> None:  # drop the model held in memory
         self._models.clear()
 
     @property
@@ -100,8 +96,8 @@ class Study:
 
     def popularity(self, dataset: str, cands: pd.DataFrame) -> pd.DataFrame:
         """Per-user metrics of the popularity baseline on these candidate lists."""
-        scores = np.stack(popularity_scores(self.prep(dataset), cands))
-        return metrics.per_user(metrics.pessimistic_ranks(scores, cands["pos_index"].to_numpy()))
+        scores, pos = np.stack(popularity_scores(self.prep(dataset), cands)), cands["pos_index"].to_numpy()
+        return metrics.per_user(metrics.pessimistic_ranks(scores, pos))
 
     def n_layers(self, spec: str) -> int:
         return PRESETS[spec].num_layers if spec in PRESETS else arch.num_layers(self.model(spec, zeroshot=True)[0])

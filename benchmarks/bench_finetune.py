@@ -29,7 +29,7 @@ def _setup(args):
 
     model, tok = load_model(args.model, device="cpu")
     prep = data.load(args.dataset, config=data.PrepConfig(history_len=args.history_len), report=None)
-    cfg = FinetuneConfig(model=args.model, negatives=args.negatives, history_len=args.history_len,
+    cfg = FinetuneConfig(model=args.model, train_negatives=args.negatives, history_len=args.history_len,
                          batch_size=args.examples, max_title_tokens=args.max_title_tokens)
     _, inner, params = prepare_trainable(model, cfg)
     sched = Schedule(prep, training_windows(prep, args.history_len), cfg)
@@ -97,7 +97,7 @@ def main() -> None:
 
     model, tok = load_model(args.model, device="cpu")
     prep = data.load(args.dataset, config=data.PrepConfig(history_len=args.history_len), report=None)
-    cfg = FinetuneConfig(model=args.model, negatives=args.negatives, history_len=args.history_len,
+    cfg = FinetuneConfig(model=args.model, train_negatives=args.negatives, history_len=args.history_len,
                          batch_size=args.examples, max_title_tokens=args.max_title_tokens)
     _, inner, params = prepare_trainable(model, cfg)
     titles = prep.titles()

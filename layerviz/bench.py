@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from layerviz import arch
+from layerviz.settings import Settings
 
 # ----------------------------------------------------------------------------- the bound
 
@@ -98,11 +99,9 @@ def layers_for_k(k: int, n_layers: int, selection: list[int] | None = None) -> l
 
 
 @dataclass
-class BenchConfig:
+class BenchConfig(Settings):
     """What the efficiency benchmark measures (shared by `layerviz bench`, `layerviz run` and notebooks)."""
 
-    model: str = "smollm2-135m"
-    dataset: str = "demo"
     keep: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
     """Values of k to measure (those >= L are skipped)."""
     selection: str | None = None
@@ -112,9 +111,11 @@ class BenchConfig:
     adapter_k: list[int] | None = None
     """The k measured with adapters (None: every k)."""
     rank: int | None = 64
+    """Adapter rank of the with-adapter variants (None: full rank)."""
     runs: int = 5
     """Timed repetitions (median and IQR reported)."""
     warmup: int = 1
+    """Untimed runs before the timed ones."""
     prefill_batch: int = 4
     """Prompts per prefill forward."""
     seq_len: int = 128
@@ -123,15 +124,8 @@ class BenchConfig:
     """Queries scored back to back for the throughput."""
     query_batches: list[int] = field(default_factory=lambda: [8, 20])
     """Candidate batch sizes tried for the throughput; the best is reported."""
-    negatives: int = 19
-    history_len: int = 10
-    max_title_tokens: int = 32
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None
     isolate: bool = True
     """CPU: measure each configuration in its own process (clean peak memory)."""
-    results_dir: str = "results"
 
 
 def _reset_peak(device: torch.device) -> bool:
@@ -257,13 +251,13 @@ def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None)
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> pd.DataFrame:
     """Measure every configuration side by side -> one row each (times in ms, memory in MiB, ratios to full)."""
     from layerviz import store
-    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data import CandidateConfig, candidates_for, load
     from layerviz.evaluate import requests_for
     from layerviz.models import load_model, resolve_device
     from layerviz.progress import progress
 
     dev = resolve_device(cfg.device)
-    prep = load(cfg.dataset, "auto", PrepConfig(history_len=cfg.history_len), report=None)
+    prep = load(cfg.dataset, "auto", cfg.prep_config(), report=None)
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", 1, "test", cfg.seed),
                               Path(cfg.results_dir) / "candidates")
     request = requests_for(prep, cands, "test")[0]

@@ -5,6 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
+
+import yaml
+from transformers import HfArgumentParser
+
+from layerviz.settings import field_docs
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -16,10 +22,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from layerviz.evaluate import EvalConfig, run
+    from layerviz.evaluate import run
 
-    fields = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__}
-    run(EvalConfig(**fields), out=args.out)
+    run(_config(args), out=args.out)
     return 0
 
 
@@ -46,48 +51,13 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_evaluate(sub) -> None:
-    from layerviz.evaluate import EvalConfig
-
-    d = EvalConfig()
-    p = sub.add_parser("evaluate", help="score a model's recommendations on fixed candidate lists")
-    p.add_argument("--model", default=d.model, help="preset, hub id, local folder or .gguf file")
-    p.add_argument("--dataset", default=d.dataset, help="demo | demo-electronics | demo-movies | folder | file")
-    p.add_argument("--format", default=d.format, help="dataset format (default: detect)")
-    p.add_argument("--scorer", default=d.scorer, choices=["likelihood", "yesno", "embedding"])
-    p.add_argument("--calibration", default=d.calibration, choices=["auto", "pmi", "none"],
-                   help="likelihood scorer: subtract the no-history title log-prob (pmi) or not (none); auto "
-                        "picks the better on validation users")
-    p.add_argument("--calibration-users", dest="calibration_users", type=int, default=d.calibration_users,
-                   help="validation users for --calibration auto")
-    p.add_argument("--negatives", type=int, default=d.negatives, help="negatives per user (99 or 19)")
-    p.add_argument("--sampler", default=d.sampler, choices=["uniform", "popularity"])
-    p.add_argument("--users", type=int, default=d.users, help="users to evaluate (seeded sample)")
-    p.add_argument("--split", default=d.split, choices=["test", "valid"])
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--positive-threshold", dest="positive_threshold", type=float, default=d.positive_threshold)
-    p.add_argument("--kcore", type=int, default=d.kcore)
-    p.add_argument("--history-len", dest="history_len", type=int, default=d.history_len)
-    p.add_argument("--max-title-tokens", dest="max_title_tokens", type=int, default=d.max_title_tokens)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--dtype", default=d.dtype)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=d.batch_size)
-    p.add_argument("--full-ranking", dest="full_ranking", action="store_true",
-                   help="embedding scorer: also rank all items")
-    p.add_argument("--candidates-dir", dest="candidates_dir", default=d.candidates_dir)
-    p.add_argument("--out", default=None, help="folder for metrics.json, ranks.parquet, manifest.json")
-    p.set_defaults(func=_cmd_evaluate)
-
-
 def _cmd_importance(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from layerviz.importance import ImportanceConfig, run_importance, wide
+    from layerviz.importance import run_importance, wide
 
-    fields = {k: v for k, v in vars(args).items() if k in ImportanceConfig.__dataclass_fields__ and v is not None}
-    if args.no_ablation:
-        fields["ablation"] = False
-    res = run_importance(ImportanceConfig(**fields), use_cache=not args.no_cache)
+    cfg = _config(args)
+    res = run_importance(cfg, use_cache=not args.no_cache)
     table = wide(res.table, "normalized")
     cols = [c for c in ["fisher_sum", "attn_entropy", "attn_item_mass", "block_influence", "angular_distance",
                         "norm_ratio", "kurtosis", "ablation_ndcg", "ablation_loss", "fused"] if c in table]
@@ -101,7 +71,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         print(v.pivot(index="criterion", columns="ground_truth", values="spearman").to_string())
     if res.fusion_weights:
         how = ("fitted on the calibration examples; its loss-ablation validity is cross-fitted"
-               if fields.get("fusion_weights") == "fit" else "fixed")
+               if cfg.fusion_weights == "fit" else "fixed")
         print("\nfused = " + " + ".join(f"{w:g}*{c}" for c, w in res.fusion_weights.items()) + f" ({how})")
     print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, fusion.json, manifest.json")
     if args.out:
@@ -122,41 +92,13 @@ def _fusion_arg(text: str):
                                          "(e.g. fisher_sum=1,block_influence=2)") from None
 
 
-def _add_importance(sub) -> None:
-    p = sub.add_parser("importance", help="RQ1: per-layer importance, ablation and validity")
-    p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--dataset", default="demo")
-    p.add_argument("--format", default=None)
-    p.add_argument("--samples", type=int, default=None, help="calibration examples (default 128)")
-    p.add_argument("--loss", choices=["likelihood", "yesno"], default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
-    p.add_argument("--history-len", dest="history_len", type=int, default=None)
-    p.add_argument("--normalization", choices=["minmax", "rank"], default=None)
-    p.add_argument("--fusion-weights", dest="fusion_weights", default=None, type=_fusion_arg,
-                   help="fused score weights: 'fit' (fitted on the validation calibration examples against the "
-                        "loss ablation) or criterion=weight,... (default: fisher_sum, block_influence, "
-                        "attn_item_mass equally)")
-    p.add_argument("--ablation-users", dest="ablation_users", type=int, default=None)
-    p.add_argument("--no-ablation", action="store_true", help="skip the ablation ground truth")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--results-dir", dest="results_dir", default=None, help="cache root (default results/)")
-    p.add_argument("--no-cache", action="store_true", help="recompute even if cached")
-    p.add_argument("--out", default=None, help="also copy the result files here")
-    p.set_defaults(func=_cmd_importance)
-
-
 def _cmd_select(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from layerviz import store
-    from layerviz.selection import SelectConfig, run_select
+    from layerviz.selection import run_select
 
-    fields = {k: v for k, v in vars(args).items() if k in SelectConfig.__dataclass_fields__ and v is not None}
-    # the importance run that orders the layers: same settings as `layerviz importance` to reuse its cache
-    fields["importance"] = {k: v for k, v in (("samples", args.importance_samples),
-                                              ("ablation_users", args.importance_ablation_users)) if v is not None}
-    cfg = SelectConfig(**fields)
+    cfg = _config(args)
     s, ctx = run_select(cfg)
     t = s.thirds()
     print(f"\n{s.strategy}: kept {len(s.layers)} of {s.n_layers} layers: {s.layers}")
@@ -171,46 +113,10 @@ def _cmd_select(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_select(sub) -> None:
-    from layerviz.selection import STRATEGIES
-
-    p = sub.add_parser("select", help="RQ2: choose layers with one strategy")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--strategy", choices=STRATEGIES, default=None)
-    p.add_argument("--criterion", default=None, help="importance criterion, or auto (default): the most valid against the loss ablation")
-    p.add_argument("--k", type=int, default=None)
-    p.add_argument("--budget", type=int, default=None)
-    p.add_argument("--evaluator", choices=["task", "fidelity", "hidden_mse"], default=None)
-    p.add_argument("--users", type=int, default=None)
-    p.add_argument("--reference", default=None, help="reference key, e.g. llama3-8b")
-    p.add_argument("--importance-samples", dest="importance_samples", type=int, default=None,
-                   help="calibration samples of the importance run that orders the layers")
-    p.add_argument("--importance-ablation-users", dest="importance_ablation_users", type=int, default=None)
-    p.add_argument("--history-len", dest="history_len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--results-dir", dest="results_dir", default=None)
-    p.add_argument("--out", default=None)
-    p.set_defaults(func=_cmd_select)
-
-
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from layerviz.compact import AdaptConfig, run_adapt
+    from layerviz.compact import run_adapt
 
-    fields = {k: v for k, v in vars(args).items() if k in AdaptConfig.__dataclass_fields__ and v is not None}
-    if args.layers is not None:
-        try:
-            fields["layers"] = [int(x) for x in args.layers.split(",") if x.strip()]
-        except ValueError:
-            raise ValueError(f"--layers must be comma-separated integers like 0,3,7, got {args.layers!r}") from None
-    fields["policy"] = {k: v for k, v in (("rank", args.rank), ("force", args.adapter)) if v is not None}
-    if args.full_rank:
-        fields["policy"]["rank"] = None
-    fields["train"] = {k: v for k, v in (("init", args.init), ("stage1_epochs", args.stage1_epochs),
-                                         ("stage2_epochs", args.stage2_epochs), ("lr", args.lr),
-                                         ("reg", args.reg)) if v is not None}
-    res = run_adapt(AdaptConfig(**fields), out=args.out, use_cache=not args.no_cache)
+    res = run_adapt(_config(args), out=args.out, use_cache=not args.no_cache)
     s = res["summary"]
     print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}")
     print(f"  adapters: {s['adapter_params']:,} parameters = {s['params_pct_of_base']:.3f}% of the base, "
@@ -222,43 +128,10 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_adapt(sub) -> None:
-    from layerviz.adapters import KINDS
-
-    p = sub.add_parser("adapt", help="RQ3: build a compact model from kept layers, train its adapters, measure retention")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--layers", default=None, help="kept layers, comma-separated (e.g. 0,1,3,11,20,21,23,29)")
-    p.add_argument("--selection", default=None, help="selection.json (or its folder) from `layerviz select --out`")
-    p.add_argument("--adapter", choices=KINDS, default=None, help="one adapter type for every gap (default: the policy)")
-    p.add_argument("--rank", type=int, default=None, help="adapter rank (default 64)")
-    p.add_argument("--full-rank", dest="full_rank", action="store_true", help="full-rank adapters")
-    p.add_argument("--init", choices=["identity", "lstsq"], default=None)
-    p.add_argument("--stage1-epochs", dest="stage1_epochs", type=int, default=None)
-    p.add_argument("--stage2-epochs", dest="stage2_epochs", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--reg", type=float, default=None, help="lambda of the distance-to-identity penalty")
-    p.add_argument("--samples", type=int, default=None, help="calibration prompts (default 64)")
-    p.add_argument("--users", type=int, default=None, help="test users for retention (default 100)")
-    p.add_argument("--negatives", type=int, default=None)
-    p.add_argument("--history-len", dest="history_len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--results-dir", dest="results_dir", default=None)
-    p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--out", default=None, help="folder for the compact model and its tables")
-    p.set_defaults(func=_cmd_adapt)
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from layerviz.bench import BenchConfig, run_bench
+    from layerviz.bench import run_bench
 
-    fields = {k: v for k, v in vars(args).items() if k in BenchConfig.__dataclass_fields__ and v is not None}
-    if args.keep is not None:
-        fields["keep"] = [int(x) for x in args.keep.split(",") if x.strip()]
-    if args.no_adapters:
-        fields["adapters"] = False
-    df = run_bench(BenchConfig(**fields), out=args.out)
+    df = run_bench(_config(args), out=args.out)
     cols = ["config", "k", "prefill_ms", "speedup", "bound", "measured_over_bound", "latency_ms", "qps",
             "peak_mb", "memory_ratio"]
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -267,29 +140,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="RQ4: latency, throughput, peak memory of full vs compact models, and the FLOP bound")
-    p.add_argument("--model", default=None)
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--keep", default=None, help="values of k, comma-separated (default 4,8,12,16)")
-    p.add_argument("--selection", default=None, help="selection.json: its layers are used at its k")
-    p.add_argument("--no-adapters", dest="no_adapters", action="store_true", help="skip the with-adapter variants")
-    p.add_argument("--rank", type=int, default=None)
-    p.add_argument("--runs", type=int, default=None)
-    p.add_argument("--seq-len", dest="seq_len", type=int, default=None)
-    p.add_argument("--prefill-batch", dest="prefill_batch", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--out", default=None)
-    p.set_defaults(func=_cmd_bench)
-
-
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from layerviz.finetune import FinetuneConfig, finetune
+    from layerviz.finetune import finetune
 
-    fields = {k: v for k, v in vars(args).items() if k in FinetuneConfig.__dataclass_fields__ and v is not None}
-    if args.target_modules is not None:
-        fields["target_modules"] = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    res = finetune(FinetuneConfig(**fields), out=args.out, overwrite=args.overwrite)
+    res = finetune(_config(args), out=args.out, overwrite=args.overwrite)
     s = res.summary
     print(f"\nvalidation NDCG@10 ({s['eval_users']} users, calibration none): before {s['valid_ndcg@10_before']:.4f}, "
           f"after {s['valid_ndcg@10_after']:.4f} (best step {s['best_step']} of {s['steps']}; {s['stopped']})")
@@ -298,43 +152,86 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune(sub) -> None:
-    from layerviz.finetune import OBJECTIVES, FinetuneConfig
+# ----------------------------------------------------------------------------- flags from the config dataclasses
 
-    d = FinetuneConfig()
-    p = sub.add_parser("finetune", help="fine-tune the LLM recommender (LoRA or full) on the training split")
-    p.add_argument("--model", default=d.model, help="base: preset, hub id, local folder or .gguf file")
-    p.add_argument("--dataset", default=d.dataset, help="bundled name, dataset folder or reviews file")
-    p.add_argument("--format", default=None)
-    p.add_argument("--objective", default=d.objective, choices=OBJECTIVES)
-    p.add_argument("--full", action="store_true", default=None, help="full fine-tuning instead of LoRA")
-    p.add_argument("--lora-r", dest="lora_r", type=int, default=None, help=f"LoRA rank (default {d.lora_r})")
-    p.add_argument("--lora-alpha", dest="lora_alpha", type=int, default=None, help=f"default {d.lora_alpha}")
-    p.add_argument("--lora-dropout", dest="lora_dropout", type=float, default=None)
-    p.add_argument("--target-modules", dest="target_modules", default=None,
-                   help="comma-separated Linear names in each layer, or all-linear (default: q,k,v,o,gate,up,down)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 1e-3 LoRA, 3e-5 full)")
-    p.add_argument("--warmup-steps", dest="warmup_steps", type=int, default=None)
-    p.add_argument("--weight-decay", dest="weight_decay", type=float, default=None)
-    p.add_argument("--max-grad-norm", dest="max_grad_norm", type=float, default=None)
-    p.add_argument("--batch-size", dest="batch_size", type=int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--grad-accum", dest="grad_accum", type=int, default=None)
-    p.add_argument("--negatives", type=int, default=None, help=f"per example, rank/yesno (default {d.negatives})")
-    p.add_argument("--max-steps", dest="max_steps", type=int, default=None, help=f"default {d.max_steps}")
-    p.add_argument("--epochs", type=float, default=None)
-    p.add_argument("--max-seconds", dest="max_seconds", type=float, default=None, help="time budget")
-    p.add_argument("--eval-every", dest="eval_every", type=int, default=None, help=f"default {d.eval_every}")
-    p.add_argument("--eval-users", dest="eval_users", type=int, default=None, help=f"default {d.eval_users}")
-    p.add_argument("--patience", type=int, default=None, help="evaluations without improvement before stopping")
-    p.add_argument("--history-len", dest="history_len", type=int, default=None, help=f"default {d.history_len}")
-    p.add_argument("--max-title-tokens", dest="max_title_tokens", type=int, default=None)
-    p.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--out", required=True, help="folder for the fine-tuned model (a plain HF folder)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(func=_cmd_finetune)
+
+def _mapping(text: str) -> dict:
+    value = yaml.safe_load(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: give a mapping, e.g. '{{rank: 8, force: linear}}'")
+    return value
+
+
+def _kind(tp) -> str:
+    """'list', 'dict' or 'other' for a field's type (a string, or the class HfArgumentParser resolved it to)."""
+    text = tp if isinstance(tp, str) else getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp)
+    return "list" if text.startswith("list") else "dict" if text.startswith("dict") else "other"
+
+
+def _config_command(sub, name: str, cls, help: str, func, extra=()) -> None:
+    """A subcommand whose flags are ``cls``'s fields (HfArgumentParser), with the fields' docstrings as help.
+
+    Lists take comma- or space-separated values (--keep 4,8 or --keep 4 8); mappings take YAML
+    (--policy '{rank: 8}'); a boolean that defaults to true is turned off with --no-NAME.
+    """
+    p = sub.add_parser(name, help=help, description=(cls.__doc__ or "").strip(), dataclass_types=[cls],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    docs, types = field_docs(cls), {f.name: _kind(f.type) for f in fields(cls)}
+    for a in p._actions:
+        if a.dest not in types or not a.option_strings or a.option_strings[0].startswith("--no"):
+            continue
+        a.help = docs.get(a.dest, " ")
+        if a.dest == "fusion_weights":
+            a.type = _fusion_arg
+        elif types[a.dest] == "dict":
+            a.type = _mapping
+        elif types[a.dest] == "list":
+            a.type = str  # each value may itself be comma-separated; _config splits and converts
+    for flags, kwargs in extra:
+        p.add_argument(*flags, **kwargs)
+    p.set_defaults(func=func, config_class=cls)
+
+
+def _config(args: argparse.Namespace):
+    """The command's config dataclass from the parsed flags (lists split on commas and converted)."""
+    cls = args.config_class
+    values = {}
+    for f in fields(cls):
+        v = getattr(args, f.name)
+        if _kind(f.type) == "list" and isinstance(v, list) and v and isinstance(v[0], str):
+            item = int if "int" in str(f.type) else str
+            try:
+                v = [item(x) for tok in v for x in tok.split(",") if x.strip()]
+            except ValueError:
+                raise ValueError(f"--{f.name.replace('_', '-')}: {' '.join(getattr(args, f.name))!r} must be "
+                                 f"{item.__name__}s, comma- or space-separated (e.g. 0,3,7)") from None
+        values[f.name] = v
+    return cls(**values)
+
+
+def _add_config_commands(sub) -> None:
+    from layerviz.bench import BenchConfig
+    from layerviz.compact import AdaptConfig
+    from layerviz.evaluate import EvalConfig
+    from layerviz.finetune import FinetuneConfig
+    from layerviz.importance import ImportanceConfig
+    from layerviz.selection import SelectConfig
+
+    out = (["--out"], {"default": None, "help": "also write the results to this folder"})
+    no_cache = (["--no-cache"], {"action": "store_true", "help": "recompute even if cached"})
+    _config_command(sub, "evaluate", EvalConfig, "score a model's recommendations on fixed candidate lists",
+                    _cmd_evaluate, [out])
+    _config_command(sub, "importance", ImportanceConfig, "RQ1: per-layer importance, ablation and validity",
+                    _cmd_importance, [out, no_cache])
+    _config_command(sub, "select", SelectConfig, "RQ2: choose layers with one strategy", _cmd_select, [out])
+    _config_command(sub, "adapt", AdaptConfig, "RQ3: build a compact model from kept layers, train its adapters, "
+                    "measure retention", _cmd_adapt, [out, no_cache])
+    _config_command(sub, "bench", BenchConfig, "RQ4: latency, throughput, peak memory of full vs compact models, "
+                    "and the FLOP bound", _cmd_bench, [out])
+    _config_command(sub, "finetune", FinetuneConfig, "fine-tune the LLM recommender (LoRA or full) on the "
+                    "training split", _cmd_finetune,
+                    [(["--out"], {"required": True, "help": "folder for the fine-tuned model (a plain HF folder)"}),
+                     (["--overwrite"], {"action": "store_true", "help": "replace a non-empty --out"})])
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -418,15 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="layerviz", description="Which transformer layers does an LLM recommender need?"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     p = sub.add_parser("models", help="list model presets: layers, width, parameters, offline?")
     p.set_defaults(func=_cmd_models)
-    _add_evaluate(sub)
-    _add_importance(sub)
-    _add_select(sub)
-    _add_adapt(sub)
-    _add_bench(sub)
-    _add_finetune(sub)
+    _add_config_commands(sub)
     _add_run(sub)
     _add_report(sub)
     _add_data(sub)

@@ -27,6 +27,7 @@ from torch import nn
 
 from layerviz import arch
 from layerviz.adapters import Adapter, AdapterPolicy, AdapterSpec, plan
+from layerviz.settings import Settings
 
 FORMAT_VERSION = 1
 
@@ -266,14 +267,9 @@ def load_compact(folder: str | Path, base: nn.Module, share: bool = True) -> Com
 
 
 @dataclass
-class AdaptConfig:
+class AdaptConfig(Settings):
     """What decides an adapter run (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
 
-    model: str = "smollm2-135m"
-    """Model preset, hub id or local path."""
-    dataset: str = "demo"
-    """Bundled name, dataset folder or file."""
-    format: str = "auto"
     layers: list[int] | None = None
     """Kept layers (ascending); or give ``selection``."""
     selection: str | None = None
@@ -286,16 +282,8 @@ class AdaptConfig:
     """Calibration prompts (validation targets of seeded users) for training; a share is held out."""
     users: int = 100
     """Test users for the NDCG@10 retention (1 + negatives candidates each)."""
-    negatives: int = 19
-    history_len: int = 20
-    max_title_tokens: int = 32
     calibration: str = "auto"
     """Likelihood calibration of the retention NDCG: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-    seed: int = 0
-    """Fixes calibration users, candidates, adapter init and training order."""
-    device: str = "auto"
-    dtype: str | None = None
-    results_dir: str = "results"
 
     def kept(self, n_layers: int) -> list[int]:
         """The layer list from ``layers`` or ``selection`` (checked against the model)."""
@@ -326,13 +314,13 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     """
     from layerviz import metrics, store
     from layerviz.adapters import NonFiniteLossError, TrainConfig, train_adapters
-    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data import CandidateConfig, candidates_for, load
     from layerviz.evaluate import TaskEvaluator, pick_calibration
     from layerviz.importance import build_calibration
     from layerviz.models import load_model
 
     policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})
-    prep = load(cfg.dataset, cfg.format, PrepConfig(history_len=cfg.history_len), report=report)
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     key = store.config_hash("adapt", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
                             prep.fingerprint, store.versions()["layerviz"])
     folder = Path(out) if out else Path(cfg.results_dir) / "adapt" / f"{cfg.model.replace('/', '_')}-{key}"
@@ -346,10 +334,10 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     layers = cfg.kept(arch.num_layers(model))
     cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "test", cfg.seed),
-                              Path(cfg.results_dir) / "candidates")
+                              cfg.candidates_dir)
     calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
                                       max_title_tokens=cfg.max_title_tokens,
-                                      candidates_dir=Path(cfg.results_dir) / "candidates")
+                                      results_dir=cfg.results_dir)
     evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
                               calibration=calibration)
     measured = measured or {}

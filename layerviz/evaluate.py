@@ -11,7 +11,7 @@ import pandas as pd
 import torch
 
 from layerviz import arch, metrics
-from layerviz.data import CandidateConfig, Prepared, PrepConfig, candidates_for, load
+from layerviz.data import CandidateConfig, Prepared, candidates_for, load
 from layerviz.scoring import (
     Prompt,
     Request,
@@ -21,56 +21,30 @@ from layerviz.scoring import (
     score,
     title_priors,
 )
+from layerviz.settings import Settings
 from layerviz.store import manifest, write_json, write_parquet
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Settings):
     """Everything that decides an evaluation's numbers (shared by the CLI, configs and notebooks)."""
 
-    model: str = "smollm2-135m"
-    """Model preset, hub id, local folder or .gguf file."""
-    dataset: str = "demo"
-    """Bundled name (demo, demo-electronics, demo-movies), dataset folder, or reviews file."""
-    format: str = "auto"
-    """Dataset format, or 'auto' to detect it."""
     scorer: str = "likelihood"
     """'likelihood', 'yesno' or 'embedding'."""
     calibration: str = "auto"
     """likelihood scorer: 'auto' (the better of none/pmi by NDCG@10 on validation users), 'pmi' or 'none'."""
     calibration_users: int = 100
     """Validation users on which calibration='auto' chooses (1 + negatives candidates each)."""
-    negatives: int = 99
-    """Negatives per user: 99 gives 1+99 candidate lists, 19 gives 1+19."""
     sampler: str = "uniform"
     """Negative sampler: 'uniform' or 'popularity'."""
     users: int | None = 200
     """Users to evaluate (seeded sample); None for all."""
     split: str = "test"
     """'test' (last item) or 'valid' (second to last)."""
-    seed: int = 0
-    """Fixes user sample, negatives, shuffles and bootstrap."""
-    positive_threshold: float = 4.0
-    """Ratings >= this are positives."""
-    kcore: int = 5
-    """Iterative k-core threshold."""
-    history_len: int = 20
-    """Most recent history items in the prompt."""
-    max_title_tokens: int = 32
-    """Each title is cut to this many tokens."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda', 'cuda:1', ..."""
-    dtype: str | None = None
-    """None: bf16 on CUDA, fp32 on CPU."""
     batch_size: int | None = None
     """Candidates per forward pass; None picks one (and backs off on CUDA OOM)."""
     full_ranking: bool = False
     """With the embedding scorer, also rank every item (not just the sampled candidates)."""
-    candidates_dir: str = "results/candidates"
-    """Where the fixed candidate lists are persisted."""
-
-    def prep_config(self) -> PrepConfig:
-        return PrepConfig(self.positive_threshold, self.kcore, self.history_len)
 
     def candidate_config(self) -> CandidateConfig:
         return CandidateConfig(self.negatives, self.sampler, self.users, self.split, self.seed)
@@ -126,11 +100,11 @@ def resolve_calibration(model, tokenizer, prep: Prepared, cfg: EvalConfig, repor
 
 def pick_calibration(model, tokenizer, prep: Prepared, calibration: str = "auto", users: int = 40,
                      negatives: int = 19, seed: int = 0, max_title_tokens: int = 32,
-                     candidates_dir: str | Path = "results/candidates", scorer: str = "likelihood",
+                     results_dir: str | Path = "results", scorer: str = "likelihood",
                      report=None) -> tuple[str, dict | None]:
     """``resolve_calibration`` for callers without an EvalConfig (importance, selection, adapters, the study)."""
     cfg = EvalConfig(scorer=scorer, calibration=calibration, calibration_users=users, negatives=negatives, seed=seed,
-                     max_title_tokens=max_title_tokens, candidates_dir=str(candidates_dir))
+                     max_title_tokens=max_title_tokens, results_dir=str(results_dir))
     return resolve_calibration(model, tokenizer, prep, cfg, report)
 
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from layerviz import arch, store
 from layerviz.progress import progress
 from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right, token_logprobs
+from layerviz.settings import Settings
 
 OBJECTIVES = ("rank", "next_title", "yesno")
 MANIFEST = "layerviz_finetune.json"
@@ -49,15 +50,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Settings):
     """What decides a fine-tuning run (shared by ``layerviz finetune``, study configs and notebooks)."""
 
-    model: str = "smollm2-135m"
-    """Base model: preset, hub id, local folder or .gguf file."""
-    dataset: str = "demo"
-    """Bundled name, dataset folder or reviews file; only its training split is trained on."""
-    format: str = "auto"
-    """Dataset format, or 'auto' to detect it."""
     objective: str = "rank"
     """'rank' (softmax CE over candidate scores), 'next_title' (LM loss on the title) or 'yesno'."""
     full: bool = False
@@ -82,8 +77,8 @@ class FinetuneConfig:
     """Training examples per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
-    negatives: int = 7
-    """Sampled negatives per example for 'rank' and 'yesno'."""
+    train_negatives: int = 7
+    """Sampled negatives per training example for 'rank' and 'yesno'."""
     max_steps: int | None = 100
     """Optimizer steps (None: one epoch, or ``epochs``)."""
     epochs: float | None = None
@@ -93,37 +88,19 @@ class FinetuneConfig:
     eval_every: int = 25
     """Validation NDCG@10 every this many steps (and at the end)."""
     eval_users: int = 32
-    """Fixed validation users for early stopping (1 + eval_negatives candidates each)."""
-    eval_negatives: int = 19
-    """Negatives per validation user."""
+    """Fixed validation users for early stopping (1 + negatives candidates each)."""
     patience: int | None = None
     """Stop after this many evaluations without improvement (None: never stop early)."""
-    history_len: int = 10
-    """Most recent training items shown as history."""
     min_history: int = 1
     """Windows need at least this many earlier items."""
-    max_title_tokens: int = 32
-    """Each title is cut to this many tokens (the scorer's setting must match)."""
-    seed: int = 0
-    """Fixes the window order, the negatives, the validation users and the LoRA init."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda', ..."""
-    dtype: str | None = None
-    """None: bf16 on CUDA (with fp32 trainable weights under autocast), fp32 on CPU."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (CUDA memory; next_title only, see validate)."""
-    positive_threshold: float = 4.0
-    """Ratings >= this are positives."""
-    kcore: int = 5
-    """Iterative k-core threshold."""
-    candidates_dir: str = "results/candidates"
-    """Where the fixed validation candidate lists are persisted."""
 
     def validate(self) -> None:
         """Refuse settings that would fail later, naming the setting and the fix."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        for name in ("batch_size", "grad_accum", "negatives", "eval_every", "eval_users", "lora_r", "history_len",
+        for name in ("batch_size", "grad_accum", "train_negatives", "eval_every", "eval_users", "lora_r", "history_len",
                      "min_history"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -193,15 +170,15 @@ class Schedule:
         rng = np.random.default_rng([self.cfg.seed, step, j, 7])
         banned = self.seen.get(user, set())
         free = len(self.items) - len(banned)
-        if free < self.cfg.negatives:
-            raise ValueError(f"user {user} has only {free} unseen items for {self.cfg.negatives} negatives; "
-                             "lower negatives")
+        if free < self.cfg.train_negatives:
+            raise ValueError(f"user {user} has only {free} unseen items for {self.cfg.train_negatives} negatives; "
+                             "lower train_negatives")
         picked: list[int] = []
-        while len(picked) < self.cfg.negatives:
-            for d in rng.integers(0, len(self.items), 2 * self.cfg.negatives + 4).tolist():
+        while len(picked) < self.cfg.train_negatives:
+            for d in rng.integers(0, len(self.items), 2 * self.cfg.train_negatives + 4).tolist():
                 if d not in banned and d not in picked:
                     picked.append(d)
-                    if len(picked) == self.cfg.negatives:
+                    if len(picked) == self.cfg.train_negatives:
                         break
         return self.items[picked].tolist()
 
@@ -433,19 +410,19 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
     ``stop_after`` (tests) raises KeyboardInterrupt after that many steps, as a kill would.
     """
     from layerviz.compact import fingerprint
-    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data import CandidateConfig, candidates_for, load
     from layerviz.evaluate import TaskEvaluator
     from layerviz.models import load_model
 
     cfg.validate()
     out = Path(out) if out is not None else None
     _check_out(out, overwrite)
-    prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len), report=None)
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=None)
     windows = training_windows(prep, cfg.history_len, cfg.min_history)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     base_fp = fingerprint(model)
-    key = store.config_hash("finetune", {k: v for k, v in asdict(cfg).items() if k != "candidates_dir"},
+    key = store.config_hash("finetune", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
                             prep.fingerprint, base_fp)
     wrapper, inner, params = prepare_trainable(model, cfg)
     named = {n: p for n, p in (wrapper.named_parameters()) if p.requires_grad}
@@ -455,7 +432,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
     text = Prompt(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=cfg.max_title_tokens))
     titles = prep.titles()
     schedule = Schedule(prep, windows, cfg)
-    cands, _ = candidates_for(prep, CandidateConfig(cfg.eval_negatives, "uniform", cfg.eval_users, "valid", cfg.seed),
+    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.eval_users, "valid", cfg.seed),
                               cfg.candidates_dir)
     evaluator = TaskEvaluator(prep, cands, tokenizer, scorer="yesno" if cfg.objective == "yesno" else "likelihood",
                               split="valid", max_title_tokens=cfg.max_title_tokens, calibration="none")

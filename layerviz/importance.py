@@ -41,6 +41,7 @@ from scipy.stats import rankdata, spearmanr
 
 from layerviz import arch
 from layerviz.progress import progress
+from layerviz.settings import Settings
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
                  "block_influence", "angular_distance", "norm_ratio", "kurtosis"]
@@ -501,25 +502,15 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
 
 
 @dataclass
-class ImportanceConfig:
+class ImportanceConfig(Settings):
     """What decides an importance run (shared by the CLI, `layerviz run` configs and notebooks)."""
 
-    model: str = "smollm2-135m"
-    """Model preset, hub id or local path."""
-    dataset: str = "demo"
-    """Bundled name, dataset folder or file."""
-    format: str = "auto"
-    """Dataset format, or 'auto'."""
     samples: int = 128
     """Calibration examples (validation users)."""
     loss: str = "likelihood"
     """Calibration loss: 'likelihood' (NLL of the positive title) or 'yesno'."""
     batch_size: int = 1
     """Calibration batch size; 1 gives the exact per-sample empirical Fisher."""
-    history_len: int = 20
-    """History titles in each prompt."""
-    max_title_tokens: int = 32
-    """Each title is cut to this many tokens."""
     normalization: str = "minmax"
     """'minmax' or 'rank'."""
     fusion_weights: dict | str = field(default_factory=lambda: dict(DEFAULT_FUSION))
@@ -531,19 +522,11 @@ class ImportanceConfig:
     ablation_users: int = 32
     """Validation users for the ablation NDCG@10 (1 + ablation_negatives candidates each); 0: loss only."""
     ablation_negatives: int = 19
-    """Negatives per user in the ablation evaluation."""
+    """Negatives per ablation user (fewer than the evaluation's, to keep L ablated passes cheap)."""
     scorer: str = "likelihood"
     """Scorer for the ablation NDCG@10."""
     calibration: str = "auto"
     """Likelihood calibration of the ablation NDCG@10: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-    seed: int = 0
-    """Fixes calibration users, candidates and bootstrap."""
-    positive_threshold: float = 4.0
-    kcore: int = 5
-    device: str = "auto"
-    dtype: str | None = None
-    results_dir: str = "results"
-    """Cache root: results are stored under results_dir/importance/<key>/."""
 
 
 @dataclass
@@ -563,12 +546,12 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
                    report=print) -> ImportanceResult:
     """Compute (or load from the cache) importance, ablation and validity for a model and dataset."""
     from layerviz import store
-    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data import CandidateConfig, candidates_for, load
     from layerviz.evaluate import TaskEvaluator, pick_calibration
     from layerviz.models import load_model
 
     check_fusion_weights(cfg.fusion_weights, cfg.ablation)  # before any work
-    prep = load(cfg.dataset, cfg.format, PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len),
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(),
                 report=report)
     settings = {k: v for k, v in asdict(cfg).items() if k != "results_dir"}  # where, not what
     key = store.config_hash("importance", settings, prep.fingerprint, store.versions()["layerviz"])
@@ -586,10 +569,10 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
         evaluator = None  # ablation_users=0: the calibration-loss ground truth only
         if cfg.ablation_users:
             cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users,
-                                                            "valid", cfg.seed), Path(cfg.results_dir) / "candidates")
+                                                            "valid", cfg.seed), cfg.candidates_dir)
             calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.ablation_negatives,
                                               seed=cfg.seed, max_title_tokens=cfg.max_title_tokens, scorer=cfg.scorer,
-                                              candidates_dir=Path(cfg.results_dir) / "candidates")
+                                              results_dir=cfg.results_dir)
             evaluator = TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
                                       max_title_tokens=cfg.max_title_tokens, calibration=calibration)
         ablation = ablate(model, cal, evaluator)

@@ -47,7 +47,12 @@ def chance(n_candidates: int, ks=DEFAULT_KS) -> dict[str, float]:
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0, level: float = 0.95):
-    """(mean, low, high): percentile bootstrap over users."""
+    """(mean, low, high): percentile bootstrap over users.
+
+    ``scipy.stats.bootstrap(method="percentile")`` with the same generator draws the same resamples; its
+    intervals differ from these only in the last bit (it averages in another order), and the study's tables
+    are kept byte-identical, so the resampling stays written out (tests/test_metrics.py compares the two).
+    """
     v = np.asarray(values, dtype=np.float64)
     if len(v) == 0:
         return float("nan"), float("nan"), float("nan")

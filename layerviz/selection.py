@@ -23,6 +23,7 @@ import torch
 
 from layerviz import arch
 from layerviz.importance import calibration_batch
+from layerviz.settings import SHARED, Settings
 
 STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
               "first_k", "last_k", "uniform", "random", "reference"]
@@ -325,12 +326,9 @@ def load_reference(path: str | Path | None = None) -> dict:
 
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Settings):
     """What decides a selection run (shared by the CLI, `layerviz run` configs and notebooks)."""
 
-    model: str = "smollm2-135m"
-    dataset: str = "demo"
-    format: str = "auto"
     strategy: str = "importance_greedy"
     """One of STRATEGIES."""
     criterion: str = "auto"
@@ -351,17 +349,10 @@ class SelectConfig:
     """'task' (validation NDCG@10), 'fidelity' (-KL to the full model) or 'hidden_mse'."""
     users: int = 32
     """Validation users the evaluator scores (1 + negatives candidates each)."""
-    negatives: int = 19
     calibration: str = "auto"
     """Likelihood calibration of the task evaluator: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-    seed: int = 0
     reference: str | None = None
     """strategy 'reference': key in data/reference_selections.json (e.g. llama3-8b)."""
-    history_len: int = 20
-    max_title_tokens: int = 32
-    device: str = "auto"
-    dtype: str | None = None
-    results_dir: str = "results"
     importance: dict = field(default_factory=dict)
     """Overrides for the ImportanceConfig whose table orders importance_greedy / top_k."""
 
@@ -369,7 +360,7 @@ class SelectConfig:
 def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> tuple[Selection, dict]:
     """Run one strategy on real data -> (Selection, context with full-model score and chance)."""
     from layerviz import metrics
-    from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data import CandidateConfig, candidates_for, load
     from layerviz.evaluate import FidelityEvaluator, TaskEvaluator, pick_calibration
     from layerviz.importance import (
         ImportanceConfig,
@@ -381,15 +372,15 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
 
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
-    prep = load(cfg.dataset, cfg.format, PrepConfig(history_len=cfg.history_len), report=report)
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     _check_k(cfg.k, arch.num_layers(model), required=cfg.strategy not in ("importance_greedy", "reference"))
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "valid", cfg.seed),
-                              Path(cfg.results_dir) / "candidates")
+                              cfg.candidates_dir)
     calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
                                       max_title_tokens=cfg.max_title_tokens,
-                                      candidates_dir=Path(cfg.results_dir) / "candidates")
+                                      results_dir=cfg.results_dir)
     task = TaskEvaluator(prep, cands, tokenizer, split="valid", max_title_tokens=cfg.max_title_tokens,
                          calibration=calibration)
     if cfg.evaluator == "task":
@@ -401,9 +392,7 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
         raise ValueError(f"unknown evaluator {cfg.evaluator!r}; use 'task', 'fidelity' or 'hidden_mse'")
     table, criterion, auto = None, cfg.criterion, None
     if cfg.strategy in ("importance_greedy", "top_k"):
-        icfg = ImportanceConfig(**{"model": cfg.model, "dataset": cfg.dataset, "format": cfg.format,
-                                   "seed": cfg.seed, "results_dir": cfg.results_dir, "history_len": cfg.history_len,
-                                   "max_title_tokens": cfg.max_title_tokens, **cfg.importance})
+        icfg = ImportanceConfig(**{**{k: getattr(cfg, k) for k in SHARED}, **cfg.importance})  # every shared setting
         res = run_importance(icfg, model, tokenizer, report=report)
         table = res.table
         if criterion == "auto":

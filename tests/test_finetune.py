@@ -36,8 +36,8 @@ BATCH = ([HIST, ["Xbox Series X"], ["A", "Garmin Venu 3 Smartwatch", "Lens", "Tr
 
 def _cfg(tmp_path, **over) -> FinetuneConfig:
     raw = dict(model="tiny-llama3", dataset="demo-electronics", history_len=3, max_title_tokens=8, batch_size=2,
-               negatives=3, max_steps=4, eval_every=2, eval_users=3, eval_negatives=4, lr=5e-3, device="cpu",
-               candidates_dir=str(tmp_path / "cands"))
+               train_negatives=3, max_steps=4, eval_every=2, eval_users=3, negatives=4, lr=5e-3, device="cpu",
+               results_dir=str(tmp_path / "r"))
     raw.update(over)
     return FinetuneConfig(**raw)
 
@@ -232,7 +232,7 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
     out = tmp_path / "ft"
     args = ["finetune", "--model", "tiny-llama3", "--dataset", "demo-electronics", "--max-steps", "2",
             "--eval-every", "2", "--eval-users", "3", "--history-len", "3", "--max-title-tokens", "8",
-            "--batch-size", "2", "--negatives", "3", "--device", "cpu", "--out", str(out)]
+            "--batch-size", "2", "--train-negatives", "3", "--device", "cpu", "--out", str(out)]
     assert cli(args) == 0
     printed = capsys.readouterr().out
     assert "validation NDCG@10" in printed and "before" in printed and "after" in printed
@@ -241,7 +241,7 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
     ev = tmp_path / "ev"
     assert cli(["evaluate", "--model", str(out), "--dataset", "demo-electronics", "--users", "4", "--negatives", "4",
                 "--history-len", "3", "--calibration-users", "4", "--device", "cpu", "--out", str(ev),
-                "--candidates-dir", str(tmp_path / "c")]) == 0
+                "--results-dir", str(tmp_path / "r")]) == 0
     doc = json.loads((ev / "metrics.json").read_text())
     assert doc["calibration"] in ("none", "pmi") and doc["calibration_auto"]["choice"] == doc["calibration"]
 
@@ -252,9 +252,9 @@ def test_calibration_auto_picks_the_better_on_validation(tmp_path):
 
     model, tok = load_model("tiny-gemma3", device="cpu")
     prep = load("demo-electronics", config=PrepConfig(history_len=3), report=None)
-    cfg = EvalConfig(negatives=4, calibration_users=6, history_len=3, candidates_dir=str(tmp_path))
+    cfg = EvalConfig(negatives=4, calibration_users=6, history_len=3, results_dir=str(tmp_path))
     rec = choose_calibration(model, tok, prep, cfg)
-    cands, _ = candidates_for(prep, CandidateConfig(4, "uniform", 6, "valid", 0), tmp_path)
+    cands, _ = candidates_for(prep, CandidateConfig(4, "uniform", 6, "valid", 0), tmp_path / "candidates")
     direct = {c: float(np.mean(TaskEvaluator(prep, cands, tok, calibration=c, max_title_tokens=32)(model)))
               for c in ("none", "pmi")}
     assert rec["valid_ndcg@10"] == pytest.approx(direct, abs=1e-9)

@@ -69,3 +69,17 @@ def test_bootstrap_ci_and_paired_comparison():
 def test_nan_scores_are_an_error():
     with pytest.raises(ValueError, match="NaN"):
         metrics.pessimistic_ranks(np.array([[np.nan, 1.0]]), np.array([0]))
+
+
+def test_bootstrap_ci_is_scipys_percentile_bootstrap():
+    """The hand-written resampling equals scipy.stats.bootstrap (same draws) up to summation order."""
+    from scipy.stats import bootstrap
+
+    from layerviz.metrics import bootstrap_ci
+
+    v = np.random.default_rng(3).random(37)
+    mean, lo, hi = bootstrap_ci(v, n_boot=500, seed=7)
+    ref = bootstrap((v,), np.mean, n_resamples=500, method="percentile", random_state=np.random.default_rng(7))
+    assert mean == v.mean()
+    assert lo == pytest.approx(ref.confidence_interval.low, abs=1e-12)
+    assert hi == pytest.approx(ref.confidence_interval.high, abs=1e-12)

@@ -77,7 +77,7 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = cli(["evaluate", "--model", "tiny-llama3", "--dataset", "demo", "--users", "6",
               "--negatives", "19", "--history-len", "5", "--out", str(out),
-              "--candidates-dir", str(tmp_path / "cands")])
+              "--results-dir", str(tmp_path / "r")])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
     assert {"ndcg@5", "ndcg@10", "mrr", "precision@10", "hr@10"} <= set(m)
@@ -89,7 +89,7 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
     assert manifest["seed"] == 0 and manifest["data_fingerprint"] and manifest["versions"]["torch"]
     # same config, same tables
     cli(["evaluate", "--model", "tiny-llama3", "--dataset", "demo", "--users", "6", "--negatives", "19",
-         "--history-len", "5", "--out", str(tmp_path / "again"), "--candidates-dir", str(tmp_path / "cands")])
+         "--history-len", "5", "--out", str(tmp_path / "again"), "--results-dir", str(tmp_path / "r")])
     again = pd.read_parquet(tmp_path / "again" / "ranks.parquet")
     assert again["rank"].tolist() == ranks["rank"].tolist()
 
@@ -106,7 +106,7 @@ def test_smollm2_finds_signal_on_demo_data(smollm2, tmp_path, monkeypatch):
 
     model, tok = smollm2
     cfg = EvalConfig(model="smollm2-135m", dataset="demo", users=40, negatives=19, history_len=10,
-                     candidates_dir=str(tmp_path / "c"))
+                     results_dir=str(tmp_path / "r"))
     doc = run(cfg, out=tmp_path / "o", model=model, tokenizer=tok, report=None)
     assert doc["ndcg@10"]["mean"] > doc["baselines"]["chance"]["ndcg@10"]["mean"]
 
@@ -136,10 +136,10 @@ def test_embedding_full_ranking(tmp_path, monkeypatch):
 
     monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
     cfg = EvalConfig(model="tiny-gemma3", scorer="embedding", users=4, negatives=19, history_len=3,
-                     full_ranking=True, candidates_dir=str(tmp_path / "c"))
+                     full_ranking=True, results_dir=str(tmp_path / "r"))
     doc = run(cfg, report=None)
     fr = doc["full_ranking"]
     assert 0 <= fr["ndcg@10"]["mean"] <= 1 and fr["mrr"]["mean"] > 0
     with pytest.raises(ValueError, match="full_ranking needs scorer='embedding'"):
         run(EvalConfig(model="tiny-gemma3", users=2, negatives=19, history_len=3, full_ranking=True,
-                       candidates_dir=str(tmp_path / "c")), report=None)
+                       results_dir=str(tmp_path / "r")), report=None)

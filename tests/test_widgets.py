@@ -67,8 +67,15 @@ def test_explorer_figure_marks_the_kept_layers():
 
 def test_explorer_widget_wires_controls_to_the_figure_function(monkeypatch):
     imp = _importance()
-    out = {"models": {"a": {"importance": {"importance": imp}, "curves": {"curves": _curves(imp)}},
-                      "b": {"importance": {"importance": _importance(6, 1)}, "curves": {"curves": _curves(_importance(6, 1), 2)}}}}
+    tables = {"a": (imp, _curves(imp)), "b": (_importance(6, 1), _curves(_importance(6, 1), 2))}
+
+    class Result:  # what the explorer reads of a StudyResult
+        models = list(tables)
+        importance_table = staticmethod(lambda m: tables[m][0])
+        rows = staticmethod(lambda frame, m: tables[m][1])
+        layers = staticmethod(lambda m: int(tables[m][0]["layer"].nunique()))
+
+    out = Result()
     calls = []
     real = widgets.explorer_figure
     monkeypatch.setattr(widgets, "explorer_figure", lambda *a, **k: calls.append((a[2:], k)) or real(*a, **k))

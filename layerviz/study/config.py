@@ -19,10 +19,10 @@ from layerviz.finetune import FinetuneConfig
 from layerviz.importance import DIRECTION, ImportanceConfig, check_fusion_weights
 from layerviz.models import PRESETS
 from layerviz.selection import STRATEGIES, load_reference
+from layerviz.settings import SHARED, Settings
 
 # settings the study decides for every stage (a section of the config may not override them)
-STUDY_OWNED = {"model", "dataset", "format", "history_len", "max_title_tokens", "seed", "device", "dtype",
-               "candidates_dir", "results_dir", "calibration"}
+STUDY_OWNED = set(SHARED) | {"calibration"}
 
 
 @dataclass
@@ -48,14 +48,20 @@ class StudyConfig:
     """k = round(L * k_fraction) (the plan's 8 of 32)."""
     reference: str = "llama3-8b"
     """Key in data/reference_selections.json, mapped onto each model's depth for the hypothesis check."""
-    history_len: int = 10
-    max_title_tokens: int = 32
+    history_len: int = Settings.history_len
+    """Protocol: the most recent positives shown to the model as the user's history (every stage)."""
+    max_title_tokens: int = Settings.max_title_tokens
     """Each title is cut to this many tokens (prompt length, and the LM-head work per candidate)."""
+    positive_threshold: float = Settings.positive_threshold
+    """Protocol: a rating counts as a positive interaction when it is at least this."""
+    kcore: int = Settings.kcore
+    """Protocol: users and items are filtered to at least this many positives (k-core)."""
     select_users: int = 16
     """Validation users scored per subset during selection (1 + 19 candidates)."""
     eval_users: int = 40
     """Test users for every reported NDCG (1 + 19 candidates)."""
-    negatives: int = 19
+    negatives: int = Settings.negatives
+    """Negatives per candidate list of every evaluation (1 + negatives candidates)."""
     eval_strategies: list[str] = field(default_factory=lambda: ["last_k"])
     """Strategies (besides the primary) whose selections are also evaluated on the test users, without adapters."""
     finetune: dict = field(default_factory=dict)
@@ -76,10 +82,14 @@ class StudyConfig:
     """Overrides of AdaptConfig: samples, policy {...}, train {...}."""
     bench: dict = field(default_factory=dict)
     """Overrides of BenchConfig (keep, runs, ...)."""
-    seed: int = 0
-    device: str = "auto"
-    dtype: str | None = None
-    results_dir: str = "results"
+    seed: int = Settings.seed
+    """Fixes users, candidates, sampling and training in every stage."""
+    device: str = Settings.device
+    """cpu, cuda, cuda:N or auto, for every stage."""
+    dtype: str | None = Settings.dtype
+    """float32, bfloat16 or float16 (None: float32 on CPU, bfloat16 on CUDA), for every stage."""
+    results_dir: str = Settings.results_dir
+    """Stages are cached under results_dir/name/, candidate lists under results_dir/candidates."""
 
     @property
     def folder(self) -> Path:
@@ -226,8 +236,8 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
     """A whole study at toy sizes on tiny random models (CI smoke runs of the notebooks and tests)."""
     raw = dict(name="smoke", models=["tiny-gemma3", "tiny-llama3"] if models is None else models, strategies=["importance_greedy", "last_k"],
                history_len=3, select_users=3, eval_users=4, negatives=9, calibration_users=3,
-               finetune={"max_steps": 2, "eval_every": 2, "eval_users": 3, "eval_negatives": 4, "batch_size": 2,
-                         "negatives": 3},
+               finetune={"max_steps": 2, "eval_every": 2, "eval_users": 3, "batch_size": 2,
+                         "train_negatives": 3},
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
                adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
                bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,

@@ -28,6 +28,7 @@ from layerviz.selection import (
     load_reference,
     select,
 )
+from layerviz.settings import SHARED
 from layerviz.store import Stages, slug
 from layerviz.study.config import StudyConfig
 from layerviz.study.depth import map_reference, without_lower_third
@@ -53,15 +54,17 @@ class Study:
 
     def ft_config(self, spec: str):
         c = self.cfg
-        return FinetuneConfig(model=spec, dataset=c.domain_a, history_len=c.history_len,
-                              max_title_tokens=c.max_title_tokens, seed=c.seed, device=c.device, dtype=c.dtype,
-                              candidates_dir=str(Path(c.results_dir) / "candidates"), **c.finetune_for(spec))
+        return FinetuneConfig(**self.shared(spec, c.domain_a), **c.finetune_for(spec))
+
+    def shared(self, model: str, dataset: str) -> dict:
+        """The shared settings (``Settings``) every stage's config gets from the study."""
+        return {**{k: getattr(self.cfg, k) for k in SHARED if hasattr(self.cfg, k)}, "model": model, "dataset": dataset}
 
     def label(self, spec: str, zeroshot: bool = False) -> str:
         """The name results are cached under: the spec, or spec+ft-<key> for the fine-tuned recommender."""
         if zeroshot or not self.finetuning:
             return spec
-        key = {k: v for k, v in asdict(self.ft_config(spec)).items() if k != "candidates_dir"}
+        key = {k: v for k, v in asdict(self.ft_config(spec)).items() if k != "results_dir"}
         return f"{spec}+ft-{store.config_hash(key)[:8]}"
 
     def ft_folder(self, spec: str) -> Path:
@@ -82,8 +85,9 @@ class Study:
         return self._models[key]
 
     def prep(self, dataset: str):
+        c = self.cfg
         if dataset not in self._preps:
-            self._preps[dataset] = load(dataset, "auto", PrepConfig(history_len=self.cfg.history_len), report=None)
+            self._preps[dataset] = load(dataset, "auto", PrepConfig(c.positive_threshold, c.kcore, c.history_len), report=None)
         return self._preps[dataset]
 
     def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False):
@@ -129,7 +133,7 @@ class Study:
             return {"summary": res.summary, "curves": res.curves}
 
         return self.stages(f"{slug(spec)}/{slug(self.cfg.domain_a)}/finetune",
-                           {k: v for k, v in asdict(fcfg).items() if k != "candidates_dir"}, compute)
+                           {k: v for k, v in asdict(fcfg).items() if k != "results_dir"}, compute)
 
     def calibration(self, spec: str, dataset: str, zeroshot: bool = False) -> dict:
         """none or pmi for this model and dataset: the config's, or chosen on validation users ('auto')."""
@@ -141,7 +145,7 @@ class Study:
         def compute(folder):
             model, tok = self.model(spec, zeroshot)
             choice, record = pick_calibration(model, tok, self.prep(dataset), "auto", c.calibration_users, c.negatives,
-                                              c.seed, c.max_title_tokens, Path(c.results_dir) / "candidates")
+                                              c.seed, c.max_title_tokens, c.results_dir)
             return {"calibration": record}
 
         return self.stages(f"{slug(spec)}/{slug(dataset)}/calibration{suffix}", self._key(spec, dataset, zeroshot=zeroshot),
@@ -153,9 +157,7 @@ class Study:
             over["fusion_weights"] = self.importance(spec, self.cfg.domain_a, zeroshot=zeroshot)["fusion"]
         needs_scorer = ablation and over.get("ablation_users", ImportanceConfig.ablation_users) > 0
         calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
-        icfg = ImportanceConfig(model=self.label(spec, zeroshot), dataset=dataset, history_len=self.cfg.history_len,
-                                seed=self.cfg.seed, max_title_tokens=self.cfg.max_title_tokens, calibration=calibration,
-                                device=self.cfg.device, dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **over)
+        icfg = ImportanceConfig(**self.shared(self.label(spec, zeroshot), dataset), calibration=calibration, **over)
 
         def compute(folder):
             model, tok = self.model(spec, zeroshot)
@@ -295,11 +297,8 @@ class Study:
         when another stage has scored them on these very users and candidates, is reused instead of
         scoring the same thing twice (the outputs are the same: the test in test_study checks it).
         """
-        acfg = AdaptConfig(model=self.label(spec), dataset=dataset, layers=layers, users=self.cfg.eval_users,
-                           negatives=self.cfg.negatives, history_len=self.cfg.history_len, seed=self.cfg.seed,
-                           max_title_tokens=self.cfg.max_title_tokens, device=self.cfg.device, dtype=self.cfg.dtype,
-                           calibration=self.calibration(spec, dataset)["choice"], results_dir=self.cfg.results_dir,
-                           **self.cfg.adapters)
+        acfg = AdaptConfig(**self.shared(self.label(spec), dataset), layers=layers, users=self.cfg.eval_users,
+                           calibration=self.calibration(spec, dataset)["choice"], **self.cfg.adapters)
 
         def compute(folder):
             model, tok = self.model(spec)
@@ -310,10 +309,7 @@ class Study:
         return self.stages(f"{slug(spec)}/{slug(dataset)}/adapters", asdict(acfg), compute)
 
     def bench(self, spec: str, selection_layers: list[int]) -> dict:
-        bcfg = BenchConfig(model=self.label(spec), dataset=self.cfg.domain_a, history_len=self.cfg.history_len,
-                           max_title_tokens=self.cfg.max_title_tokens,
-                           negatives=self.cfg.negatives, seed=self.cfg.seed, device=self.cfg.device,
-                           dtype=self.cfg.dtype, results_dir=self.cfg.results_dir, **self.cfg.bench)
+        bcfg = BenchConfig(**self.shared(self.label(spec), self.cfg.domain_a), **self.cfg.bench)
         bcfg.keep = sorted(set(bcfg.keep) | {len(selection_layers)})  # the headline's k is always measured
         if bcfg.adapter_k is not None:
             bcfg.adapter_k = sorted(set(bcfg.adapter_k) | {len(selection_layers)})

@@ -1,0 +1,65 @@
+"""The CLI is generated from the config dataclasses: flags, defaults and help come from their fields."""
+
+from dataclasses import asdict, fields
+
+import pytest
+
+from layerviz import cli
+from layerviz.bench import BenchConfig
+from layerviz.compact import AdaptConfig
+from layerviz.evaluate import EvalConfig
+from layerviz.finetune import FinetuneConfig
+from layerviz.importance import ImportanceConfig
+from layerviz.selection import SelectConfig
+from layerviz.settings import SHARED, Settings, field_docs
+from layerviz.study.config import StudyConfig
+
+COMMANDS = {"evaluate": EvalConfig, "importance": ImportanceConfig, "select": SelectConfig, "adapt": AdaptConfig,
+            "bench": BenchConfig, "finetune": FinetuneConfig}
+EXTRA = {"finetune": ["--out", "x"]}
+
+
+def _parse(argv):
+    args = cli.build_parser().parse_args(argv)
+    return cli._config(args)
+
+
+@pytest.mark.parametrize("cls", [*COMMANDS.values(), StudyConfig])
+def test_every_field_is_documented(cls):
+    docs = field_docs(cls)
+    assert [f.name for f in fields(cls) if not docs.get(f.name)] == []
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_defaults_are_the_dataclass_defaults(command):
+    cls = COMMANDS[command]
+    assert asdict(_parse([command, *EXTRA.get(command, [])])) == asdict(cls())
+    assert issubclass(cls, Settings) and {f.name for f in fields(cls)} >= set(SHARED)
+
+
+def test_shared_settings_have_one_set_of_defaults():
+    shared = {k: getattr(Settings(), k) for k in SHARED}
+    for cls in COMMANDS.values():
+        assert {k: getattr(cls(), k) for k in SHARED} == shared
+    assert all(getattr(StudyConfig(), k) == v for k, v in shared.items() if hasattr(StudyConfig, k))
+
+
+def test_flags_parse_into_the_config():
+    cfg = _parse(["adapt", "--layers", "0,3", "7", "--policy", "{rank: 8, force: linear}", "--history-len", "5",
+                  "--train", "{stage1_epochs: 2}"])
+    assert cfg.layers == [0, 3, 7] and cfg.policy == {"rank": 8, "force": "linear"} and cfg.history_len == 5
+    assert cfg.train == {"stage1_epochs": 2}
+    assert _parse(["importance", "--no-ablation", "--fusion-weights", "fisher_sum=1,block_influence=2"]) == \
+        ImportanceConfig(ablation=False, fusion_weights={"fisher_sum": 1.0, "block_influence": 2.0})
+    assert _parse(["bench", "--keep", "4", "8", "--no-adapters"]).keep == [4, 8]
+    assert _parse(["finetune", "--target-modules", "q_proj,v_proj", "--full", "--out", "x"]).target_modules == [
+        "q_proj", "v_proj"]
+
+
+def test_bad_flags_are_refused_naming_them(capsys):
+    with pytest.raises(ValueError, match="--keep: '4,x' must be ints"):
+        _parse(["bench", "--keep", "4,x"])
+    with pytest.raises(SystemExit):
+        _parse(["adapt", "--policy", "[1, 2]"])
+    assert "give a mapping" in capsys.readouterr().err
+    assert cli.main(["bench", "--keep", "4,x"]) == 2

@@ -37,6 +37,7 @@ from torch import nn
 
 from layerviz import arch
 from layerviz.progress import progress
+from layerviz.scoring import pad_right
 
 KINDS = ("identity", "linear", "residual", "mlp")
 
@@ -79,7 +80,6 @@ class AdapterPolicy:
 @dataclass
 class AdapterSpec:
     """One gap: the kept layer before it (-1 = embedding), after it (L = final norm), and its adapter."""
-
     prev: int
     next: int
     skipped: int
@@ -242,7 +242,6 @@ def fit_lstsq(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, ridge: float =
 @dataclass
 class TrainConfig:
     """How adapters are trained (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
-
     init: str = "identity"
     """Stage-1 start: 'identity' (the adapters' own init) or 'lstsq' (closed-form bridge first)."""
     stage1_epochs: int = 20
@@ -279,8 +278,6 @@ class TrainConfig:
 
 
 def _padded(examples, idx, pad, device):
-    from layerviz.scoring import pad_right
-
     return pad_right([examples[i].ids for i in idx], pad, device)
 
 

@@ -10,6 +10,8 @@ issue #56 is the cautionary tale of a silently missed final norm).
 from __future__ import annotations
 
 import copy
+import inspect
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
@@ -162,7 +164,6 @@ def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | None =
 
 def _cache_kwarg(decoder: nn.Module) -> str:
     # transformers renamed past_key_values -> cache (5.2x, old name removed in 5.40)
-    import inspect
 
     params = inspect.signature(decoder.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
@@ -329,7 +330,6 @@ def attention_probs(attn: nn.Module, hidden: torch.Tensor, position_embeddings, 
     rotary embedding, its scaling, logit softcapping (if any), causal + sliding-window +
     padding masks. For statistics only: call under ``torch.no_grad()`` and drop the result.
     """
-    import sys
 
     b, t, _ = hidden.shape
     q = attn.q_proj(hidden).view(b, t, -1, attn.head_dim)

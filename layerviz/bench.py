@@ -19,9 +19,11 @@ depend on the context length), the adapters, and 0 for the embedding lookup.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -32,7 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import arch
+from layerviz import arch, store
+from layerviz.adapters import Adapter, AdapterPolicy, plan
+from layerviz.compact import build_compact
+from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.evaluate import requests_for
+from layerviz.models import load_model, resolve_device
+from layerviz.progress import progress
+from layerviz.scoring import Request, ScoringConfig, score
 from layerviz.settings import Settings
 
 # ----------------------------------------------------------------------------- the bound
@@ -80,8 +89,6 @@ def flop_bound(costs: dict, layers: list[int], context: int, adapter_flops: floa
 
 def adapter_flops(layers: list[int], n_layers: int, hidden: int, rank: int | None) -> float:
     """FLOPs per token of the default policy's adapters for a selection (no model needed)."""
-    from layerviz.adapters import Adapter, AdapterPolicy, plan
-
     return float(sum(Adapter(s.kind, hidden, s.rank, device="meta").flops_per_token()
                      for s in plan(layers, n_layers, AdapterPolicy(rank=rank))))
 
@@ -146,7 +153,6 @@ def _read_peak_mb(device: torch.device) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -168,8 +174,6 @@ def _timed(fn, runs: int, warmup: int, device: torch.device) -> np.ndarray:
 
 def measure(model, tokenizer, request, cfg: BenchConfig) -> dict:
     """Prefill time, query latency, throughput and peak memory of one (full or compact) model."""
-    from layerviz.scoring import ScoringConfig, score
-
     dev = arch.embedding(model).weight.device
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = arch.lm_head(model).out_features
@@ -195,9 +199,6 @@ def measure(model, tokenizer, request, cfg: BenchConfig) -> dict:
 
 
 def _build(model, layers: list[int] | None, adapters: bool, rank: int | None, standalone: bool):
-    from layerviz.adapters import AdapterPolicy
-    from layerviz.compact import build_compact
-
     if layers is None:
         return model
     policy = AdapterPolicy(rank=rank) if adapters else AdapterPolicy(force="identity")
@@ -206,10 +207,6 @@ def _build(model, layers: list[int] | None, adapters: bool, rank: int | None, st
 
 def _worker(spec: dict) -> dict:
     """One configuration in this process: load, build standalone, free the base, measure."""
-    import ctypes
-
-    from layerviz.models import load_model
-    from layerviz.scoring import Request
 
     cfg = BenchConfig(**spec["config"])
     torch.manual_seed(cfg.seed)
@@ -250,12 +247,6 @@ def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None)
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> pd.DataFrame:
     """Measure every configuration side by side -> one row each (times in ms, memory in MiB, ratios to full)."""
-    from layerviz import store
-    from layerviz.data import CandidateConfig, candidates_for, load
-    from layerviz.evaluate import requests_for
-    from layerviz.models import load_model, resolve_device
-    from layerviz.progress import progress
-
     dev = resolve_device(cfg.device)
     prep = load(cfg.dataset, "auto", cfg.prep_config(), report=None)
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", 1, "test", cfg.seed),

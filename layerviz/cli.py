@@ -4,58 +4,59 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
-from dataclasses import fields
+from dataclasses import asdict, fields
 
+import pandas as pd
 import yaml
 from transformers import HfArgumentParser
 
+from layerviz import store
+from layerviz.bench import BenchConfig, run_bench
+from layerviz.compact import AdaptConfig, run_adapt
+from layerviz.data import PrepConfig, load
+from layerviz.data.bundled import demo_dir
+from layerviz.data.demo import generate
+from layerviz.data.download import download
+from layerviz.evaluate import EvalConfig, run
+from layerviz.finetune import FinetuneConfig, finetune
+from layerviz.importance import ImportanceConfig, run_importance, wide
+from layerviz.models import presets_table
+from layerviz.report import NotebookFailed, ReportConfig, run_report
+from layerviz.selection import SelectConfig, run_select
 from layerviz.settings import field_docs
+from layerviz.study import StudyConfig, run_study
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    from layerviz.models import presets_table
-
     table = presets_table()
     print(table.to_string(index=False))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from layerviz.evaluate import run
-
     run(_config(args), out=args.out)
     return 0
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
-    from layerviz.data.download import download
-
     for path in download(args.name, args.dest):
         print(path)
     return 0
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
-    from layerviz.data.bundled import demo_dir
-    from layerviz.data.demo import generate
-
     print(generate(args.out or demo_dir()))
     return 0
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    from layerviz.data import PrepConfig, load
-
     load(args.dataset, args.format, PrepConfig(args.positive_threshold, args.kcore))
     return 0
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:
-    import pandas as pd
-
-    from layerviz.importance import run_importance, wide
-
     cfg = _config(args)
     res = run_importance(cfg, use_cache=not args.no_cache)
     table = wide(res.table, "normalized")
@@ -75,8 +76,6 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         print("\nfused = " + " + ".join(f"{w:g}*{c}" for c, w in res.fusion_weights.items()) + f" ({how})")
     print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, fusion.json, manifest.json")
     if args.out:
-        import shutil
-
         shutil.copytree(res.folder, args.out, dirs_exist_ok=True)
         print(f"copied to {args.out}")
     return 0
@@ -93,11 +92,6 @@ def _fusion_arg(text: str):
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from layerviz import store
-    from layerviz.selection import run_select
-
     cfg = _config(args)
     s, ctx = run_select(cfg)
     t = s.thirds()
@@ -114,8 +108,6 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from layerviz.compact import run_adapt
-
     res = run_adapt(_config(args), out=args.out, use_cache=not args.no_cache)
     s = res["summary"]
     print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}")
@@ -129,8 +121,6 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from layerviz.bench import run_bench
-
     df = run_bench(_config(args), out=args.out)
     cols = ["config", "k", "prefill_ms", "speedup", "bound", "measured_over_bound", "latency_ms", "qps",
             "peak_mb", "memory_ratio"]
@@ -141,8 +131,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from layerviz.finetune import finetune
-
     res = finetune(_config(args), out=args.out, overwrite=args.overwrite)
     s = res.summary
     print(f"\nvalidation NDCG@10 ({s['eval_users']} users, calibration none): before {s['valid_ndcg@10_before']:.4f}, "
@@ -210,13 +198,6 @@ def _config(args: argparse.Namespace):
 
 
 def _add_config_commands(sub) -> None:
-    from layerviz.bench import BenchConfig
-    from layerviz.compact import AdaptConfig
-    from layerviz.evaluate import EvalConfig
-    from layerviz.finetune import FinetuneConfig
-    from layerviz.importance import ImportanceConfig
-    from layerviz.selection import SelectConfig
-
     out = (["--out"], {"default": None, "help": "also write the results to this folder"})
     no_cache = (["--no-cache"], {"action": "store_true", "help": "recompute even if cached"})
     _config_command(sub, "evaluate", EvalConfig, "score a model's recommendations on fixed candidate lists",
@@ -235,8 +216,6 @@ def _add_config_commands(sub) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from layerviz.study import StudyConfig, run_study
-
     cfg = StudyConfig.from_yaml(args.config)  # fails here, before any work, on a bad config
     if args.results_dir:
         cfg.results_dir = args.results_dir
@@ -252,8 +231,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def pd_options():
-    import pandas as pd
-
     return pd.option_context("display.max_colwidth", 60, "display.width", 200)
 
 
@@ -265,8 +242,6 @@ def _add_run(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from layerviz.report import NotebookFailed, ReportConfig, run_report
-
     cfg = ReportConfig(notebooks=args.notebooks, out=args.out, figures_dir=args.figures, results_dir=args.results_dir,
                        params=args.params, only=args.only or [], cell_timeout=args.cell_timeout)
     try:

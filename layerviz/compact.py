@@ -23,10 +23,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from layerviz import arch
-from layerviz.adapters import Adapter, AdapterPolicy, AdapterSpec, plan
+from layerviz import arch, metrics, store
+from layerviz.adapters import (
+    Adapter,
+    AdapterPolicy,
+    AdapterSpec,
+    NonFiniteLossError,
+    TrainConfig,
+    plan,
+    train_adapters,
+)
+from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.evaluate import TaskEvaluator, pick_calibration
+from layerviz.importance import build_calibration
+from layerviz.models import load_model
 from layerviz.settings import Settings
 
 FORMAT_VERSION = 1
@@ -153,9 +166,6 @@ class CompactLM(nn.Module):
     # -- persistence
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write layers, adapter specs, adapter weights (safetensors) and a manifest naming the base."""
-        from safetensors.torch import save_file
-
-        from layerviz import store
 
         folder = _fresh_dir(folder, overwrite)
         weights = {f"{j}.{n}": t.detach().contiguous().cpu() for j, a in enumerate(self.adapters())
@@ -240,8 +250,6 @@ def build_compact(model: nn.Module, layers: list[int], adapters: AdapterPolicy |
 
 def load_compact(folder: str | Path, base: nn.Module, share: bool = True) -> CompactLM:
     """Rebuild a saved compact model on ``base``; a different base model raises."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / "compact.json"
     if not meta_path.exists():
@@ -312,88 +320,76 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     ``ndcg@10`` of the full model ("full") and of plain dropping ("drop") that the caller already scored
     on these test users with this calibration: they are used instead of scoring them again.
     """
-    from layerviz import metrics, store
-    from layerviz.adapters import NonFiniteLossError, TrainConfig, train_adapters
-    from layerviz.data import CandidateConfig, candidates_for, load
-    from layerviz.evaluate import TaskEvaluator, pick_calibration
-    from layerviz.importance import build_calibration
-    from layerviz.models import load_model
 
     policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     key = store.config_hash("adapt", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
                             prep.fingerprint, store.versions()["layerviz"])
     folder = Path(out) if out else Path(cfg.results_dir) / "adapt" / f"{cfg.model.replace('/', '_')}-{key}"
-    if use_cache and (folder / "manifest.json").exists() and json.loads(
-            (folder / "manifest.json").read_text()).get("key") == key:
-        if report:
-            report(f"adapt: loaded cached results from {folder}")
-        return load_adapt(folder)
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    layers = cfg.kept(arch.num_layers(model))
-    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
-    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "test", cfg.seed),
-                              cfg.candidates_dir)
-    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
-                                      max_title_tokens=cfg.max_title_tokens,
-                                      results_dir=cfg.results_dir)
-    evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
-                              calibration=calibration)
-    measured = measured or {}
-    full = measured["full"] if "full" in measured else evaluator.metrics(model)
-    compact = build_compact(model, layers, policy, seed=cfg.seed)
-    pad = tokenizer.pad_token_id
-    rows, per_user = [], {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
+    made, given = {}, measured or {}
 
-    def checkpoint(stage: str, mse: float, nmse: float, seconds: float) -> None:
-        got = measured[stage] if stage in measured else evaluator.metrics(compact)
-        row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
-        for m in ("ndcg@5", "ndcg@10"):
-            per_user[f"{stage}:{m}"] = got[m].to_numpy()
-            mean, lo, hi = metrics.bootstrap_ci(got[m], seed=cfg.seed)
-            r, rlo, rhi = metrics.ratio_ci(got[m], full[m], seed=cfg.seed)
-            suffix = "" if m == "ndcg@10" else "@5"
-            row.update({m: mean, f"{m}_low": lo, f"{m}_high": hi, f"retention{suffix}": r,
-                        f"retention{suffix}_low": rlo, f"retention{suffix}_high": rhi})
-        rows.append(row)
-        if report:
-            report(f"  {stage:>6}: val MSE {mse:.4g} (relative {nmse:.3f}), NDCG@10 {row['ndcg@10']:.4f}, "
-                   f"retention {row['retention']:.3f} [{row['retention_low']:.3f}, {row['retention_high']:.3f}]")
+    def compute(folder: Path) -> dict:
+        nonlocal model, tokenizer
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        layers = cfg.kept(arch.num_layers(model))
+        cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
+        cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "test", cfg.seed),
+                                  cfg.candidates_dir)
+        calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
+                                          max_title_tokens=cfg.max_title_tokens,
+                                          results_dir=cfg.results_dir)
+        evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
+                                  calibration=calibration)
+        full = given["full"] if "full" in given else evaluator.metrics(model)
+        compact = build_compact(model, layers, policy, seed=cfg.seed)
+        pad = tokenizer.pad_token_id
+        rows, per_user = [], {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
 
-    error = None
-    try:
-        curve = train_adapters(compact, model, cal, tcfg, pad=pad, report=None, on_stage=checkpoint)
-    except NonFiniteLossError as e:
-        error, curve = e, pd.DataFrame()
-    seconds = curve.attrs.get("train_seconds", float("nan"))
-    compact.save(folder / "compact", overwrite=True)
-    if error is not None:
-        raise NonFiniteLossError(f"{error} The last good adapters are saved in {folder / 'compact'}.") from error
-    full_mean, flo, fhi = metrics.bootstrap_ci(full["ndcg@10"], seed=cfg.seed)
-    summary = {"model": cfg.model, "layers": layers, "k": len(layers), "n_layers": compact.n_base_layers,
-               "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
-               "full_ndcg@5": float(full["ndcg@5"].mean()),
-               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
-               "calibration": calibration,
-               **compact.overhead()}
-    retention, placement = pd.DataFrame(rows), compact.placement()
-    store.write_parquet(folder / "retention.parquet", retention)
-    store.write_parquet(folder / "curve.parquet", curve)
-    store.write_parquet(folder / "placement.parquet", placement)
-    store.write_parquet(folder / "per_user.parquet", pd.DataFrame({k: np.asarray(v) for k, v in per_user.items()}))
-    store.write_json(folder / "summary.json", summary)
-    store.write_json(folder / "manifest.json", store.manifest(cfg, cfg.seed, key=key, data_fingerprint=prep.fingerprint,
-                                                              base_fingerprint=compact.base["fingerprint"]))
-    return {"summary": summary, "retention": retention, "curve": curve, "placement": placement,
-            "per_user": pd.read_parquet(folder / "per_user.parquet"), "folder": folder, "compact": compact}
+        def checkpoint(stage: str, mse: float, nmse: float, seconds: float) -> None:
+            got = given[stage] if stage in given else evaluator.metrics(compact)
+            row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
+            for m in ("ndcg@5", "ndcg@10"):
+                per_user[f"{stage}:{m}"] = got[m].to_numpy()
+                mean, lo, hi = metrics.bootstrap_ci(got[m], seed=cfg.seed)
+                r, rlo, rhi = metrics.ratio_ci(got[m], full[m], seed=cfg.seed)
+                suffix = "" if m == "ndcg@10" else "@5"
+                row.update({m: mean, f"{m}_low": lo, f"{m}_high": hi, f"retention{suffix}": r,
+                            f"retention{suffix}_low": rlo, f"retention{suffix}_high": rhi})
+            rows.append(row)
+            if report:
+                report(f"  {stage:>6}: val MSE {mse:.4g} (relative {nmse:.3f}), NDCG@10 {row['ndcg@10']:.4f}, "
+                       f"retention {row['retention']:.3f} [{row['retention_low']:.3f}, {row['retention_high']:.3f}]")
+
+        error = None
+        try:
+            curve = train_adapters(compact, model, cal, tcfg, pad=pad, report=None, on_stage=checkpoint)
+        except NonFiniteLossError as e:
+            error, curve = e, pd.DataFrame()
+        seconds = curve.attrs.get("train_seconds", float("nan"))
+        compact.save(folder / "compact", overwrite=True)
+        if error is not None:
+            raise NonFiniteLossError(f"{error} The last good adapters are saved in {folder / 'compact'}.") from error
+        full_mean, flo, fhi = metrics.bootstrap_ci(full["ndcg@10"], seed=cfg.seed)
+        summary = {"model": cfg.model, "layers": layers, "k": len(layers), "n_layers": compact.n_base_layers,
+                   "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
+                   "full_ndcg@5": float(full["ndcg@5"].mean()),
+                   "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
+                   "calibration": calibration,
+                   **compact.overhead()}
+        made["compact"] = compact
+        return {"summary": summary, "retention": pd.DataFrame(rows), "curve": curve, "placement": compact.placement(),
+                "per_user": pd.DataFrame({k: np.asarray(v) for k, v in per_user.items()})}
+
+    out, was_cached = store.cached(folder, key, compute, use_cache, marker="manifest.json",
+                                   meta={"config": asdict(cfg), "seed": cfg.seed, "data_fingerprint": prep.fingerprint})
+    if was_cached and report:
+        report(f"adapt: loaded cached results from {folder}")
+    return {**out, "folder": folder, "compact": made.get("compact")}
 
 
 def load_adapt(folder: str | Path) -> dict:
     """Read the tables of a finished adapter run (the compact model itself: load_compact)."""
     folder = Path(folder)
-    return {"summary": json.loads((folder / "summary.json").read_text()),
-            "retention": pd.read_parquet(folder / "retention.parquet"),
-            "curve": pd.read_parquet(folder / "curve.parquet"),
-            "placement": pd.read_parquet(folder / "placement.parquet"),
-            "per_user": pd.read_parquet(folder / "per_user.parquet"), "folder": folder, "compact": None}
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    return {**store.read_outputs(folder, files), "folder": folder, "compact": None}

@@ -12,6 +12,7 @@ import torch
 
 from layerviz import arch, metrics
 from layerviz.data import CandidateConfig, Prepared, candidates_for, load
+from layerviz.models import load_model
 from layerviz.scoring import (
     Prompt,
     Request,
@@ -227,8 +228,6 @@ def metrics_table(results: dict[str, dict], names=("ndcg@5", "ndcg@10", "mrr", "
 
 def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> dict:
     """Evaluate one model on one dataset; writes metrics.json, ranks.parquet, manifest.json to ``out``."""
-    from layerviz.models import load_model
-
     if cfg.full_ranking and cfg.scorer != "embedding":
         raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")
     t0 = time.perf_counter()

@@ -36,6 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from layerviz import arch, store
+from layerviz.compact import fingerprint
+from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.evaluate import TaskEvaluator
+from layerviz.models import load_model, save_weights
 from layerviz.progress import progress
 from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right, token_logprobs
 from layerviz.settings import Settings
@@ -275,7 +279,7 @@ def prepare_trainable(base, cfg: FinetuneConfig):
         for p in work.parameters():
             p.requires_grad_(True)
         return work, work, [p for p in work.parameters()]
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # heavy import, needed only for LoRA
 
     available = linear_names(work)
     targets = cfg.target_modules
@@ -334,8 +338,6 @@ def read_manifest(folder: str | Path) -> dict:
 
 def check_base(folder: str | Path, base) -> None:
     """Refuse to reuse a fine-tuned folder whose recorded base differs from ``base``."""
-    from layerviz.compact import fingerprint
-
     want, have = read_manifest(folder)["base_fingerprint"], fingerprint(base)
     if want != have:
         raise ValueError(f"{folder} was fine-tuned from another base model (fingerprint {want}, this base {have}). "
@@ -350,8 +352,6 @@ def _check_out(out: Path | None, overwrite: bool) -> None:
 
 def _publish(model, tokenizer, out: Path, manifest: dict, curves: pd.DataFrame) -> None:
     """Write the folder under a temp name, then rename: a killed run never leaves a half-written model."""
-    from layerviz.models import save_weights
-
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -409,10 +409,6 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
     resumes from it, and the merged model is published atomically as a plain HF folder.
     ``stop_after`` (tests) raises KeyboardInterrupt after that many steps, as a kill would.
     """
-    from layerviz.compact import fingerprint
-    from layerviz.data import CandidateConfig, candidates_for, load
-    from layerviz.evaluate import TaskEvaluator
-    from layerviz.models import load_model
 
     cfg.validate()
     out = Path(out) if out is not None else None

@@ -39,8 +39,12 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
-from layerviz import arch
+from layerviz import arch, store
+from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.evaluate import TaskEvaluator, pick_calibration
+from layerviz.models import load_model
 from layerviz.progress import progress
+from layerviz.scoring import Prompt, ScoringConfig, yes_no_ids
 from layerviz.settings import Settings
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
@@ -81,8 +85,6 @@ class Calibration:
 def build_calibration(prep, tokenizer, n: int = 128, split: str = "valid", loss: str = "likelihood",
                       max_title_tokens: int = 32, seed: int = 0) -> Calibration:
     """Calibration prompts from held-out interactions (validation targets by default)."""
-    from layerviz.scoring import Prompt, ScoringConfig, yes_no_ids
-
     if loss not in ("likelihood", "yesno"):
         raise ValueError(f"unknown calibration loss {loss!r}; use 'likelihood' or 'yesno'")
     if n < 1:
@@ -545,72 +547,55 @@ class ImportanceResult:
 def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache: bool = True,
                    report=print) -> ImportanceResult:
     """Compute (or load from the cache) importance, ablation and validity for a model and dataset."""
-    from layerviz import store
-    from layerviz.data import CandidateConfig, candidates_for, load
-    from layerviz.evaluate import TaskEvaluator, pick_calibration
-    from layerviz.models import load_model
-
     check_fusion_weights(cfg.fusion_weights, cfg.ablation)  # before any work
-    prep = load(cfg.dataset, cfg.format, cfg.prep_config(),
-                report=report)
+    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     settings = {k: v for k, v in asdict(cfg).items() if k != "results_dir"}  # where, not what
     key = store.config_hash("importance", settings, prep.fingerprint, store.versions()["layerviz"])
     folder = Path(cfg.results_dir) / "importance" / f"{cfg.model.replace('/', '_')}-{key}"
-    if use_cache and (folder / "manifest.json").exists():
-        if report:
-            report(f"importance: loaded cached results from {folder}")
-        return load_importance(folder)
     t0 = time.perf_counter()
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
-    ablation = None
-    if cfg.ablation:
-        evaluator = None  # ablation_users=0: the calibration-loss ground truth only
-        if cfg.ablation_users:
-            cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users,
-                                                            "valid", cfg.seed), cfg.candidates_dir)
-            calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.ablation_negatives,
-                                              seed=cfg.seed, max_title_tokens=cfg.max_title_tokens, scorer=cfg.scorer,
-                                              results_dir=cfg.results_dir)
-            evaluator = TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
-                                      max_title_tokens=cfg.max_title_tokens, calibration=calibration)
-        ablation = ablate(model, cal, evaluator)
-    table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
-                    batch_size=cfg.batch_size, ablation=ablation)
-    per_sample = dict(table.attrs.pop("per_sample"))
-    weights = table.attrs.pop("fusion_weights")
-    valid = pd.DataFrame()
-    if ablation is not None:
-        per_sample.update({k: v for k, v in ablation.items()})
-        valid = validity(per_sample, ablation, cfg.fusion_weights, cfg.normalization, seed=cfg.seed)
-    result = ImportanceResult(table, valid, per_sample, folder, time.perf_counter() - t0, weights)
-    save_importance(result, cfg, prep.fingerprint)
-    return result
+
+    def compute(folder: Path) -> dict:
+        nonlocal model, tokenizer
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        cal = build_calibration(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
+        ablation = ablate(model, cal, _ablation_evaluator(cfg, prep, model, tokenizer)) if cfg.ablation else None
+        table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
+                        batch_size=cfg.batch_size, ablation=ablation)
+        per_sample = dict(table.attrs.pop("per_sample"))
+        weights = table.attrs.pop("fusion_weights")
+        valid = pd.DataFrame()
+        if ablation is not None:
+            per_sample.update(ablation)
+            valid = validity(per_sample, ablation, cfg.fusion_weights, cfg.normalization, seed=cfg.seed)
+        return {"importance": table, "validity": valid, "per_sample": store.Arrays(per_sample), "fusion": weights}
+
+    out, was_cached = store.cached(folder, key, compute, use_cache, marker="manifest.json",
+                                   meta={"config": asdict(cfg), "seed": cfg.seed, "data_fingerprint": prep.fingerprint})
+    if was_cached and report:
+        report(f"importance: loaded cached results from {folder}")
+    return ImportanceResult(out["importance"], out["validity"], dict(out["per_sample"]), folder,
+                            0.0 if was_cached else time.perf_counter() - t0, out["fusion"])
 
 
-def save_importance(result: ImportanceResult, cfg: ImportanceConfig, fingerprint: str) -> None:
-    """Write table/validity parquet, per-sample arrays and (last) the manifest, each atomically."""
-    from layerviz import store
-
-    folder = result.folder
-    store.write_parquet(folder / "importance.parquet", result.table)
-    store.write_parquet(folder / "validity.parquet", result.validity)
-    store.atomic_write(folder / "per_sample.npz", lambda tmp: np.savez(open(tmp, "wb"), **result.per_sample))
-    store.write_json(folder / "fusion.json", result.fusion_weights)
-    store.write_json(folder / "manifest.json", store.manifest(cfg, cfg.seed, data_fingerprint=fingerprint,
-                                                              wall_seconds=result.seconds))
+def _ablation_evaluator(cfg: ImportanceConfig, prep, model, tokenizer):
+    """The task evaluator of the ablation NDCG ground truth (None with ablation_users=0: loss only)."""
+    if not cfg.ablation_users:
+        return None
+    cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users, "valid",
+                                                    cfg.seed), cfg.candidates_dir)
+    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.ablation_negatives,
+                                      seed=cfg.seed, max_title_tokens=cfg.max_title_tokens, scorer=cfg.scorer,
+                                      results_dir=cfg.results_dir)
+    return TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
+                         max_title_tokens=cfg.max_title_tokens, calibration=calibration)
 
 
 def load_importance(folder: str | Path) -> ImportanceResult:
     """Read a cached importance run."""
     folder = Path(folder)
-    with np.load(folder / "per_sample.npz") as z:
-        per_sample = {k: z[k] for k in z.files}
-    fusion = folder / "fusion.json"
-    weights = json.loads(fusion.read_text()) if fusion.exists() else {}
-    return ImportanceResult(pd.read_parquet(folder / "importance.parquet"),
-                            pd.read_parquet(folder / "validity.parquet"), per_sample, folder, 0.0, weights)
+    out = store.read_outputs(folder, json.loads((folder / "manifest.json").read_text())["files"])
+    return ImportanceResult(out["importance"], out["validity"], dict(out["per_sample"]), folder, 0.0, out["fusion"])
 
 
 def choose_criterion(validity: pd.DataFrame, truth: str = "ablation_loss") -> dict:

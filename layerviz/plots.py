@@ -18,7 +18,7 @@ CRITERIA_ORDER = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass",
 @contextmanager
 def paper_style():
     """Readable fonts and a colour-blind-safe palette for every figure drawn inside."""
-    import seaborn as sns
+    import seaborn as sns  # heavy import, needed only for the paper style
 
     with plt.rc_context({"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
                          "xtick.labelsize": 8, "ytick.labelsize": 9, "figure.dpi": 110,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from tqdm.auto import tqdm
+
 
 def enabled() -> bool:
     """False when LAYERVIZ_PROGRESS=0 or under CI (CI=true); True otherwise."""
@@ -15,8 +17,6 @@ def enabled() -> bool:
 
 def progress(iterable=None, **kwargs):
     """tqdm (notebook-aware) over ``iterable``; disabled in CI."""
-    from tqdm.auto import tqdm
-
     kwargs.setdefault("disable", not enabled())
     kwargs.setdefault("leave", False)
     kwargs.setdefault("dynamic_ncols", True)

@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from layerviz import store
 
 
@@ -54,7 +56,7 @@ def notebooks_in(folder: str | Path, only: list[str] | None = None) -> list[Path
 
 
 def declared_parameters(path: Path) -> set[str]:
-    import papermill as pm
+    import papermill as pm  # heavy import, needed only to execute notebooks
 
     return set(pm.inspect_notebook(str(path)))
 
@@ -111,9 +113,8 @@ def run_report(cfg: ReportConfig, report=print) -> list[dict]:
 
     Every notebook runs even when an earlier one fails, so one report lists every broken cell.
     """
-    import papermill as pm
-    import yaml
-    from papermill.exceptions import PapermillExecutionError
+    import papermill as pm  # heavy import, needed only to execute notebooks
+    from papermill.exceptions import PapermillExecutionError  # (papermill, as above)
 
     every = notebooks_in(cfg.notebooks)
     paths = notebooks_in(cfg.notebooks, cfg.only)

@@ -21,8 +21,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import arch
-from layerviz.importance import calibration_batch
+from layerviz import arch, metrics
+from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.evaluate import FidelityEvaluator, TaskEvaluator, pick_calibration
+from layerviz.importance import (
+    ImportanceConfig,
+    build_calibration,
+    calibration_batch,
+    choose_criterion,
+    run_importance,
+)
+from layerviz.models import load_model
 from layerviz.settings import SHARED, Settings
 
 STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
@@ -359,17 +368,6 @@ class SelectConfig(Settings):
 
 def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> tuple[Selection, dict]:
     """Run one strategy on real data -> (Selection, context with full-model score and chance)."""
-    from layerviz import metrics
-    from layerviz.data import CandidateConfig, candidates_for, load
-    from layerviz.evaluate import FidelityEvaluator, TaskEvaluator, pick_calibration
-    from layerviz.importance import (
-        ImportanceConfig,
-        build_calibration,
-        choose_criterion,
-        run_importance,
-    )
-    from layerviz.models import load_model
-
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {cfg.strategy!r}; available: {', '.join(STRATEGIES)}")
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)

@@ -6,6 +6,7 @@ tested; the widgets only wire controls to them. Static paper figures are ``layer
 
 from __future__ import annotations
 
+import ipywidgets as W
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -151,8 +152,7 @@ def explorer_figure(importance: pd.DataFrame, curves: pd.DataFrame, criterion: s
 
 def explorer(res):
     """ipywidgets controls (model, criterion, strategy, k) wired to :func:`explorer_figure` (a StudyResult)."""
-    import ipywidgets as W  # only where widgets are shown: the figure functions above do not need them
-    from IPython.display import display
+    from IPython.display import display  # only where a widget is displayed
 
     first = res.importance_table(res.models[0])
     crits = [c for c in CRITERIA_ORDER if c in set(first["criterion"])]

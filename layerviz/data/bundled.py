@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from layerviz.data.demo import generate
+from layerviz.models import cache_root
+
 BUNDLED = {"demo": "electronics", "demo-electronics": "electronics", "demo-movies": "movies"}
 
 
@@ -15,7 +18,6 @@ def demo_dir() -> Path:
     repo_data = Path(__file__).resolve().parents[2] / "data"
     if (repo_data / "README.md").exists():
         return repo_data / "demo"
-    from layerviz.models import cache_root
 
     return cache_root() / "demo"
 
@@ -23,7 +25,5 @@ def demo_dir() -> Path:
 def resolve(name_or_path: str) -> Path:
     """A bundled name -> its folder (generated on first use); anything else -> a Path."""
     if name_or_path in BUNDLED:
-        from layerviz.data.demo import generate
-
         return generate(demo_dir()) / BUNDLED[name_or_path]
     return Path(name_or_path)

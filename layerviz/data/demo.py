@@ -372,9 +372,9 @@ def generate(out: Path) -> Path:
 
 
 if __name__ == "__main__":
-    import argparse
+    import argparse  # the command line only
 
-    from layerviz.data.bundled import demo_dir
+    from layerviz.data.bundled import demo_dir  # not on top: bundled imports this module (a cycle)
 
     ap = argparse.ArgumentParser(description="write the synthetic demo datasets")
     ap.add_argument("--out", type=Path, default=None)

@@ -213,3 +213,17 @@ def test_finetune_table_differences():
     assert v.loc["fine-tuned - zero-shot", "mean"] == pytest.approx(ft.mean() - zs.mean())
     assert v.loc["fine-tuned - zero-shot", "ci_low"] > 0 and v.loc["zero-shot", "calibration"] == "none"
     assert set(t.metric) == set(T.QUALITY_METRICS) and set(t.dataset) == {A}
+
+
+def test_hypotheses_table_runs_every_rule_in_order():
+    full = users(0.6, 0.2, seed=12)
+    pu = {("m1", A, "full"): full, ("m1", A, "drop_lower_third"): full, ("m1", A, "select:importance_greedy"): full,
+          ("m1", A, "select:last_k"): full, ("m1", A, "adapters:drop"): full, ("m1", A, "adapters:stage1"): full}
+    res = make(per_user=pu, profiles={"m1": {"fused": RISING, "ablation_loss": RISING}})
+    h = H.hypotheses(res)
+    assert list(h["claim"]) == [H.UPPER] * 3 + ["lower layers can be dropped",
+                                                "non-contiguous selections work with adapters",
+                                                f"{K} of {L} layers: 4x speed with ~90% NDCG retained"]
+    assert list(h["evidence"][:2]) == ["ablation_loss", "fused"]
+    # rising profiles; last_k = primary; nothing lost without the lower third; adapters = dropping; 4x and 90%
+    assert list(h["verdict"]) == ["supported", "supported", "inconclusive", "supported", "inconclusive", "supported"]

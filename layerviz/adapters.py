@@ -38,6 +38,7 @@ from torch import nn
 from layerviz import arch
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
+from layerviz.study.depth import region
 
 KINDS = ("identity", "linear", "residual", "mlp")
 
@@ -92,16 +93,6 @@ class AdapterSpec:
     def label(self) -> str:
         """e.g. 'emb→0', '3→7', '25→norm'."""
         return f"{'emb' if self.prev < 0 else self.prev}→{'norm' if self.next >= self.n_layers else self.next}"
-
-
-def region(i: int, n_layers: int) -> str:
-    """'embedding', 'lower', 'middle', 'upper' (depth i/(L-1) in thirds) or 'norm' (i >= L)."""
-    if i < 0:
-        return "embedding"
-    if i >= n_layers:
-        return "norm"
-    d = i / max(1, n_layers - 1)
-    return "lower" if d < 1 / 3 else "middle" if d < 2 / 3 else "upper"
 
 
 def plan(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) -> list[AdapterSpec]:

@@ -46,6 +46,7 @@ from layerviz.models import load_model
 from layerviz.progress import progress
 from layerviz.scoring import Prompt, ScoringConfig, yes_no_ids
 from layerviz.settings import Settings
+from layerviz.study.depth import depth
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
                  "block_influence", "angular_distance", "norm_ratio", "kurtosis"]
@@ -352,7 +353,7 @@ def tidy(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.
     for c, v in per_layer.items():
         norm = _normalize(v, DIRECTION.get(c, 1), method)
         for i in range(L):
-            rows.append({"layer": i, "depth_fraction": i / max(1, L - 1), "layer_type": types[i],
+            rows.append({"layer": i, "depth_fraction": float(depth(i, L)), "layer_type": types[i],
                          "criterion": c, "value": float(v[i]), "normalized": float(norm[i])})
     return pd.DataFrame(rows)
 

@@ -9,6 +9,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from layerviz.study.depth import THIRD_EDGES, depth, profile_on_grid
+
 PALETTE = "colorblind"
 CMAP = "cividis"  # perceptually uniform and colour-blind safe
 CRITERIA_ORDER = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "block_influence",
@@ -132,7 +134,7 @@ def adapter_placement(placement: pd.DataFrame, n_layers: int, title: str = ""):
         handles += [plt.Line2D([], [], color=KIND_COLORS[k], lw=2) for k in ("linear", "residual", "mlp")]
         ax.legend(handles, ["kept layer", "skipped layer", "linear adapter", "residual adapter", "MLP adapter"],
                   loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=5, frameon=False)
-        for f in (1 / 3, 2 / 3):  # region boundaries: depth i / (L-1) crosses a third
+        for f in THIRD_EDGES:  # region boundaries: depth i / (L-1) crosses a third
             ax.axvline((n_layers - 1) * f, color="#888888", lw=0.6, ls=":")
         ax.set_xlim(-1.6, n_layers + 0.6)
         ax.set_ylim(0, 1.75)
@@ -202,7 +204,7 @@ def depth_heatmap(profiles: dict[str, np.ndarray], selections: dict[str, list[in
     for n in names:
         v = np.asarray(profiles[n], dtype=float)
         v = (v - v.min()) / (np.ptp(v) or 1.0)
-        rows.append(np.interp(grid, np.linspace(0, 1, len(v)), v))
+        rows.append(profile_on_grid(v, grid))
     with paper_style():
         fig, ax = plt.subplots(figsize=(7.5, 0.6 * len(names) + 1.6))
         im = ax.imshow(np.array(rows), aspect="auto", cmap=CMAP, vmin=0, vmax=1, extent=(0, 1, len(names) - 0.5, -0.5))
@@ -210,11 +212,11 @@ def depth_heatmap(profiles: dict[str, np.ndarray], selections: dict[str, list[in
             sel = (selections or {}).get(n)
             if sel:
                 L = len(profiles[n])
-                ax.scatter(np.asarray(sel) / max(1, L - 1), [r] * len(sel), marker="v", s=36, color="#d55e00",
+                ax.scatter(depth(sel, L), [r] * len(sel), marker="v", s=36, color="#d55e00",
                            edgecolor="white", linewidth=0.6, zorder=3, clip_on=False,
                            label="selected layer" if r == 0 else None)
         ax.set_yticks(range(len(names)), [f"{n} (L={len(profiles[n])})" for n in names])
-        for f in (1 / 3, 2 / 3):
+        for f in THIRD_EDGES:
             ax.axvline(f, color="white", lw=0.8, ls=":")
         ax.set_xlabel("normalized depth (layer / (L-1)); dotted: thirds")
         ax.set_title(title or "Layer importance by normalized depth")
@@ -331,7 +333,7 @@ def selected_layers(table: pd.DataFrame, selections: dict[str, list[int]], title
         ax2.set_ylim(len(strategies) - 0.5, -0.5)
         ax2.set_ylabel("kept by")
         for a in (ax, ax2):
-            for f in (1 / 3, 2 / 3):
+            for f in THIRD_EDGES:
                 a.axvline((n - 1) * f, color="white" if a is ax else "#888888", lw=0.8, ls=":")
         step = max(1, n // 16)
         ax2.set_xticks(range(0, n, step))
@@ -355,8 +357,8 @@ def thirds_bars(thirds: pd.DataFrame, title: str = ""):
             v = t[f"{region}_share"].to_numpy()
             ax.barh(range(len(t)), v, left=left, color=REGION_COLORS[region], label=f"{region} third")
             left += v
-        ax.axvline(1 / 3, color="white", lw=0.6, ls=":")
-        ax.axvline(2 / 3, color="white", lw=0.6, ls=":")
+        for f in THIRD_EDGES:
+            ax.axvline(f, color="white", lw=0.6, ls=":")
         ax.set_yticks(range(len(t)), labels)
         ax.invert_yaxis()
         ax.set_xlim(0, 1)

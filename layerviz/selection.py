@@ -33,6 +33,7 @@ from layerviz.importance import (
 )
 from layerviz.models import load_model
 from layerviz.settings import SHARED, Settings
+from layerviz.study.depth import thirds
 
 STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
               "first_k", "last_k", "uniform", "random", "reference"]
@@ -60,15 +61,6 @@ class Selection:
     def to_json(self) -> dict:
         return {"strategy": self.strategy, "layers": self.layers, "score": self.score, "k": len(self.layers),
                 "n_layers": self.n_layers, "thirds": self.thirds(), "evaluations": len(self.trace), **self.meta}
-
-
-def thirds(layers: Sequence[int], n_layers: int) -> dict[str, int]:
-    """Counts per region: lower = depth < 1/3, middle < 2/3, upper the rest (depth = i / (L-1))."""
-    out = {"lower": 0, "middle": 0, "upper": 0}
-    for i in layers:
-        d = i / max(1, n_layers - 1)
-        out["lower" if d < 1 / 3 else "middle" if d < 2 / 3 else "upper"] += 1
-    return out
 
 
 class SubsetScorer:

@@ -14,6 +14,7 @@ from plotly.subplots import make_subplots
 
 from layerviz.plots import CRITERIA_ORDER, criteria_matrix
 from layerviz.selection import FIXED, fixed_layers, importance_order
+from layerviz.study.depth import depth as normalized_depth
 
 COLORSCALE = "Cividis"  # colour-blind safe, as the static figures
 
@@ -57,7 +58,7 @@ def depth_profile(profiles: dict[str, np.ndarray], selections: dict[str, list[in
         v = np.asarray(v, dtype=float)
         norm = (v - v.min()) / (np.ptp(v) or 1.0)
         L = len(v)
-        depth = np.arange(L) / max(1, L - 1)
+        depth = normalized_depth(range(L), L)
         sel = set((selections or {}).get(model, []))
         fig.add_trace(go.Scatter(
             x=depth, y=[model] * L, mode="markers", name=model, showlegend=False,

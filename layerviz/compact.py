@@ -36,8 +36,8 @@ from layerviz.adapters import (
     plan,
     train_adapters,
 )
-from layerviz.data import CandidateConfig, candidates_for, load
-from layerviz.evaluate import TaskEvaluator, pick_calibration
+from layerviz.data import load
+from layerviz.evaluate import task_evaluator
 from layerviz.importance import build_calibration
 from layerviz.models import load_model
 from layerviz.settings import Settings
@@ -334,13 +334,7 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
         layers = cfg.kept(arch.num_layers(model))
         cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
-        cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "test", cfg.seed),
-                                  cfg.candidates_dir)
-        calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
-                                          max_title_tokens=cfg.max_title_tokens,
-                                          results_dir=cfg.results_dir)
-        evaluator = TaskEvaluator(prep, cands, tokenizer, split="test", max_title_tokens=cfg.max_title_tokens,
-                                  calibration=calibration)
+        evaluator, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "test", cfg.calibration)
         full = given["full"] if "full" in given else evaluator.metrics(model)
         compact = build_compact(model, layers, policy, seed=cfg.seed)
         pad = tokenizer.pad_token_id
@@ -375,7 +369,7 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
                    "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
                    "full_ndcg@5": float(full["ndcg@5"].mean()),
                    "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
-                   "calibration": calibration,
+                   "calibration": evaluator.cfg.calibration,
                    **compact.overhead()}
         made["compact"] = compact
         return {"summary": summary, "retention": pd.DataFrame(rows), "curve": curve, "placement": compact.placement(),

@@ -109,6 +109,19 @@ def pick_calibration(model, tokenizer, prep: Prepared, calibration: str = "auto"
     return resolve_calibration(model, tokenizer, prep, cfg, report)
 
 
+def task_evaluator(cfg: Settings, prep: Prepared, model, tokenizer, users: int, split: str, calibration: str,
+                   negatives: int | None = None, scorer: str = "likelihood") -> tuple[TaskEvaluator, pd.DataFrame]:
+    """Seeded candidate lists (1 + negatives, default ``cfg.negatives``) for ``users`` users of ``split`` and a
+    TaskEvaluator on them, with ``calibration`` resolved ('auto': chosen on validation users) -> (evaluator,
+    candidates). The calibration it scores with is ``evaluator.cfg.calibration``."""
+    n = cfg.negatives if negatives is None else negatives
+    cands, _ = candidates_for(prep, CandidateConfig(n, "uniform", users, split, cfg.seed), cfg.candidates_dir)
+    choice, _ = pick_calibration(model, tokenizer, prep, calibration, negatives=n, seed=cfg.seed,
+                                 max_title_tokens=cfg.max_title_tokens, scorer=scorer, results_dir=cfg.results_dir)
+    return TaskEvaluator(prep, cands, tokenizer, scorer=scorer, split=split, max_title_tokens=cfg.max_title_tokens,
+                         calibration=choice), cands
+
+
 class TaskEvaluator:
     """NDCG@10 per user on fixed candidate lists: ``evaluator(model) -> (n_users,)`` array.
 

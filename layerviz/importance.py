@@ -40,8 +40,8 @@ import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from layerviz import arch, store
-from layerviz.data import CandidateConfig, candidates_for, load
-from layerviz.evaluate import TaskEvaluator, pick_calibration
+from layerviz.data import load
+from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
 from layerviz.progress import progress
 from layerviz.scoring import Prompt, ScoringConfig, yes_no_ids
@@ -583,13 +583,8 @@ def _ablation_evaluator(cfg: ImportanceConfig, prep, model, tokenizer):
     """The task evaluator of the ablation NDCG ground truth (None with ablation_users=0: loss only)."""
     if not cfg.ablation_users:
         return None
-    cands, _ = candidates_for(prep, CandidateConfig(cfg.ablation_negatives, "uniform", cfg.ablation_users, "valid",
-                                                    cfg.seed), cfg.candidates_dir)
-    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.ablation_negatives,
-                                      seed=cfg.seed, max_title_tokens=cfg.max_title_tokens, scorer=cfg.scorer,
-                                      results_dir=cfg.results_dir)
-    return TaskEvaluator(prep, cands, tokenizer, scorer=cfg.scorer, split="valid",
-                         max_title_tokens=cfg.max_title_tokens, calibration=calibration)
+    return task_evaluator(cfg, prep, model, tokenizer, cfg.ablation_users, "valid", cfg.calibration,
+                          cfg.ablation_negatives, cfg.scorer)[0]
 
 
 def load_importance(folder: str | Path) -> ImportanceResult:

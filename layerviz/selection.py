@@ -22,8 +22,8 @@ import pandas as pd
 import torch
 
 from layerviz import arch, metrics
-from layerviz.data import CandidateConfig, candidates_for, load
-from layerviz.evaluate import FidelityEvaluator, TaskEvaluator, pick_calibration
+from layerviz.data import load
+from layerviz.evaluate import FidelityEvaluator, task_evaluator
 from layerviz.importance import (
     ImportanceConfig,
     build_calibration,
@@ -366,13 +366,8 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     _check_k(cfg.k, arch.num_layers(model), required=cfg.strategy not in ("importance_greedy", "reference"))
-    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.users, "valid", cfg.seed),
-                              cfg.candidates_dir)
-    calibration, _ = pick_calibration(model, tokenizer, prep, cfg.calibration, negatives=cfg.negatives, seed=cfg.seed,
-                                      max_title_tokens=cfg.max_title_tokens,
-                                      results_dir=cfg.results_dir)
-    task = TaskEvaluator(prep, cands, tokenizer, split="valid", max_title_tokens=cfg.max_title_tokens,
-                         calibration=calibration)
+    task, cands = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "valid", cfg.calibration)
+    calibration = task.cfg.calibration
     if cfg.evaluator == "task":
         evaluator = task
     elif cfg.evaluator in ("fidelity", "hidden_mse"):

@@ -144,6 +144,57 @@ def layer_types(model: nn.Module) -> list[str]:
     return list(types)
 
 
+# attention implementations that take a custom 4D additive mask (flash-attention kernels do not)
+PACKABLE_ATTENTION = ("sdpa", "eager")
+
+
+def packed_mask_unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` cannot take the packed block mask of ``packed_masks``, or None if it can."""
+    impl = getattr(text_config(model), "_attn_implementation", None) or "eager"
+    if impl not in PACKABLE_ATTENTION:
+        return f"attention implementation {impl!r} takes no custom 4D mask (packable: {', '.join(PACKABLE_ATTENTION)})"
+    return None
+
+
+def sliding_window(model: nn.Module) -> int | None:
+    """The window of the sliding-attention layers (Gemma3, Mistral), None when there are none."""
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window) if window else None
+
+
+def packed_masks(model: nn.Module, segment: torch.Tensor, position: torch.Tensor, dtype: torch.dtype):
+    """Additive attention masks for rows that pack a shared prefix and independent blocks.
+
+    ``segment`` (B, T): 0 for prefix tokens, b >= 1 for the tokens of block b, -1 for padding.
+    ``position`` (B, T): each token's position in its own logical sequence (prefix, then block).
+    A token sees the earlier prefix tokens and the earlier tokens of its own block; sliding
+    layers also drop keys ``window`` or more positions back. Returns one (B, 1, T, T) mask, or
+    a dict by layer type when the model mixes full and sliding layers (what its decoder takes).
+    """
+    q, k = segment[:, :, None], segment[:, None, :]
+    t = segment.shape[1]
+    order = torch.ones(t, t, dtype=torch.bool, device=segment.device).tril()
+    visible = order & (k >= 0) & ((k == 0) | (k == q))
+    visible |= torch.eye(t, dtype=torch.bool, device=segment.device)  # padding rows: never all-masked
+
+    def additive(v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(v.shape, dtype=dtype, device=v.device).masked_fill_(~v, torch.finfo(dtype).min)
+        return out[:, None]
+
+    window = sliding_window(model)
+    if window is None:
+        return additive(visible)
+    near = visible & (position[:, :, None] - position[:, None, :] < window)
+    types = set(layer_types(model))
+    if types == {"sliding_attention"} or not getattr(text_config(model), "layer_types", None):
+        return additive(near)  # every layer slides (Mistral)
+    return {"full_attention": additive(visible), "sliding_attention": additive(near)}
+
+
 def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
     """LM-head logits for hidden states taken *after* the final norm (Gemma softcapping applied).
 

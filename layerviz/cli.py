@@ -122,8 +122,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     df = run_bench(_config(args), out=args.out)
-    cols = ["config", "k", "prefill_ms", "speedup", "bound", "measured_over_bound", "latency_ms", "qps",
-            "peak_mb", "memory_ratio"]
+    cols = ["config", "k", "prefill_ms", "speedup", "speedup_iqr", "bound", "measured_over_bound", "above_bound",
+            "latency_ms", "qps", "peak_mb", "memory_ratio"]
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
         print(f"wrote {args.out}/bench.csv, bench.parquet")

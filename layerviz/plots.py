@@ -45,9 +45,22 @@ def save(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:
     return paths
 
 
-def importance_heatmap(table: pd.DataFrame, title: str = "", criteria: list[str] | None = None):
-    """Criteria x layers heatmap of normalized importance (1 = most important layer)."""
+SCALES = ("rank", "minmax")
+
+
+def importance_heatmap(table: pd.DataFrame, title: str = "", criteria: list[str] | None = None,
+                       scale: str = "rank"):
+    """Criteria x layers heatmap of importance (1 = most important layer).
+
+    ``scale='rank'`` colours each criterion by the layers' rank (0 = least, 1 = most important), so one
+    extreme layer (often layer 0) cannot flatten all others into one colour; ``'minmax'`` shows the
+    min-max normalized values themselves.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     wide = criteria_matrix(table, criteria=criteria)
+    if scale == "rank":
+        wide = (wide.rank(axis=1, method="average") - 1).div((wide.shape[1] - 1) or 1)
     order = list(wide.index)
     with paper_style():
         fig, ax = plt.subplots(figsize=(max(6, 0.28 * wide.shape[1] + 2), 0.42 * len(order) + 1.4))
@@ -57,8 +70,8 @@ def importance_heatmap(table: pd.DataFrame, title: str = "", criteria: list[str]
         ax.set_xticks(range(0, wide.shape[1], step), wide.columns[::step])
         ax.set_xlabel("layer")
         ax.set_ylabel("criterion")
-        ax.set_title(title or "Per-layer importance (normalized)")
-        fig.colorbar(im, ax=ax, label="normalized importance")
+        ax.set_title(title or f"Per-layer importance ({'rank within criterion' if scale == 'rank' else 'min-max'})")
+        fig.colorbar(im, ax=ax, label="importance rank (1 = most)" if scale == "rank" else "normalized importance")
         fig.tight_layout()
     return fig
 
@@ -290,19 +303,26 @@ def selection_traces(curves: dict[str, pd.DataFrame], chance: float | None = Non
         for ax, name in zip(axes[0], names, strict=True):
             c = curves[name]
             full = c[c["strategy"] == "full"]
+            bands = "ci_low" in c and c["ci_low"].notna().any()
             for i, (strategy, g) in enumerate((s, g) for s, g in c.groupby("strategy", sort=False) if s != "full"):
                 g = g.sort_values("k")
                 big = strategy == "importance_greedy"  # hollow and larger: top_k's points coincide with it
                 ax.plot(g["k"], g["score"], "-", marker=STRATEGY_MARKERS.get(strategy, "o"), ms=7 if big else 4,
                         mfc="none" if big else None, color=f"C{i}", label=strategy)
+                if bands:  # 95% bootstrap CI over the validation users
+                    ax.fill_between(g["k"], g["ci_low"], g["ci_high"], color=f"C{i}", alpha=0.12, lw=0)
             if len(full):
                 ax.axhline(full["score"].iloc[0], color="black", lw=1, label="full model (all layers)")
+                if bands:
+                    ax.axhspan(full["ci_low"].iloc[0], full["ci_high"].iloc[0], color="black", alpha=0.07, lw=0)
             if chance is not None:
                 ax.axhline(chance, color="grey", lw=1, ls="--", label="chance")
             ax.set_xlabel("kept layers k")
             ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
             ax.set_ylabel("NDCG@10 (validation users)")
-            ax.set_title(f"{name} (L={int(full['k'].iloc[0])})" if len(full) else name, loc="left")
+            users = f", n={int(c['n'].max())} users, bands: 95% CI" if bands else ""
+            ax.set_title((f"{name} (L={int(full['k'].iloc[0])}{users})" if len(full) else name), loc="left",
+                         fontsize="medium")
             ax.set_ylim(bottom=0)
         handles, labels = axes[0, -1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(4, len(labels)),

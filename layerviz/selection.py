@@ -63,6 +63,9 @@ class Selection:
                 "n_layers": self.n_layers, "thirds": self.thirds(), "evaluations": len(self.trace), **self.meta}
 
 
+TRACE_COLUMNS = ["step", "k", "layers", "score", "seconds", "ci_low", "ci_high", "n"]
+
+
 class SubsetScorer:
     """Scores layer subsets once each (cached), within an evaluation budget, with a trace."""
 
@@ -70,6 +73,7 @@ class SubsetScorer:
         self.model, self.evaluator, self.budget = model, evaluator, budget
         self.n_layers = arch.num_layers(model)
         self.cache: dict[tuple[int, ...], float] = {}
+        self.intervals: dict[tuple[int, ...], tuple[float, float, int]] = {}
         self.rows: list[dict] = []
         self.step = 0
 
@@ -85,14 +89,29 @@ class SubsetScorer:
         else:
             with arch.keep_layers(self.model, list(key)):
                 value = self.evaluator(self.model)
-        score = float(np.mean(value))
+        value = np.atleast_1d(np.asarray(value, dtype=np.float64))
+        score, low, high = metrics.bootstrap_ci(value, seed=0)
         self.cache[key] = score
+        self.intervals[key] = (low, high, len(value))
         self.rows.append({"step": self.step, "k": len(key), "layers": list(key), "score": score,
-                          "seconds": time.perf_counter() - t0})
+                          "seconds": time.perf_counter() - t0, "ci_low": low, "ci_high": high, "n": len(value)})
         return score
 
+    def remember(self, trace: pd.DataFrame) -> None:
+        """Take the scores (and intervals) of subsets another run scored on the same users: not rescored."""
+        for _, t in trace.iterrows():
+            key = tuple(int(i) for i in t["layers"])
+            self.cache[key] = float(t["score"])
+            if "ci_low" in t:
+                self.intervals[key] = (float(t["ci_low"]), float(t["ci_high"]), int(t["n"]))
+
+    def interval(self, layers) -> dict:
+        """{ci_low, ci_high, n}: the 95% bootstrap interval over users of a scored subset (NaN if unknown)."""
+        low, high, n = self.intervals.get(tuple(sorted(int(i) for i in layers)), (np.nan, np.nan, 0))
+        return {"ci_low": low, "ci_high": high, "n": n}
+
     def trace(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["step", "k", "layers", "score", "seconds"])
+        return pd.DataFrame(self.rows, columns=TRACE_COLUMNS)
 
 
 def saturated(history: Sequence[float], window: int = 3, threshold: float = 0.01) -> bool:
@@ -285,7 +304,7 @@ def select(strategy: str, model, evaluator: Callable | None = None, k: int | Non
             score = scorer(layers)
         except BudgetExhausted:
             score = scorer.cache.get(tuple(layers), float("nan"))
-    trace = scorer.trace() if scorer is not None else pd.DataFrame(columns=["step", "k", "layers", "score", "seconds"])
+    trace = scorer.trace() if scorer is not None else pd.DataFrame(columns=TRACE_COLUMNS)
     return Selection(strategy, layers, score, trace, n, meta)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from layerviz import arch
 from layerviz.cli import main as cli
-from layerviz.scoring import Request, ScoringConfig, embed_items, score, score_naive
+from layerviz.scoring import Prompt, Request, ScoringConfig, embed_items, score, score_naive
 
 REQ = Request(
     history=["Canon EOS R50 Mirrorless Camera Body", "Canon Battery Pack for EOS R50",
@@ -143,3 +143,141 @@ def test_embedding_full_ranking(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="full_ranking needs scorer='embedding'"):
         run(EvalConfig(model="tiny-gemma3", users=2, negatives=19, history_len=3, full_ranking=True,
                        results_dir=str(tmp_path / "r")), report=None)
+
+
+# -- packed scoring: every candidate of a user behind one copy of its history, under a block mask
+
+@pytest.mark.parametrize("scorer", ["likelihood", "yesno"])
+@pytest.mark.parametrize("row_tokens", [None, 40])  # 40: rows split, the history repeated per row
+def test_packed_equals_kv_cache_batches_and_naive(tiny, scorer, row_tokens):
+    name, model, tok = tiny
+    reqs = [REQ, Request(REQ.history[:1], REQ.candidates[::-1]), Request([], REQ.candidates[:2])]
+    cfg = dict(scorer=scorer, calibration="none", row_tokens=row_tokens)
+    packed = score(model, tok, reqs, ScoringConfig(packed=True, **cfg))
+    cached = score(model, tok, reqs, ScoringConfig(packed=False, **cfg))
+    for p, c, r in zip(packed, cached, reqs, strict=True):
+        naive = score_naive(model, tok, r, ScoringConfig(**cfg))
+        np.testing.assert_allclose(p, naive, atol=1e-4, err_msg=name)
+        np.testing.assert_allclose(p, c, atol=1e-4, err_msg=name)
+        assert np.argsort(-p, kind="stable").tolist() == np.argsort(-naive, kind="stable").tolist()
+
+
+def test_packed_rows_share_one_prefix_copy_per_row():
+    from layerviz.scoring import pack_rows
+
+    rows = pack_rows(7, [1, 2, 3], [[10, 11], [12], [13, 14, 15]], row_tokens=6)
+    assert [r.ids for r in rows] == [[1, 2, 3, 10, 11, 12], [1, 2, 3, 13, 14, 15]]
+    assert rows[0].segment == [0, 0, 0, 1, 1, 2] and rows[0].position == [0, 1, 2, 3, 4, 3]
+    assert rows[1].blocks == [(2, 3, 3)] and all(r.user == 7 for r in rows)
+    # a block longer than the budget still gets a row of its own
+    assert len(pack_rows(0, [1, 2, 3], [[9] * 10], row_tokens=4)) == 1
+
+
+def test_sliding_window_mask_matches_the_models_own_masks():
+    """A tiny Mistral (every layer slides) and tiny Gemma3 (alternating) with windows shorter than the prompt."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from tests.conftest import _load
+
+    _, tok = _load("tiny-llama3")
+    torch.manual_seed(0)
+    mistral = MistralForCausalLM(MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=128,
+                                               num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                               head_dim=16, sliding_window=8)).eval()
+    gemma, _ = _load("tiny-gemma3")  # sliding window 32
+    for model in (mistral, gemma):
+        assert arch.sliding_window(model) is not None
+        cfg = ScoringConfig(calibration="none", packed=True)
+        np.testing.assert_allclose(score(model, tok, [REQ], cfg)[0], score_naive(model, tok, REQ, cfg), atol=1e-4)
+
+
+def test_fallback_when_attention_takes_no_block_mask(monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from layerviz import scoring
+    from tests.conftest import _load
+
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert "flash_attention_2" in arch.packed_mask_unsupported(flash)
+    model, tok = _load("tiny-llama3")
+    assert arch.packed_mask_unsupported(model) is None
+    packed = score(model, tok, [REQ], ScoringConfig(calibration="none"))[0]
+    monkeypatch.setattr(scoring.arch, "packed_mask_unsupported", lambda m: "no 4D masks here")
+    with caplog.at_level(logging.DEBUG, logger="layerviz.scoring"):
+        fallback = score(model, tok, [REQ], ScoringConfig(calibration="none"))[0]
+    assert "packed scoring off (no 4D masks here)" in caplog.text
+    np.testing.assert_allclose(packed, fallback, atol=1e-4)
+    with pytest.raises(ValueError, match="packed scoring is not possible.*no 4D masks here"):
+        score(model, tok, [REQ], ScoringConfig(calibration="none", packed=True))
+
+
+def test_bad_requests_are_clear_errors_or_documented_scores(tiny):
+    _, model, tok = tiny
+    with pytest.raises(ValueError, match="1 request\\(s\\) have no candidates"):
+        score(model, tok, [REQ, Request(REQ.history, [])], ScoringConfig())
+    with pytest.raises(ValueError, match="max_title_tokens must be at least 1"):
+        score(model, tok, [REQ], ScoringConfig(max_title_tokens=0))
+    empty = score(model, tok, [Request(REQ.history, ["", "   "])], ScoringConfig(calibration="none"))[0]
+    assert empty.shape == (2,) and np.isfinite(empty).all()  # a blank title still has its leading-space token
+
+
+def test_history_longer_than_the_context_is_cut_from_the_oldest_side():
+    import warnings
+
+    from layerviz.models import load_model
+    from layerviz.scoring import fit_context
+
+    model, tok = load_model("tiny-llama3", device="cpu")
+    model.config.max_position_embeddings = 96
+    long = Request([f"Product number {i} with a long descriptive title" for i in range(12)], REQ.candidates[:3])
+    with pytest.warns(UserWarning, match="1 of 2 histories were longer than the model's context \\(96 tokens\\)"):
+        got = score(model, tok, [long, REQ], ScoringConfig(calibration="none"))
+    cut = fit_context(model, Prompt(tok, ScoringConfig()), [long], "likelihood")[0]
+    assert 0 < len(cut.history) < len(long.history) and cut.history == long.history[-len(cut.history):]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the cut request fits: no warning, and the same scores
+        want = score(model, tok, [cut], ScoringConfig(calibration="none"))[0]
+    np.testing.assert_allclose(got[0], want, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
+def test_packed_equals_naive_on_the_real_models(preset):
+    from tests.conftest import _load
+
+    model, tok = _load(preset)
+    reqs = [Request(REQ.history, REQ.candidates[:4]), Request(REQ.history[1:], REQ.candidates[2:])]
+    for scorer in ("likelihood", "yesno"):
+        cfg = ScoringConfig(scorer=scorer, calibration="none", packed=True)
+        for r, s in zip(reqs, score(model, tok, reqs, cfg), strict=True):
+            naive = score_naive(model, tok, r, cfg)
+            np.testing.assert_allclose(s, naive, atol=2e-3, rtol=1e-3)
+            assert np.argsort(-s).tolist() == np.argsort(-naive).tolist()
+
+
+def test_bench_scoring_reports_the_token_bound_as_json(tmp_path, monkeypatch):
+    """benchmarks/bench_scoring.py at tiny shapes: every field, and a bound that counts the tokens."""
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scoring.py"
+    spec = importlib.util.spec_from_file_location("bench_scoring", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "rows.json"
+    mod.main(["--model", "tiny-llama3", "--users", "1", "--histories", "2", "--candidates", "4", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [(r["scorer"], r["calibration"]) for r in rows] == mod.SCORERS
+    for r in rows:
+        assert {"history", "candidates", "speedup", "bound", "ratio", "same_ranks"} <= set(r)
+        assert r["candidates"] == 4 and r["history"] == 2 and r["same_ranks"] is True
+        assert r["ratio"] == pytest.approx(r["speedup"] / r["bound"]) and r["bound"] > 1
+    from tests.conftest import _load
+
+    _, tok = _load("tiny-llama3")
+    req = Request(["a b", "c"], ["d e f", "g"])
+    cfg = ScoringConfig(calibration="none")
+    text = Prompt(tok, cfg)
+    p, t = len(text.likelihood_prefix(req.history)), [len(text.title_ids(x)) for x in req.candidates]
+    assert mod.token_counts(tok, [req], cfg) == (2 * p + sum(t), p + sum(t))

@@ -6,6 +6,7 @@ import pytest
 
 from layerviz.study import hypotheses as H
 from layerviz.study import tables as T
+from layerviz.study import text
 from layerviz.study.config import StudyConfig
 from layerviz.study.result import FINE_TUNED, ZERO_SHOT, StudyResult
 
@@ -170,6 +171,21 @@ def test_headline_reads_the_bench_row_at_k():
     res = make()
     res.bench = res.bench[~res.bench.adapters]  # not measured: NaN, not a number from another k
     assert np.isnan(T.headline(res)["speedup"].iloc[0])
+
+
+def test_a_speedup_above_its_bound_is_flagged_not_reported():
+    res = make(speedup=5.0, retention=(0.95, 0.92, 0.98))  # 5x against a FLOP bound of 4.2x
+    res.bench["speedup_iqr"] = 0.1
+    res.bench["above_bound"] = res.bench["speedup"] - res.bench["speedup_iqr"] / 2 > res.bench["bound"]
+    head = T.headline(res)
+    assert head["above_bound"].tolist() == [True] and head["speedup_iqr"].iloc[0] == 0.1
+    row = H.speed_and_retention(res, res.models[0])[0]
+    assert row["verdict"] == "inconclusive" and "above its FLOP bound" in row["detail"]
+    assert "ABOVE the bound" in text.headline_sentences(head)
+    assert "WARNING: k4+adapters measured above the FLOP bound".replace("k4", f"k{K}") in text.bound_sentences(
+        res.bench.assign(measured_over_bound=res.bench.speedup / res.bench.bound, device="cpu"))
+    res.bench["above_bound"] = False  # within the bound, the same numbers give the 4x rule's verdict
+    assert H.speed_and_retention(res, res.models[0])[0]["verdict"] == "supported"
 
 
 def test_thirds_table_shares():

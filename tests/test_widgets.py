@@ -145,3 +145,34 @@ def test_static_rq2_and_overview_figures_are_labelled(tmp_path):
     assert [ax.get_xlabel() for ax in fig.axes] == ["users", "items", "interactions"]
     paths = plots.save(fig, "funnel", tmp_path)
     assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_selection_traces_draw_ci_bands_and_name_n():
+    imp = _importance()
+    cur = _curves(imp)
+    cur["ci_low"], cur["ci_high"], cur["n"] = cur["score"] - 0.05, cur["score"] + 0.05, 18
+    fig = plots.selection_traces({"m": cur}, chance=0.1)
+    ax = fig.axes[0]
+    assert "n=18 users" in ax.get_title(loc="left")
+    bands = [c for c in ax.collections if c.get_alpha() == 0.12]  # one band per strategy
+    assert len(bands) == cur[cur.strategy != "full"]["strategy"].nunique()
+    low, high = bands[0].get_paths()[0].vertices[:, 1].min(), bands[0].get_paths()[0].vertices[:, 1].max()
+    greedy = cur[cur.strategy == "importance_greedy"]
+    assert (low, high) == pytest.approx((greedy.ci_low.min(), greedy.ci_high.max()))
+    no_ci = plots.selection_traces({"m": _curves(imp)})  # older caches without intervals: lines only
+    assert "n=" not in no_ci.axes[0].get_title(loc="left") and not no_ci.axes[0].collections
+
+
+def test_heatmap_rank_scaling_is_not_flattened_by_one_extreme_layer():
+    imp = _importance()
+    imp.loc[(imp.criterion == "kurtosis") & (imp.layer == 0), "value"] = 1e6  # layer 0 dwarfs the rest
+    k = imp.criterion == "kurtosis"
+    v = imp.loc[k, "value"]
+    imp.loc[k, "normalized"] = (v - v.min()) / (v.max() - v.min())
+    minmax = plots.importance_heatmap(imp, scale="minmax").axes[0].images[0].get_array()
+    rank = plots.importance_heatmap(imp, scale="rank").axes[0].images[0].get_array()
+    row = plots.criteria_matrix(imp).index.get_loc("kurtosis")
+    assert np.ptp(np.asarray(minmax[row, 1:])) < 1e-5  # every other layer one colour
+    assert sorted(np.asarray(rank[row]).round(6)) == pytest.approx(np.linspace(0, 1, 10))
+    with pytest.raises(ValueError, match="unknown scale"):
+        plots.importance_heatmap(imp, scale="log")

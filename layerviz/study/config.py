@@ -241,7 +241,7 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
                adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
                bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
-                      "query_batches": [10], "isolate": False},
+                      "isolate": False},
                device="cpu", results_dir=results_dir)
     raw.update(over)
     return StudyConfig.from_dict(raw, where="smoke config")

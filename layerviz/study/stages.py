@@ -272,18 +272,19 @@ class Study:
             ev, _ = self.evaluator(spec, dataset, "valid", cfg.select_users)
             scorer = SubsetScorer(model, ev)
             for sel in sels.values():  # same users and candidates: subsets the selections scored are not rescored
-                for _, t in sel["trace"].iterrows():
-                    scorer.cache[tuple(t["layers"].tolist())] = float(t["score"])
-            rows = [{"strategy": "full", "k": n, "layers": list(range(n)), "score": scorer(list(range(n)))}]
+                scorer.remember(sel["trace"])
+
+            def point(strategy: str, layers: list[int]) -> dict:  # score and 95% CI over the validation users
+                return {"strategy": strategy, "k": len(layers), "layers": layers, "score": scorer(layers),
+                        **scorer.interval(layers)}
+
+            rows = [point("full", list(range(n)))]
             if "importance_greedy" in sels:
-                for _, t in sels["importance_greedy"]["trace"].iterrows():
-                    rows.append({"strategy": "importance_greedy", "k": t["k"], "layers": t["layers"].tolist(),
-                                 "score": t["score"]})
+                rows += [point("importance_greedy", t["layers"].tolist())
+                         for _, t in sels["importance_greedy"]["trace"].iterrows()]
             order = importance_order(table, crit, True, n) if table is not None else None
-            for s in fixed:
-                for kk in range(1, k + 1):
-                    layers = fixed_layers(s, n, kk, order if s == "top_k" else None)
-                    rows.append({"strategy": s, "k": kk, "layers": layers, "score": scorer(layers)})
+            rows += [point(s, fixed_layers(s, n, kk, order if s == "top_k" else None))
+                     for s in fixed for kk in range(1, k + 1)]
             return {"curves": pd.DataFrame(rows)}
 
         return self.stages(f"{slug(spec)}/{slug(dataset)}/curves",

@@ -266,10 +266,16 @@ def verdict_sentences(h: pd.DataFrame) -> str:
 
 
 def bound_sentences(bench: pd.DataFrame) -> str:
-    return lines(f"{m}: measured prefill speedup is {g[~g.adapters].measured_over_bound.min():.2f}-"
-                 f"{g[~g.adapters].measured_over_bound.max():.2f} of the FLOP bound over k = "
-                 f"{', '.join(map(str, sorted(g.k.unique())))} (device {g.device.iloc[0]})."
-                 for m, g in bench[bench.config != "full"].groupby("model"))
+    out = []
+    for m, g in bench[bench.config != "full"].groupby("model"):
+        out.append(f"{m}: measured prefill speedup is {g[~g.adapters].measured_over_bound.min():.2f}-"
+                   f"{g[~g.adapters].measured_over_bound.max():.2f} of the FLOP bound over k = "
+                   f"{', '.join(map(str, sorted(g.k.unique())))} (device {g.device.iloc[0]}).")
+        above = g[g.get("above_bound", pd.Series(False, index=g.index)).astype(bool)]
+        if len(above):
+            out.append(f"  WARNING: {', '.join(above.config)} measured above the FLOP bound (beyond half the IQR): "
+                       "a timing artefact, not a result; rerun the bench with more runs on an idle machine.")
+    return lines(out)
 
 
 def bench_sentences(bench: pd.DataFrame) -> str:
@@ -284,5 +290,6 @@ def bench_sentences(bench: pd.DataFrame) -> str:
 
 def headline_sentences(head: pd.DataFrame) -> str:
     return lines(f"{r.model}: {r.k} of {r.L} layers ({r.compression:.1f}x fewer) run {r.speedup:.2f}x faster (bound "
-                 f"{r.bound:.2f}x) in {r.memory_ratio:.2f}x the memory and keep {r.ndcg10_retention:.0%} of NDCG@10 "
+                 f"{r.bound:.2f}x{'; ABOVE the bound: a timing artefact, not a result' if r.get('above_bound') else ''}"
+                 f") in {r.memory_ratio:.2f}x the memory and keep {r.ndcg10_retention:.0%} of NDCG@10 "
                  f"(95% CI {r.ndcg10_low:.0%}-{r.ndcg10_high:.0%})." for _, r in head.iterrows())

@@ -349,6 +349,25 @@ def skip_layers(model: nn.Module, skip: list[int]):
         yield m
 
 
+@contextmanager
+def resume_at(model: nn.Module, start: int, hidden: torch.Tensor):
+    """Run only layers ``start``.. on ``hidden``, the state entering layer ``start`` (shaped like the inputs).
+
+    The embedding's output is replaced by ``hidden`` and the layers before ``start`` are left out
+    (``keep_layers``), so a forward computes exactly what the full model computes from layer
+    ``start`` on, for the price of the layers it runs. Restored on exit.
+    """
+    n = num_layers(model)
+    if not 0 < start < n:
+        raise ValueError(f"resume_at needs 0 < start < {n} (layers left to run), got {start}")
+    with keep_layers(model, list(range(start, n))):
+        handle = embedding(model).register_forward_hook(lambda _m, _a, _out: hidden)
+        try:
+            yield model
+        finally:
+            handle.remove()
+
+
 def validate_layers(layer_ids, n: int, allow_empty: bool = False) -> list[int]:
     """Check a layer list: ints in [0, n), sorted, no duplicates; raise naming the problem."""
     ids = list(layer_ids)

@@ -302,20 +302,42 @@ def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarr
     return out
 
 
+def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8) -> tuple[np.ndarray, dict]:
+    """Per-sample calibration loss, and its rise (n_samples, L) when each layer of ``todo`` is skipped.
+
+    Skipping layer i leaves layers 0..i-1 as they were, so their output is taken from the full pass
+    (``resid_pre.i``) and only layers i+1.. run again (``arch.resume_at``): the same numbers as
+    running the model without layer i, for about half the layer passes.
+    """
+    n_layers, dev = arch.num_layers(model), arch.embedding(model).weight.device
+    base = np.zeros(len(cal.examples))
+    rise = np.full((len(cal.examples), n_layers), np.nan)
+    starts = range(0, len(cal.examples), batch_size)
+    with torch.no_grad(), progress(total=len(starts) * len(todo), desc="ablation", unit="layer") as bar:
+        for start in starts:
+            idx = list(range(start, min(len(cal.examples), start + batch_size)))
+            exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
+            with arch.capture(model, [f"resid_pre.{i}" for i in todo]) as states:
+                base[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
+            for i in todo:
+                last = i == n_layers - 1  # nothing to resume: run the model without its last layer
+                with arch.skip_layers(model, [i]) if last else arch.resume_at(model, i + 1, states[f"resid_pre.{i}"]):
+                    rise[idx, i] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy() - base[idx]
+                bar.update(1)
+    return base, {"ablation_loss": rise}
+
+
 def ablate(model, cal: Calibration, evaluator: Callable | None = None, layers: list[int] | None = None,
            batch_size: int = 8) -> dict[str, np.ndarray]:
     """Skip each layer in turn -> per-sample loss rise (n_samples, L) and per-user NDCG@10 drop (n_users, L)."""
     n_layers = arch.num_layers(model)
     todo = list(range(n_layers)) if layers is None else layers
-    base_loss = calibration_losses(model, cal, batch_size)
-    out = {"ablation_loss": np.full((len(base_loss), n_layers), np.nan)}
+    base_loss, out = loss_ablation(model, cal, todo, batch_size)
     base_ndcg = evaluator(model) if evaluator else None
     if evaluator:
         out["ablation_ndcg"] = np.full((len(base_ndcg), n_layers), np.nan)
-    for i in progress(todo, desc="ablation", unit="layer"):
-        with arch.skip_layers(model, [i]):
-            out["ablation_loss"][:, i] = calibration_losses(model, cal, batch_size) - base_loss
-            if evaluator:
+        for i in progress(todo, desc="ablation (task)", unit="layer"):
+            with arch.skip_layers(model, [i]):
                 out["ablation_ndcg"][:, i] = base_ndcg - evaluator(model)
     out["base_loss"] = base_loss
     if evaluator:

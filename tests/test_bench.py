@@ -87,10 +87,10 @@ def test_timings_interleave_and_take_per_round_ratios(tiny_llama, monkeypatch):
 
     model, tok = tiny_llama
     order, clock = [], iter([
-        99, 99, 99, 99,  # warm-up round: full prefill, full query, compact prefill, compact query
-        2, 1, 1, 1,  # round 1: prefill ratio 2
-        6, 1, 2, 1,  # round 2: 3
-        3, 1, 3, 1,  # round 3: 1
+        99, 99, 99, 99, 99,  # warm-up: LM head, full prefill, full query, compact prefill, compact query
+        0.5, 2, 1, 1, 1,  # round 1: prefill ratio 2
+        0.5, 6, 1, 2, 1,  # round 2: 3
+        0.7, 3, 1, 3, 1,  # round 3: 1
         1, 1])  # throughput: one call each
 
     def fake_once(fn, device):
@@ -104,7 +104,19 @@ def test_timings_interleave_and_take_per_round_ratios(tiny_llama, monkeypatch):
     assert out["k2"]["speedup"] == 2.0  # median of 2, 3, 1; the ratio of medians would be 3 / 2
     assert out["k2"]["prefill_ms"] == 2000 and out["full"]["prefill_ms"] == 3000
     assert out["k2"]["speedup_iqr"] == pytest.approx(1.0) and out["full"]["speedup"] == 1
-    assert out["k2"]["runs"] == 3 and len(order) == 18
+    assert out["k2"]["runs"] == 3 and len(order) == 22 and out["full"]["head_ms"] == 500
+
+
+def test_time_bound_is_what_saving_the_dropped_layers_time_would_give():
+    # full 1000 ms of which the head 200: dropping 24 of 32 equal layers saves 0.75 * 800 = 600 ms
+    assert bench.time_bound(1000, 200, 32, 8) == pytest.approx(1000 / 400)
+    assert bench.time_bound(1000, 200, 32, 32) == 1 and bench.time_bound(1000, 0, 10, 5) == pytest.approx(2)
+    # a head that is faster per FLOP than the layers lifts the time bound above the FLOP bound:
+    # FLOPs per token 8 layers x 1 + head 2 (head 20%); time: head 10% of 1000 ms
+    costs = {"layer_params": [0.5] * 8, "heads": [0] * 8, "head_dim": [0] * 8, "window": [0] * 8, "head_params": 1}
+    assert bench.flop_bound(costs, [0, 1], 4) == pytest.approx(10 / 4)
+    lifted = bench.time_bound(1000, 100, 8, 2)
+    assert lifted == pytest.approx(1000 / 325) and lifted > bench.flop_bound(costs, [0, 1], 4)
 
 
 def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
@@ -116,7 +128,8 @@ def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
     assert np.allclose(df["measured_over_bound"], df["speedup"] / df["bound"])
     assert df.loc[0, "speedup"] == 1 and df.loc[0, "bound"] == pytest.approx(1) and df.loc[0, "speedup_iqr"] == 0
     assert (df["runs"] == 3).all() and (df["qps"] > 0).all()
-    assert df["above_bound"].tolist() == (df["speedup"] - df["speedup_iqr"] / 2 > df["bound"]).tolist()
+    assert df["above_bound"].tolist() == (df["speedup"] - df["speedup_iqr"] / 2 > df["time_bound"]).tolist()
+    assert df.loc[0, "time_bound"] == pytest.approx(1) and (df.loc[1:, "time_bound"] > 1).all()
     assert df.loc[2, "bound"] < df.loc[1, "bound"]  # adapters cost FLOPs
     assert (tmp_path / "out" / "bench.csv").exists()
 

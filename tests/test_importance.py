@@ -210,3 +210,25 @@ def test_run_importance_fit_fusion(tmp_path):
     with pytest.raises(ValueError, match="keep ablation on"):
         imp.run_importance(imp.ImportanceConfig(model="tiny-gemma3", fusion_weights="fit", ablation=False,
                                                 results_dir=str(tmp_path)), report=None)
+
+
+@pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
+def test_loss_ablation_resumes_from_the_full_pass_with_the_same_numbers(fresh, demo):
+    """Skipping layer i by resuming at i + 1 from resid_pre.i equals running the model without layer i."""
+    model, tok = fresh
+    cal = imp.build_calibration(demo, tok, n=5)
+    n = arch.num_layers(model)
+    todo = [0, 1, n // 2, n - 2, n - 1]
+    base, out = imp.loss_ablation(model, cal, todo, batch_size=2)
+    np.testing.assert_allclose(base, imp.calibration_losses(model, cal, batch_size=2), atol=1e-6)
+    for i in range(n):
+        if i in todo:
+            with arch.skip_layers(model, [i]):
+                plain = imp.calibration_losses(model, cal, batch_size=2) - base
+            np.testing.assert_allclose(out["ablation_loss"][:, i], plain, atol=1e-5, err_msg=f"layer {i}")
+        else:
+            assert np.isnan(out["ablation_loss"][:, i]).all()
+    with pytest.raises(ValueError, match="resume_at needs 0 < start"):
+        with arch.resume_at(model, n, torch.zeros(1)):
+            pass
+    assert arch.num_layers(model) == n  # restored

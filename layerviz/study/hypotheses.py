@@ -99,7 +99,7 @@ def speed_and_retention(res: StudyResult, m: str) -> list[dict]:
     verdict = speed_verdict(speed, ret["retention_low"], ret["retention_high"])
     detail = f"speedup {speed:.2f}x (FLOP bound {bound:.2f}x), retention {ret['retention']:.2f}"
     if b is not None and bool(b.get("above_bound", False)):  # a timing artefact decides nothing
-        verdict, detail = "inconclusive", detail + "; the speedup is above its FLOP bound: a timing artefact"
+        verdict, detail = "inconclusive", detail + "; the speedup is above its time bound: a timing artefact"
     return [_row(m, f"{s['k']} of {s['n_layers']} layers: 4x speed with ~90% NDCG retained",
                  "measured prefill speedup; NDCG@10 retention with adapters", speed, ret["retention_low"],
                  ret["retention_high"], verdict, detail)]

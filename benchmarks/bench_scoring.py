@@ -31,9 +31,16 @@ SCORERS = [("likelihood", "none"), ("likelihood", "pmi"), ("yesno", "none")]
 
 
 def requests(dataset: str, history: int, negatives: int, users: int, seed: int = 0):
+    """The first ``users`` sampled test users whose history holds at least ``history`` titles (so that
+    history 5, 10 and 20 are different prompts), with their candidates and positive positions."""
     prep = data.load(dataset, config=data.PrepConfig(history_len=history), report=None)
-    cands = data.build_candidates(prep, data.CandidateConfig(negatives=negatives, users=users, seed=seed))
-    return prep, requests_for(prep, cands, "test"), cands["pos_index"].to_numpy()
+    cands = data.build_candidates(prep, data.CandidateConfig(negatives=negatives, users=None, seed=seed))
+    reqs = requests_for(prep, cands, "test")
+    keep = [i for i, r in enumerate(reqs) if len(r.history) >= history][:users]
+    if len(keep) < users:
+        raise SystemExit(f"{dataset} has only {len(keep)} test users with {history}+ history titles; "
+                         "lower --users or --histories")
+    return prep, [reqs[i] for i in keep], cands["pos_index"].to_numpy()[keep]
 
 
 def token_counts(tok, reqs, cfg: ScoringConfig) -> tuple[int, int]:

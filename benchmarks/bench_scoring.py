@@ -103,19 +103,21 @@ def compare(model, tok, args) -> list[dict]:
 
 def sweep(model, tok, args) -> list[dict]:
     rows = []
-    print(f"{'scorer':<12}{'hist':>5}{'cands':>6}" + "".join(f"{f'rows {t}':>11}" for t in args.row_tokens)
-          + "   (harness s/user)", flush=True)
+    print(f"{'scorer':<12}{'hist':>5}{'cands':>6}{'KV cache':>10}" + "".join(f"{f'rows {t}':>11}" for t in args.row_tokens)
+          + "   (harness s/user; KV cache: the unpacked fallback)", flush=True)
     for history in args.histories:
         for n in args.candidates:
             prep, reqs, _ = requests(args.dataset, history, n - 1, args.users)
             for scorer in ("likelihood", "yesno"):
                 times = []
-                for t in args.row_tokens:
-                    cfg = ScoringConfig(scorer=scorer, calibration="none", domain=prep.domain, row_tokens=t)
+                for t in [None, *args.row_tokens]:  # None: the KV-cache path
+                    cfg = ScoringConfig(scorer=scorer, calibration="none", domain=prep.domain, row_tokens=t,
+                                        packed=t is not None)
                     score(model, tok, reqs[:1], cfg)
                     times.append(timed(lambda cfg=cfg, reqs=reqs: score(model, tok, reqs, cfg), 2)[0] / len(reqs))
                     rows.append(dict(scorer=scorer, history=history, candidates=n, row_tokens=t, s_per_user=times[-1]))
-                print(f"{scorer:<12}{history:>5}{n:>6}" + "".join(f"{x:>11.3f}" for x in times), flush=True)
+                print(f"{scorer:<12}{history:>5}{n:>6}{times[0]:>10.3f}" + "".join(f"{x:>11.3f}" for x in times[1:]),
+                      flush=True)
     return rows
 
 
@@ -152,7 +154,7 @@ def bf16(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="demo")
+    ap.add_argument("--dataset", default="demo-movies", help="demo-movies: the bundled data with 20-title histories")
     ap.add_argument("--users", type=int, default=2, help="test users per setting (bf16: use more, e.g. 40)")
     ap.add_argument("--histories", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--candidates", type=int, nargs="+", default=[20, 100], help="list lengths: 20 is 1+19")

@@ -68,7 +68,7 @@ class ScoringConfig:
     None: wherever the model's attention takes the mask (else the KV-cache batches, with a debug log line)."""
     row_tokens: int | None = None
     """Longest packed sequence; a user whose prompt is longer is split into rows that repeat the history.
-    None: 1024 on CPU, 4096 on CUDA (measured: benchmarks/bench_scoring.py --sweep)."""
+    None: 1024 on CPU (benchmarks/bench_scoring.py --sweep; README), 4096 on CUDA (not measured)."""
 
 
 @dataclass

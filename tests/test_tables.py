@@ -186,6 +186,8 @@ def test_a_speedup_above_its_bound_is_flagged_not_reported():
         res.bench.assign(measured_over_bound=res.bench.speedup / res.bench.bound, device="cpu"))
     res.bench["above_bound"] = False  # within the bound, the same numbers give the 4x rule's verdict
     assert H.speed_and_retention(res, res.models[0])[0]["verdict"] == "supported"
+    res.bench["above_bound"], res.bench["time_bound"] = True, 2.0  # even the bound is far from 4x
+    assert H.speed_and_retention(res, res.models[0])[0]["verdict"] == "contradicted"
 
 
 def test_thirds_table_shares():

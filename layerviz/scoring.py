@@ -8,11 +8,13 @@
 * ``yesno``: TALLRec-style log P(Yes) - log P(No) at the answer position.
 * ``embedding``: cosine between mean-pooled final hidden states of user prompt and item title.
 
-Speed: the history prefix is encoded once per user and its KV cache is expanded over
-the candidates, which are run in right-padded batches behind it. Only the rows of the
-LM head that are needed are computed: Yes/No rows for ``yesno``; for ``likelihood`` the
-full vocabulary only at title positions, in bounded chunks. Right padding with explicit
-attention masks keeps every real token at its true position.
+Speed: each user's candidates are packed behind one copy of its history in one sequence,
+under a block attention mask (``arch.packed_masks``: a candidate sees the history and its own
+earlier tokens; positions restart after the history), several users per forward pass. Models
+whose attention takes no custom mask fall back to encoding the history once and running the
+candidates in right-padded batches behind a copy of its KV cache. Only the rows of the LM head
+that are needed are computed: Yes/No rows for ``yesno``; for ``likelihood`` the full vocabulary
+only at title positions, in bounded chunks.
 
 The model can be any HF causal LM that ``layerviz.arch`` understands; everything goes
 through ``arch.parts(model)``, so compact models built on the same parts work unchanged.
@@ -407,10 +409,6 @@ def yes_no_ids(tokenizer) -> tuple[int, int]:
         raise ValueError("the tokenizer maps ' Yes' and ' No' to the same first token; "
                          "the yesno scorer cannot be used with it")
     return yes, no
-
-
-def _yesno(model, text: Prompt, req: Request, batch: int) -> np.ndarray:
-    return _score_request(model, text, req, batch, "yesno")
 
 
 def _embed(model, seqs: list[list[int]], pad: int) -> torch.Tensor:

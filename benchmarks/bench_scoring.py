@@ -48,10 +48,7 @@ def token_counts(tok, reqs, cfg: ScoringConfig) -> tuple[int, int]:
     text = Prompt(tok, cfg)
     naive = harness = 0
     for r in reqs:
-        if cfg.scorer == "likelihood":
-            prefix, blocks = text.likelihood_prefix(r.history), [text.title_ids(t) for t in r.candidates]
-        else:
-            prefix, blocks = text.yesno_prefix(r.history), [text.yesno_suffix(t) for t in r.candidates]
+        prefix, blocks = text.prefix(r.history, cfg.scorer), [text.block(t, cfg.scorer) for t in r.candidates]
         naive += sum(len(prefix) + len(b) for b in blocks)
         harness += len(prefix) + sum(len(b) for b in blocks)
     if cfg.scorer == "likelihood" and cfg.calibration == "pmi":

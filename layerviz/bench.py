@@ -200,11 +200,10 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
     queries in one call.
     """
     names = list(targets)
-    dev = arch.embedding(targets[names[0]]).weight.device
-    ids = _prefill_ids(targets[names[0]], cfg)
+    full = targets[names[0]]
+    dev, ids = arch.embedding(full).weight.device, _prefill_ids(full, cfg)
     sc = ScoringConfig(max_title_tokens=cfg.max_title_tokens)
     t = {n: {"prefill": [], "latency": []} for n in names}
-    full = targets[names[0]]
     hidden = torch.randn(*ids.shape, arch.hidden_size(full), generator=torch.Generator().manual_seed(cfg.seed))
     hidden, head = hidden.to(dev, arch.embedding(full).weight.dtype), []
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
@@ -312,9 +311,11 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, token
     times = timings(targets, tokenizer, request, cfg)
     rows = []
     for c in progress(configs, desc="bench memory", unit="config"):
-        spec = {**c, "config": asdict(cfg), "request": asdict(request)}
-        m = {**times[c["name"]], "peak_mb": (_isolated(spec) if isolate else
-                                             {"peak_mb": peak_memory(targets[c["name"]], tokenizer, request, cfg)})["peak_mb"]}
+        if isolate:
+            peak = _isolated({**c, "config": asdict(cfg), "request": asdict(request)})["peak_mb"]
+        else:
+            peak = peak_memory(targets[c["name"]], tokenizer, request, cfg)
+        m = {**times[c["name"]], "peak_mb": peak}
         layers = c["layers"] if c["layers"] is not None else list(range(n))
         ad_flops = adapter_flops(layers, n, arch.hidden_size(model), cfg.rank) if c["adapters"] else 0.0
         rows.append({"model": cfg.model, "config": c["name"], "L": n, "k": c["k"], "adapters": c["adapters"],

@@ -26,6 +26,7 @@ import copy
 import logging
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,7 +86,7 @@ class Prompt:
     """The one prompt builder: header, history, candidate and answer templates per domain.
 
     Scoring, importance calibration and fine-tuning all build their token ids here, so a
-    prompt string is never written twice. Title tokenization is truncated and memoized.
+    prompt string is never written twice. Title and template tokenization is memoized (titles truncated).
     """
 
     def __init__(self, tokenizer, cfg: ScoringConfig):
@@ -93,6 +94,7 @@ class Prompt:
             raise ValueError(f"unknown domain {cfg.domain!r}; use one of {', '.join(PROMPTS)}")
         self.tok, self.cfg, self.p = tokenizer, cfg, PROMPTS[cfg.domain]
         self._ids: dict[str, list[int]] = {}
+        self._literal: dict[tuple[str, bool], list[int]] = {}
 
     def title_ids(self, title: str) -> list[int]:
         """Token ids of ' ' + title, cut to max_title_tokens; an empty title is read as ' ?'."""
@@ -107,7 +109,7 @@ class Prompt:
         header (with BOS where the model has one), then '\n-' + title ids per history item,
         then ``tail``. Segment-wise tokenization keeps titles identical wherever they appear.
         """
-        ids = self.tok(self.p["header"]).input_ids
+        ids = self.ids(self.p["header"], special=True)
         is_item = [False] * len(ids)
         dash = self.ids("\n-")
         for t in history:
@@ -123,8 +125,11 @@ class Prompt:
     def prefix_ids(self, history: list[str], tail: str) -> list[int]:
         return self.prefix_segments(history, tail)[0]
 
-    def ids(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False).input_ids
+    def ids(self, text: str, special: bool = False) -> list[int]:
+        """Token ids of a template string (``special``: with the model's BOS), memoized; a fresh list."""
+        if (text, special) not in self._literal:
+            self._literal[text, special] = self.tok(text, add_special_tokens=special).input_ids
+        return list(self._literal[text, special])
 
     def likelihood_prefix(self, history: list[str]) -> list[int]:
         """The history prompt that a candidate title continues (likelihood scorer)."""
@@ -137,6 +142,14 @@ class Prompt:
     def yesno_suffix(self, title: str) -> list[int]:
         """Candidate line, question and answer cue after the yes/no prefix; the answer is read at its end."""
         return self.ids("Candidate:") + self.title_ids(title) + self.ids(f"\n{self.p['question']}\nAnswer:")
+
+    def prefix(self, history: list[str], scorer: str) -> list[int]:
+        """The part of a ``scorer`` prompt shared by all of a user's candidates."""
+        return self.likelihood_prefix(history) if scorer == "likelihood" else self.yesno_prefix(history)
+
+    def block(self, title: str, scorer: str) -> list[int]:
+        """One candidate's part of a ``scorer`` prompt, after the shared prefix."""
+        return self.title_ids(title) if scorer == "likelihood" else self.yesno_suffix(title)
 
 
 def _device(model) -> torch.device:
@@ -235,7 +248,7 @@ def suffix_scores(model, text: Prompt, prefix: _Prefix, titles: list[str], score
     likelihood: mean log-prob of the title tokens; yesno: log P(Yes) - log P(No) at the answer.
     """
     pad = text.tok.pad_token_id
-    suffixes = [text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t) for t in titles]
+    suffixes = [text.block(t, scorer) for t in titles]
     hidden, mask = prefix.hidden(suffixes, pad, reuse)
     ids, _ = pad_right([[prefix.last, *x] for x in suffixes], pad, prefix.dev)
     return _suffix_scores_from_hidden(model, text, hidden, ids, mask, scorer)
@@ -263,7 +276,7 @@ def shared_prefix_scores(model, text: Prompt, history: list[str], titles: list[s
     The history is encoded once and its KV cache expanded over the candidates, so a
     training step pays for the history once, not once per candidate.
     """
-    ids = text.likelihood_prefix(history) if scorer == "likelihood" else text.yesno_prefix(history)
+    ids = text.prefix(history, scorer)
     return suffix_scores(model, text, _Prefix(model, ids), titles, scorer, reuse=False)
 
 
@@ -280,7 +293,7 @@ def batched_prefix_scores(model, text: Prompt, histories: list[list[str]], candi
     if any(len(c) != n for c in candidates):
         raise ValueError("batched_prefix_scores needs the same number of candidates for every history")
     dev, pad = _device(model), text.tok.pad_token_id
-    prefixes = [text.likelihood_prefix(h) if scorer == "likelihood" else text.yesno_prefix(h) for h in histories]
+    prefixes = [text.prefix(h, scorer) for h in histories]
     heads = [p[:-1] for p in prefixes]
     width = max(len(h) for h in heads)
     ids = torch.full((len(heads), width), pad, dtype=torch.long)
@@ -290,7 +303,7 @@ def batched_prefix_scores(model, text: Prompt, histories: list[list[str]], candi
         pos[b, width - len(h):] = torch.arange(len(h))
     _, cache = arch.run_decoder(model, ids.to(dev), mask.to(dev), use_cache=True, position_ids=pos.to(dev))
     cache.batch_repeat_interleave(n)
-    suffixes = [[p[-1], *(text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t))]
+    suffixes = [[p[-1], *text.block(t, scorer)]
                 for p, cands in zip(prefixes, candidates, strict=True) for t in cands]
     s_ids, s_mask = pad_right(suffixes, pad, dev)
     full_mask = torch.cat([mask.to(dev).repeat_interleave(n, 0), s_mask], 1)
@@ -368,11 +381,10 @@ def _score_packed(model, text: Prompt, requests: list[Request], scorer: str, row
     """Every request's raw scores through packed rows, several rows per forward pass."""
     rows: list[_Row] = []
     for u, req in enumerate(requests):
-        prefix = text.likelihood_prefix(req.history) if scorer == "likelihood" else text.yesno_prefix(req.history)
-        blocks = [text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t) for t in req.candidates]
-        rows += pack_rows(u, prefix, blocks, row_tokens)
+        blocks = [text.block(t, scorer) for t in req.candidates]
+        rows += pack_rows(u, text.prefix(req.history, scorer), blocks, row_tokens)
     out = [np.zeros(len(r.candidates)) for r in requests]
-    left = [sum(1 for r in rows if r.user == u) for u in range(len(requests))]
+    left = Counter(r.user for r in rows)  # rows still to run per user
     rows.sort(key=lambda r: len(r.ids))
     i = 0
     while i < len(rows):  # forwards of at most row_tokens padded tokens (at least one row)
@@ -390,8 +402,7 @@ def _score_packed(model, text: Prompt, requests: list[Request], scorer: str, row
 
 
 def _score_request(model, text: Prompt, req: Request, batch: int, scorer: str) -> np.ndarray:
-    ids = text.likelihood_prefix(req.history) if scorer == "likelihood" else text.yesno_prefix(req.history)
-    prefix = _Prefix(model, ids)
+    prefix = _Prefix(model, text.prefix(req.history, scorer))
     lengths = [len(text.title_ids(t)) for t in req.candidates]
     return np.array(_batched(lambda titles: suffix_scores(model, text, prefix, titles, scorer).tolist(),
                              req.candidates, batch, prefix.dev, lengths, _max_tokens(prefix.dev)))
@@ -492,10 +503,9 @@ def fit_context(model, text: Prompt, requests: list[Request], scorer: str) -> li
         return requests
     out, cut = [], 0
     for req in requests:
-        block = max(len(text.title_ids(t) if scorer == "likelihood" else text.yesno_suffix(t))
-                    for t in req.candidates)
+        block = max(len(text.block(t, scorer)) for t in req.candidates)
         history = list(req.history)
-        while history and len(text.prefix_ids(history, "\n-")) + block + 8 > context:
+        while history and len(text.prefix(history, scorer)) + block + 8 > context:
             history.pop(0)
         cut += len(history) < len(req.history)
         out.append(Request(history, req.candidates) if len(history) < len(req.history) else req)

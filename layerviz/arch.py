@@ -195,11 +195,11 @@ def packed_masks(model: nn.Module, segment: torch.Tensor, position: torch.Tensor
     return {"full_attention": additive(visible), "sliding_attention": additive(near)}
 
 
-def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | slice | None = None) -> torch.Tensor:
     """LM-head logits for hidden states taken *after* the final norm (Gemma softcapping applied).
 
-    ``token_ids`` restricts the projection to those vocabulary rows (e.g. Yes/No), so no
-    full-vocabulary logits are ever computed for them.
+    ``token_ids`` (a list, or a slice of the vocabulary) restricts the projection to those vocabulary
+    rows (e.g. Yes/No, or one block of the vocabulary), so no full-vocabulary logits are computed.
     """
     head = lm_head(model)
     if token_ids is None:

@@ -44,7 +44,7 @@ from layerviz.data import load
 from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
 from layerviz.progress import progress
-from layerviz.scoring import Prompt, ScoringConfig, yes_no_ids
+from layerviz.scoring import Prompt, ScoringConfig, token_logprobs, yes_no_ids
 from layerviz.settings import Settings
 from layerviz.study.depth import depth
 
@@ -142,13 +142,12 @@ def per_sample_loss(model, cal: Calibration, exs, ids, mask) -> torch.Tensor:
     """Recommendation loss per example: title NLL (mean over its tokens) or Yes/No cross-entropy."""
     hidden, _ = arch.run_decoder(model, ids, mask)
     if cal.loss == "likelihood":
-        losses = []
-        for r, e in enumerate(exs):
-            end = len(e.ids)
-            pos = torch.arange(end - e.n_target - 1, end - 1, device=ids.device)
-            logp = arch.logits(model, hidden[r, pos]).float().log_softmax(-1)
-            losses.append(-logp.gather(1, ids[r, pos + 1][:, None]).mean())
-        return torch.stack(losses)
+        row = torch.tensor([r for r, e in enumerate(exs) for _ in range(e.n_target)], device=ids.device)
+        pos = torch.tensor([p for e in exs for p in range(len(e.ids) - e.n_target - 1, len(e.ids) - 1)],
+                           device=ids.device)
+        logp = token_logprobs(model, hidden[row, pos], ids[row, pos + 1])
+        n = torch.tensor([e.n_target for e in exs], dtype=logp.dtype, device=ids.device)
+        return -torch.zeros(len(exs), dtype=logp.dtype, device=ids.device).index_add_(0, row, logp) / n
     last = hidden[torch.arange(len(exs), device=ids.device), mask.sum(1) - 1]
     two = arch.logits(model, last, list(cal.yes_no)).float()
     labels = torch.tensor([1 - e.label for e in exs], device=ids.device)  # column 0 = Yes

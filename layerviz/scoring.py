@@ -230,14 +230,33 @@ class _Prefix:
         return hidden, mask
 
 
-def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-    """log p(targets), (rows,): post-norm hidden states through the LM head in vocabulary-bounded chunks."""
+def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, vocab_block: int | None = None,
+                   max_rows: int = 4096) -> torch.Tensor:
+    """log p(targets), (rows,): post-norm hidden states through the LM head, one block of vocabulary rows at a time.
+
+    The log-normalizer is accumulated over blocks of ``vocab_block`` head rows (online logsumexp), so each
+    head row is read once per ``max_rows`` hidden rows rather than once per small chunk of rows, and no
+    (rows, vocab) matrix is held. Measured on this 2-core CPU (``benchmarks/bench_scoring.py --head``):
+    Gemma-3-270M's 262144 x 640 head runs 2.1-2.5x faster than 64-row chunks through the full vocabulary,
+    SmolLM2's 1.2-1.5x; 1024-row blocks were the fastest (512-4096 tried). Differentiable.
+    """
     vocab = arch.lm_head(model).out_features
-    rows = max(1, chunk_elems // vocab)
+    block = vocab_block or (1024 if hidden.device.type == "cpu" else 32768)  # CUDA: not measured
     out = []
-    for i in range(0, len(hidden), rows):
-        logits = arch.logits(model, hidden[i : i + rows]).float()
-        out.append(logits.gather(1, targets[i : i + rows, None])[:, 0] - torch.logsumexp(logits, 1))
+    for i in range(0, len(hidden), max_rows):
+        h, t = hidden[i : i + max_rows], targets[i : i + max_rows]
+        top = torch.full((len(h),), -torch.inf, device=h.device)
+        total = torch.zeros(len(h), device=h.device)
+        picked = torch.zeros(len(h), device=h.device)
+        for j in range(0, vocab, block):
+            logits = arch.logits(model, h, slice(j, j + block)).float()
+            width = logits.shape[1]
+            at = logits.gather(1, (t - j).clamp(0, width - 1)[:, None])[:, 0]
+            picked = picked + torch.where((t >= j) & (t < j + width), at, 0.0)
+            new_top = torch.maximum(top, logits.amax(1))
+            total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(1)
+            top = new_top
+        out.append(picked - top - total.log())
     return torch.cat(out) if out else hidden.new_zeros(0)
 
 

@@ -7,7 +7,7 @@ import torch
 
 from layerviz import arch
 from layerviz.cli import main as cli
-from layerviz.scoring import Prompt, Request, ScoringConfig, embed_items, score, score_naive
+from layerviz.scoring import Prompt, Request, ScoringConfig, embed_items, score, score_naive, token_logprobs
 
 REQ = Request(
     history=["Canon EOS R50 Mirrorless Camera Body", "Canon Battery Pack for EOS R50",
@@ -26,6 +26,24 @@ def test_fast_scorers_equal_naive_full_logits(tiny, scorer, calibration):
     assert fast.shape == (len(REQ.candidates),)
     np.testing.assert_allclose(fast, slow, atol=1e-4)
     assert np.argsort(fast).tolist() == np.argsort(slow).tolist()
+
+
+@pytest.mark.parametrize("block", [1000, 4096, None])
+def test_blocked_head_logprobs_equal_full_log_softmax_with_gradients(tiny, block):
+    """The online logsumexp over vocabulary blocks (a ragged last block included) equals log_softmax of the
+    full logits, and so do its gradients with respect to the hidden states."""
+    _, model, _ = tiny
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(9, arch.lm_head(model).in_features, generator=gen) * 3
+    vocab = arch.lm_head(model).out_features
+    t = torch.tensor([0, vocab - 1, 5, 6, 7, vocab // 2, 1, vocab - 2, 3])
+    a, b = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
+    fast = token_logprobs(model, a, t, vocab_block=block, max_rows=4)  # rows split too
+    ref = arch.logits(model, b).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    (fast * torch.arange(9.0)).sum().backward()
+    (ref * torch.arange(9.0)).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
 
 
 def test_batch_size_does_not_change_scores(tiny):

@@ -12,6 +12,7 @@ per distinct title). A speedup above its bound would mean that the two sides are
 Run: .venv/bin/python benchmarks/bench_scoring.py [--users 2] [--json rows.json]
      .venv/bin/python benchmarks/bench_scoring.py --sweep        # harness s/user by row_tokens
      .venv/bin/python benchmarks/bench_scoring.py --bf16         # bf16 against fp32: speed, rank agreement
+     .venv/bin/python benchmarks/bench_scoring.py --head --model gemma3-270m   # the LM head's log-probs alone
 Goal (issue #15): speedup >= 0.8 x bound at history 20, 1+19, fp32, with identical ranks.
 """
 
@@ -23,9 +24,9 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from layerviz import data, load_model
+from layerviz import arch, data, load_model
 from layerviz.evaluate import requests_for
-from layerviz.scoring import _PRIOR_CACHE, Prompt, ScoringConfig, score, score_naive
+from layerviz.scoring import _PRIOR_CACHE, Prompt, ScoringConfig, score, score_naive, token_logprobs
 
 SCORERS = [("likelihood", "none"), ("likelihood", "pmi"), ("yesno", "none")]
 
@@ -148,6 +149,37 @@ def bf16(args) -> list[dict]:
     return rows
 
 
+def head(model, args) -> list[dict]:
+    """log p(target) of random post-norm hidden states through the model's LM head: full-vocabulary logits
+    in chunks of 2^24 elements (what scoring did before) against ``token_logprobs``' vocabulary blocks."""
+    lm = arch.lm_head(model)
+    vocab, width = lm.out_features, lm.in_features
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"LM head {vocab} x {width}; s per call (best of 3), speedup over full-vocabulary chunks")
+    print(f"{'rows':>6}{'chunks':>9}" + "".join(f"{f'block {b}':>14}" for b in args.vocab_blocks) + f"{'max|diff|':>11}")
+    for n in args.head_rows:
+        h = torch.randn(n, width, generator=gen)
+        t = torch.randint(0, vocab, (n,), generator=gen)
+        chunk = max(1, (1 << 24) // vocab)
+
+        def full(h=h, t=t, chunk=chunk):
+            return torch.cat([arch.logits(model, h[i : i + chunk]).float().log_softmax(-1).gather(1, t[i : i + chunk, None])[:, 0]
+                              for i in range(0, len(h), chunk)])
+
+        with torch.no_grad():
+            base, ref = timed(full, 3)
+            cells, diff = [], 0.0
+            for b in args.vocab_blocks:
+                sec, out = timed(lambda b=b, h=h, t=t: token_logprobs(model, h, t, vocab_block=b), 3)
+                diff = max(diff, float((out - ref).abs().max()))
+                cells.append(f"{sec:>7.3f} {base / sec:>4.2f}x")
+                rows.append(dict(rows=n, vocab_block=b, full_chunks_s=base, blocked_s=sec, speedup=base / sec,
+                                 max_abs_diff=float((out - ref).abs().max())))
+        print(f"{n:>6}{base:>8.3f}s" + "".join(f"{c:>14}" for c in cells) + f"{diff:>11.1e}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -160,6 +192,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sweep", action="store_true", help="harness time by row_tokens instead of the comparison")
     ap.add_argument("--row-tokens", type=int, nargs="+", default=[256, 512, 1024, 2048])
     ap.add_argument("--bf16", action="store_true", help="bf16 against fp32 instead of the comparison")
+    ap.add_argument("--head", action="store_true", help="time the LM head's log-probs alone instead of the comparison")
+    ap.add_argument("--head-rows", type=int, nargs="+", default=[64, 600, 2000])
+    ap.add_argument("--vocab-blocks", type=int, nargs="+", default=[512, 1024, 2048, 4096])
     ap.add_argument("--json", help="also write the rows to this JSON file")
     args = ap.parse_args(argv)
     print(f"{args.model} on CPU ({torch.get_num_threads()} threads), {args.users} test users per setting")
@@ -167,7 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = bf16(args)
     else:
         model, tok = load_model(args.model, device="cpu")
-        rows = sweep(model, tok, args) if args.sweep else compare(model, tok, args)
+        rows = head(model, args) if args.head else sweep(model, tok, args) if args.sweep else compare(model, tok, args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -30,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -146,6 +147,9 @@ class BenchConfig(Settings):
     """Queries scored back to back for the throughput."""
     isolate: bool = True
     """CPU: measure each configuration's peak memory in its own process (timings always share one)."""
+    memory_jobs: int = 2
+    """CPU: memory processes run at once (after the timings; each reads only its own peak, so the numbers
+    do not change). Their time is mostly single-threaded loading; lower it if two model copies do not fit."""
 
 
 def _reset_peak(device: torch.device) -> bool:
@@ -268,8 +272,8 @@ def _worker(spec: dict) -> dict:
     return {"peak_mb": peak_memory(target, tok, req, cfg)}
 
 
-def _isolated(spec: dict) -> dict:
-    env = dict(os.environ, LAYERVIZ_PROGRESS="0")
+def _isolated(spec: dict, threads: int | None = None) -> dict:
+    env = dict(os.environ, LAYERVIZ_PROGRESS="0", **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     r = subprocess.run([sys.executable, "-m", "layerviz.bench", "--worker"], input=json.dumps(spec),
                        capture_output=True, text=True, env=env)
     if r.returncode != 0:
@@ -309,12 +313,17 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, token
     configs = configurations(n, cfg, selection)
     targets = {c["name"]: _build(model, c["layers"], c["adapters"], cfg.rank, standalone=False) for c in configs}
     times = timings(targets, tokenizer, request, cfg)
+    if isolate:  # each configuration in a process of its own, memory_jobs of them at once
+        jobs = max(1, cfg.memory_jobs)
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ThreadPoolExecutor(jobs) as pool:
+            peaks = list(progress(pool.map(lambda c: _isolated({**c, "config": asdict(cfg), "request": asdict(request)},
+                                                               threads)["peak_mb"], configs),
+                                  total=len(configs), desc="bench memory", unit="config"))
+    else:
+        peaks = [peak_memory(targets[c["name"]], tokenizer, request, cfg) for c in configs]
     rows = []
-    for c in progress(configs, desc="bench memory", unit="config"):
-        if isolate:
-            peak = _isolated({**c, "config": asdict(cfg), "request": asdict(request)})["peak_mb"]
-        else:
-            peak = peak_memory(targets[c["name"]], tokenizer, request, cfg)
+    for c, peak in zip(configs, peaks, strict=True):
         m = {**times[c["name"]], "peak_mb": peak}
         layers = c["layers"] if c["layers"] is not None else list(range(n))
         ad_flops = adapter_flops(layers, n, arch.hidden_size(model), cfg.rank) if c["adapters"] else 0.0

@@ -243,7 +243,7 @@ def _add_run(sub) -> None:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     cfg = ReportConfig(notebooks=args.notebooks, out=args.out, figures_dir=args.figures, results_dir=args.results_dir,
-                       params=args.params, only=args.only or [], cell_timeout=args.cell_timeout)
+                       params=args.params, only=args.only or [], cell_timeout=args.cell_timeout, jobs=args.jobs)
     try:
         rows = run_report(cfg)
     except NotebookFailed as e:
@@ -264,6 +264,7 @@ def _add_report(sub) -> None:
     p.add_argument("--figures", default="figures")
     p.add_argument("--results-dir", dest="results_dir", default="results")
     p.add_argument("--cell-timeout", dest="cell_timeout", type=int, default=None, help="seconds per cell")
+    p.add_argument("--jobs", type=int, default=ReportConfig.jobs, help="notebooks executed at once")
     p.set_defaults(func=_cmd_report)
 
 

@@ -7,7 +7,15 @@ import torch
 
 from layerviz import arch
 from layerviz.cli import main as cli
-from layerviz.scoring import Prompt, Request, ScoringConfig, embed_items, score, score_naive, token_logprobs
+from layerviz.scoring import (
+    Prompt,
+    Request,
+    ScoringConfig,
+    embed_items,
+    score,
+    score_naive,
+    token_logprobs,
+)
 
 REQ = Request(
     history=["Canon EOS R50 Mirrorless Camera Body", "Canon Battery Pack for EOS R50",
@@ -299,3 +307,6 @@ def test_bench_scoring_reports_the_token_bound_as_json(tmp_path, monkeypatch):
     text = Prompt(tok, cfg)
     p, t = len(text.likelihood_prefix(req.history)), [len(text.title_ids(x)) for x in req.candidates]
     assert mod.token_counts(tok, [req], cfg) == (2 * p + sum(t), p + sum(t))
+    head = mod.main(["--model", "tiny-llama3", "--head", "--head-rows", "5", "--vocab-blocks", "1000", "49152"])
+    assert [(r["rows"], r["vocab_block"]) for r in head] == [(5, 1000), (5, 49152)]
+    assert all(r["max_abs_diff"] < 1e-4 and r["speedup"] > 0 for r in head)

@@ -124,7 +124,7 @@ def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
     done, s, res = killed_and_resumed
     root, a, b = s.cfg.folder, "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
     assert done == sorted([f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
-                           f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance", f"{a}/calibration",
+                           f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance",
                            f"{a}/select-importance_greedy", f"{a}/select-last_k", f"{a}/evaluation"])
     assert not set(s.stages.ran) & set(done)  # nothing finished is recomputed
     assert {f"{a}/importance", f"{a}/finetune", f"{a}/zeroshot"} <= set(s.stages.skipped)
@@ -160,6 +160,9 @@ def test_result_frames_are_tidy_and_complete(killed_and_resumed):
     assert (pu.groupby(["dataset", "variant", "metric"]).size() == s.cfg.eval_users).all()
     assert set(res.importance.base) == {"fine-tuned", "zero-shot"} and set(res.importance.dataset) == {a, b}
     assert set(res.selections.dataset) == {a, b} and set(res.calibration.base) == {"fine-tuned", "zero-shot"}
+    tuned = res.calibration[res.calibration.base == "fine-tuned"]  # scored as trained, not chosen
+    assert (tuned.choice == "none").all() and tuned["valid_ndcg@10"].isna().all()
+    assert res.calibration[res.calibration.base == "zero-shot"]["valid_ndcg@10"].notna().all()
     assert list(res.bench.model.unique()) == ["tiny-gemma3"]
     # the adapters stage reused the evaluation's scores of the same users: identical, not re-measured
     assert res.values("tiny-gemma3", "adapters:drop").equals(res.values("tiny-gemma3", "select:importance_greedy"))
@@ -247,3 +250,16 @@ def test_finetune_table_reads_the_zero_shot_side(killed_and_resumed):
     assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
     shift = study.importance_shift(res)
     assert set(shift["criterion"]) == {"fused", "ablation_loss"} and (shift["layers"] == 18).all()
+
+
+def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
+    """jobs=2: each model's stages in a process of its own; the parent then finds them cached and runs only
+    the benches. A GPU study refuses jobs > 1."""
+    cfg = study.smoke_config(results_dir=str(tmp_path), models=["tiny-gemma3", "tiny-llama3"], jobs=2)
+    s = study.Study(cfg, report=None)
+    res = study.run(s)
+    assert sorted(s.stages.ran) == ["tiny-gemma3/bench", "tiny-llama3/bench"]
+    assert {"tiny-gemma3/demo-electronics/evaluation", "tiny-llama3/demo-electronics/adapters"} <= set(s.stages.skipped)
+    assert set(res.per_user.model) == {"tiny-gemma3", "tiny-llama3"}
+    with pytest.raises(ValueError, match="jobs"):
+        study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")

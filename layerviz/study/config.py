@@ -90,6 +90,10 @@ class StudyConfig:
     """float32, bfloat16 or float16 (None: float32 on CPU, bfloat16 on CUDA), for every stage."""
     results_dir: str = Settings.results_dir
     """Stages are cached under results_dir/name/, candidate lists under results_dir/candidates."""
+    jobs: int = 1
+    """CPU only: models whose stages run at once, each in its own process with cores/jobs threads (the
+    benches then run one at a time with every core). On 2 cores two 1-thread processes scored 17% more
+    than one 2-thread process; the float results depend on the thread count, so keep it fixed."""
 
     @property
     def folder(self) -> Path:
@@ -164,7 +168,11 @@ class StudyConfig:
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
                              "or name a criterion")
         self._check_finetune(bad)
-        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users"):
+        if self.jobs > 1 and self.device not in ("cpu",):
+            bad("jobs", f"{self.jobs} processes share the CPU cores; with device {self.device!r} use jobs: 1 "
+                        "(several GPUs: torchrun)")
+        for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users",
+                    "jobs"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"{v!r} must be a positive integer")

@@ -10,10 +10,14 @@ and A's selection evaluated on B; then bench. The stage outputs are collected in
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from layerviz import store
 from layerviz.store import slug
@@ -36,8 +40,8 @@ def _ndcg(frame: pd.DataFrame, variant: str) -> pd.DataFrame:
     return pd.DataFrame({m: frame[f"{variant}:{m}"] for m in ("ndcg@5", "ndcg@10")})
 
 
-def run_model(study: Study, spec: str, cross_domain_model: bool) -> dict:
-    """Every stage of one model, in order -> the stage outputs by name."""
+def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = True) -> dict:
+    """Every stage of one model (the bench last, unless ``bench`` is false), in order -> the stage outputs."""
     cfg, r = study.cfg, {}
     a, b = cfg.domain_a, cfg.domain_b
     if study.finetuning:  # the zero-shot side first: one model switch per model
@@ -62,8 +66,30 @@ def run_model(study: Study, spec: str, cross_domain_model: bool) -> dict:
         measured = {"full": _ndcg(r["tuned_b"]["per_user"], "full")} if study.finetuning else None
         r["b_adapters"] = study.adapters(spec, b, r["b_selection"]["selection"]["layers"], measured)
         r["transfer"] = study.transfer(spec, f"{slug(spec)}/{slug(a)}/adapters", primary, r["b_adapters"])
-    r["bench"] = study.bench(spec, primary)
+    if bench:
+        r["bench"] = study.bench(spec, primary)
     return r
+
+
+def _model_stages(raw: dict, spec: str, cross_domain_model: bool, threads: int) -> None:
+    """One model's stages but the bench, in a worker process of ``run`` (results go to the stage cache)."""
+    os.environ["LAYERVIZ_PROGRESS"] = "0"  # two processes' bars would garble each other
+    torch.set_num_threads(threads)
+    run_model(Study(StudyConfig.from_dict(raw), lambda msg: print(msg, flush=True)), spec, cross_domain_model,
+              bench=False)
+
+
+def run_parallel(study: Study, cd_models: list[str]) -> None:
+    """``cfg.jobs`` models' stages at once, each process with cores/jobs threads; the benches are left to
+    ``run``, which then finds every other stage cached. A failing model raises after the others finish."""
+    cfg = study.cfg
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    if study.report:
+        study.report(f"{len(cfg.models)} models, {cfg.jobs} at a time ({threads} thread(s) each); benches after")
+    with ProcessPoolExecutor(cfg.jobs, mp_context=get_context("spawn")) as pool:
+        jobs = [pool.submit(_model_stages, asdict(cfg), spec, spec in cd_models, threads) for spec in cfg.models]
+        for job in jobs:
+            job.result()
 
 
 def all_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
@@ -88,6 +114,8 @@ def run(study: Study) -> StudyResult:
     """Run (or resume) every stage of ``study`` -> its ``StudyResult``; tables and manifest written."""
     cfg = study.cfg
     cd_models = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
+    if cfg.jobs > 1 and len(cfg.models) > 1 and study.stages.use_cache:
+        run_parallel(study, cd_models)
     outputs = {spec: run_model(study, spec, spec in cd_models) for spec in cfg.models}
     study.release()
     res = collect(cfg, outputs)

@@ -136,10 +136,14 @@ class Study:
                            {k: v for k, v in asdict(fcfg).items() if k != "results_dir"}, compute)
 
     def calibration(self, spec: str, dataset: str, zeroshot: bool = False) -> dict:
-        """none or pmi for this model and dataset: the config's, or chosen on validation users ('auto')."""
+        """none or pmi for this model and dataset: the config's, or ('auto') chosen on validation users for the
+        zero-shot model and 'none' for the fine-tuned one, whose rank objective is a softmax over raw title
+        log-likelihoods (the choice on validation users agreed: demo README, before this rule)."""
         c = self.cfg
         if c.calibration != "auto":
             return {"choice": c.calibration, "valid_ndcg@10": None}
+        if self.finetuning and not zeroshot:  # the recommender scores as it was trained: raw likelihoods
+            return {"choice": "none", "valid_ndcg@10": None, "rule": "fine-tuned"}
         suffix = "-zeroshot" if zeroshot and self.finetuning else ""
 
         def compute(folder):

@@ -207,10 +207,21 @@ def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | slice 
     else:
         bias = head.bias[token_ids] if head.bias is not None else None
         out = torch.nn.functional.linear(hidden, head.weight[token_ids], bias)
+    return _softcap(model, out)
+
+
+def target_logits(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The logit of ``targets[i]`` for post-norm ``hidden[i]``, (n,): one head row per target, no vocabulary."""
+    head = lm_head(model)
+    out = (hidden.float() * head.weight[targets].float()).sum(-1)
+    if head.bias is not None:
+        out = out + head.bias[targets].float()
+    return _softcap(model, out)
+
+
+def _softcap(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     cap = getattr(text_config(model), "final_logit_softcapping", None)
-    if cap:
-        out = torch.tanh(out / cap) * cap
-    return out
+    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 def _cache_kwarg(decoder: nn.Module) -> str:

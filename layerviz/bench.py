@@ -126,7 +126,10 @@ class BenchConfig(Settings):
     """What the efficiency benchmark measures (shared by `layerviz bench`, `layerviz run` and notebooks)."""
 
     keep: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
-    """Values of k to measure (those >= L are skipped)."""
+    """Values of k to measure (those >= L are skipped, and those whose FLOP bound is below ``min_bound``)."""
+    min_bound: float = 1.0
+    """Skip a k (other than the selection's) whose FLOP bound is below this: a speedup that can be at most
+    a few percent cannot be told from 1 within a prefill's IQR (demo: Gemma-3-270M's k = 16 of 18, 1.04x)."""
     selection: str | None = None
     """selection.json whose layers are used at its k; other k use evenly spaced layers."""
     adapters: bool = True
@@ -281,13 +284,17 @@ def _isolated(spec: dict, threads: int | None = None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None) -> list[dict]:
-    """The full model, then every k < L without and (optionally) with adapters."""
+def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None, costs: dict | None = None) -> list[dict]:
+    """The full model, then every k < L (with a FLOP bound of at least ``cfg.min_bound``, given ``costs``; the
+    selection's k always) without and (optionally) with adapters."""
     out = [{"name": "full", "k": n_layers, "layers": None, "adapters": False}]
     for k in sorted(set(cfg.keep)):
         if k >= n_layers:
             continue
         layers = layers_for_k(k, n_layers, selection)
+        if costs is not None and (selection is None or k != len(selection)) and \
+                flop_bound(costs, layers, cfg.seq_len) < cfg.min_bound:
+            continue
         with_ad = cfg.adapters and (cfg.adapter_k is None or k in cfg.adapter_k)
         for ad in ([False, True] if with_ad else [False]):
             out.append({"name": f"k{k}{'+adapters' if ad else ''}", "k": k, "layers": layers, "adapters": ad})
@@ -310,7 +317,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, model=None, token
         selection = json.loads((path / "selection.json" if path.is_dir() else path).read_text())["layers"]
     costs = layer_costs(model)
     isolate = cfg.isolate and dev.type == "cpu"
-    configs = configurations(n, cfg, selection)
+    configs = configurations(n, cfg, selection, costs)
     targets = {c["name"]: _build(model, c["layers"], c["adapters"], cfg.rank, standalone=False) for c in configs}
     times = timings(targets, tokenizer, request, cfg)
     if isolate:  # each configuration in a process of its own, memory_jobs of them at once

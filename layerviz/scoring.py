@@ -231,33 +231,36 @@ class _Prefix:
 
 
 def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, vocab_block: int | None = None,
-                   max_rows: int = 4096) -> torch.Tensor:
-    """log p(targets), (rows,): post-norm hidden states through the LM head, one block of vocabulary rows at a time.
+                   max_rows: int = 4096, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """log p(targets), (n,): post-norm hidden states through the LM head, one block of vocabulary rows at a time.
 
-    The log-normalizer is accumulated over blocks of ``vocab_block`` head rows (online logsumexp), so each
-    head row is read once per ``max_rows`` hidden rows rather than once per small chunk of rows, and no
-    (rows, vocab) matrix is held. Measured on this 2-core CPU (``benchmarks/bench_scoring.py --head``):
-    Gemma-3-270M's 262144 x 640 head runs 2.1-2.5x faster than 64-row chunks through the full vocabulary,
-    SmolLM2's 1.2-1.5x; 1024-row blocks were the fastest (512-4096 tried). Differentiable.
+    ``rows`` (n,) names the row of ``hidden`` that predicts each target (default: row i predicts target i),
+    so a state that predicts several targets (every candidate's first title token after a shared history)
+    goes through the head once. The log-normalizer is accumulated over blocks of ``vocab_block`` head rows
+    (online logsumexp): each head row is read once per ``max_rows`` hidden rows rather than once per small
+    chunk of rows, and no (rows, vocab) matrix is held. Measured on this 2-core CPU
+    (``benchmarks/bench_scoring.py --head``): Gemma-3-270M's 262144 x 640 head runs 2.1-2.5x faster than
+    64-row chunks through the full vocabulary, SmolLM2's 1.2-1.5x; 1024-row blocks were the fastest
+    (512-4096 tried). Differentiable.
     """
     vocab = arch.lm_head(model).out_features
     block = vocab_block or (1024 if hidden.device.type == "cpu" else 32768)  # CUDA: not measured
-    out = []
+    if rows is None:
+        rows = torch.arange(len(targets), device=hidden.device)
+    norm = []
     for i in range(0, len(hidden), max_rows):
-        h, t = hidden[i : i + max_rows], targets[i : i + max_rows]
+        h = hidden[i : i + max_rows]
         top = torch.full((len(h),), -torch.inf, device=h.device)
         total = torch.zeros(len(h), device=h.device)
-        picked = torch.zeros(len(h), device=h.device)
         for j in range(0, vocab, block):
             logits = arch.logits(model, h, slice(j, j + block)).float()
-            width = logits.shape[1]
-            at = logits.gather(1, (t - j).clamp(0, width - 1)[:, None])[:, 0]
-            picked = picked + torch.where((t >= j) & (t < j + width), at, 0.0)
             new_top = torch.maximum(top, logits.amax(1))
             total = total * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(1)
             top = new_top
-        out.append(picked - top - total.log())
-    return torch.cat(out) if out else hidden.new_zeros(0)
+        norm.append(top + total.log())
+    if not norm:
+        return hidden.new_zeros(0)
+    return arch.target_logits(model, hidden[rows], targets).float() - torch.cat(norm)[rows]
 
 
 def suffix_scores(model, text: Prompt, prefix: _Prefix, titles: list[str], scorer: str,
@@ -378,12 +381,15 @@ def _packed_scores(model, text: Prompt, rows: list[_Row], scorer: str) -> list[t
     dev = hidden.device
     if scorer == "likelihood":
         # the prefix's last token predicts each title's first token, then title token j predicts j + 1
+        # (each row's prefix end predicts every block's first token: one head pass for all of them)
         prefix_end = {i: r.segment.index(1) - 1 for i, r in enumerate(rows)}
-        row_idx = [i for i, _, _, _, n in where for _ in range(n)]
-        at = [p for i, _, _, start, n in where for p in (prefix_end[i], *range(start, start + n - 1))]
+        states: dict[tuple[int, int], int] = {}  # (row, position) -> index among the distinct states
+        of = [states.setdefault((i, p), len(states))
+              for i, _, _, start, n in where for p in (prefix_end[i], *range(start, start + n - 1))]
+        row_idx, at = zip(*states, strict=True)
         target = [rows[i].ids[start + j] for i, _, _, start, n in where for j in range(n)]
         lp = token_logprobs(model, hidden[torch.tensor(row_idx, device=dev), torch.tensor(at, device=dev)],
-                            torch.tensor(target, device=dev))
+                            torch.tensor(target, device=dev), rows=torch.tensor(of, device=dev))
         block = torch.tensor([b for b, (*_, n) in enumerate(where) for _ in range(n)], device=dev)
         sums = torch.zeros(len(where), dtype=lp.dtype, device=dev).index_add_(0, block, lp)
         vals = sums / torch.tensor([n for *_, n in where], dtype=lp.dtype, device=dev)

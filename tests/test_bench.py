@@ -54,6 +54,19 @@ def test_configurations_cover_full_and_each_k_with_and_without_adapters():
     assert [c["name"] for c in cfgs] == ["full", "k4", "k4+adapters", "k8", "k8+adapters"]
 
 
+def test_a_k_whose_bound_is_below_min_bound_is_skipped_unless_it_is_the_selection(tiny_llama):
+    costs = bench.layer_costs(tiny_llama[0])
+    n = len(costs["layer_params"])
+    cfg = bench.BenchConfig(keep=[2, n - 1], adapters=False, seq_len=16)
+    near = bench.flop_bound(costs, bench.layers_for_k(n - 1, n), 16)
+    assert 1 < near < bench.flop_bound(costs, bench.layers_for_k(2, n), 16)
+    cfg.min_bound = near + 1e-6  # k = n - 1 falls just below it
+    assert [c["k"] for c in bench.configurations(n, cfg, None, costs)] == [n, 2]
+    assert [c["k"] for c in bench.configurations(n, cfg, list(range(1, n)), costs)] == [n, 2, n - 1]
+    cfg.min_bound = near
+    assert [c["k"] for c in bench.configurations(n, cfg, None, costs)] == [n, 2, n - 1]
+
+
 def test_counted_flops_of_a_forward_equal_the_bound_s_count(tiny_llama):
     """The bound's FLOPs per token against torch's own count of a real forward (full and compact)."""
     from torch.utils.flop_counter import FlopCounterMode

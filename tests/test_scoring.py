@@ -48,6 +48,10 @@ def test_blocked_head_logprobs_equal_full_log_softmax_with_gradients(tiny, block
     a, b = h.clone().requires_grad_(True), h.clone().requires_grad_(True)
     fast = token_logprobs(model, a, t, vocab_block=block, max_rows=4)  # rows split too
     ref = arch.logits(model, b).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
+    shared = [0, 1, 2] * 3  # three states, each predicting three targets: one head pass each
+    by_row = token_logprobs(model, h[:3], t, vocab_block=block, rows=torch.tensor(shared))
+    full = arch.logits(model, h[shared]).float().log_softmax(-1).gather(1, t[:, None])[:, 0]
+    torch.testing.assert_close(by_row, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
     (fast * torch.arange(9.0)).sum().backward()
     (ref * torch.arange(9.0)).sum().backward()

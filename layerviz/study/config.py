@@ -70,7 +70,8 @@ class StudyConfig:
     zero-shot model is still evaluated and profiled alongside. {}: the zero-shot model only. A ``models``
     entry overrides settings per model, e.g. ``models: {gemma3-270m: {lr: 1.0e-3}}``."""
     calibration: str = "auto"
-    """Likelihood calibration: 'auto' (none or pmi, chosen per model and dataset on validation users), 'none', 'pmi'."""
+    """Likelihood calibration: 'auto', 'none' or 'pmi'. 'auto': none or pmi chosen per model and dataset on
+    validation users for the zero-shot model; a fine-tuned model scores as it was trained (none)."""
     calibration_users: int = 40
     """Validation users on which calibration 'auto' chooses (1 + negatives candidates each)."""
     criterion: str = "auto"

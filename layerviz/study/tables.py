@@ -180,7 +180,8 @@ def cross_domain(res: StudyResult) -> pd.DataFrame:
 def finetune_table(res: StudyResult) -> pd.DataFrame:
     """Zero-shot, fine-tuned, popularity and chance per model and dataset (test users, 95% CIs), plus the
     paired differences fine-tuned - zero-shot and fine-tuned - popularity. One row per (model, dataset,
-    system, metric); ``calibration`` is the one each LLM scored with (chosen on validation users)."""
+    system, metric); ``calibration`` is the one each LLM scored with (calibration 'auto': chosen on validation users for
+    the zero-shot model, none for the fine-tuned one, as it was trained)."""
     rows, seed, cal = [], res.config.seed, res.calibration
     for m in res.models:
         for d in dict.fromkeys([res.config.domain_a, res.config.domain_b]):

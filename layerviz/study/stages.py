@@ -136,9 +136,8 @@ class Study:
                            {k: v for k, v in asdict(fcfg).items() if k != "results_dir"}, compute)
 
     def calibration(self, spec: str, dataset: str, zeroshot: bool = False) -> dict:
-        """none or pmi for this model and dataset: the config's, or ('auto') chosen on validation users for the
-        zero-shot model and 'none' for the fine-tuned one, whose rank objective is a softmax over raw title
-        log-likelihoods (the choice on validation users agreed: demo README, before this rule)."""
+        """none or pmi: the config's, or ('auto') chosen on validation users for the zero-shot model and 'none'
+        for the fine-tuned one, whose rank objective is a softmax over raw title log-likelihoods."""
         c = self.cfg
         if c.calibration != "auto":
             return {"choice": c.calibration, "valid_ndcg@10": None}

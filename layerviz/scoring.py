@@ -239,9 +239,9 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, vocab_blo
     goes through the head once. The log-normalizer is accumulated over blocks of ``vocab_block`` head rows
     (online logsumexp): each head row is read once per ``max_rows`` hidden rows rather than once per small
     chunk of rows, and no (rows, vocab) matrix is held. Measured on this 2-core CPU
-    (``benchmarks/bench_scoring.py --head``): Gemma-3-270M's 262144 x 640 head runs 2.1-2.5x faster than
-    64-row chunks through the full vocabulary, SmolLM2's 1.2-1.5x; 1024-row blocks were the fastest
-    (512-4096 tried). Differentiable.
+    (``benchmarks/bench_scoring.py --head``): Gemma-3-270M's 262144 x 640 head runs 1.8-2.6x faster than
+    64-row chunks through the full vocabulary, SmolLM2's 1.5-1.6x; 1024-row blocks were within 10% of the
+    best of 512-4096 everywhere. Differentiable.
     """
     vocab = arch.lm_head(model).out_features
     block = vocab_block or (1024 if hidden.device.type == "cpu" else 32768)  # CUDA: not measured

@@ -172,10 +172,11 @@ def head(model, args) -> list[dict]:
             cells, diff = [], 0.0
             for b in args.vocab_blocks:
                 sec, out = timed(lambda b=b, h=h, t=t: token_logprobs(model, h, t, vocab_block=b), 3)
-                diff = max(diff, float((out - ref).abs().max()))
+                err = float((out - ref).abs().max())
+                diff = max(diff, err)
                 cells.append(f"{sec:>7.3f} {base / sec:>4.2f}x")
                 rows.append(dict(rows=n, vocab_block=b, full_chunks_s=base, blocked_s=sec, speedup=base / sec,
-                                 max_abs_diff=float((out - ref).abs().max())))
+                                 max_abs_diff=err))
         print(f"{n:>6}{base:>8.3f}s" + "".join(f"{c:>14}" for c in cells) + f"{diff:>11.1e}", flush=True)
     return rows
 

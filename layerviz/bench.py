@@ -194,7 +194,7 @@ def _iqr(x) -> float:
 def _prefill_ids(model, cfg: BenchConfig) -> torch.Tensor:
     gen = torch.Generator().manual_seed(cfg.seed)
     ids = torch.randint(0, arch.lm_head(model).out_features, (cfg.prefill_batch, cfg.seq_len), generator=gen)
-    return ids.to(arch.embedding(model).weight.device)
+    return ids.to(arch.input_device(model))
 
 
 def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, dict]:
@@ -208,7 +208,7 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
     """
     names = list(targets)
     full = targets[names[0]]
-    dev, ids = arch.embedding(full).weight.device, _prefill_ids(full, cfg)
+    dev, ids = arch.input_device(full), _prefill_ids(full, cfg)
     sc = ScoringConfig(max_title_tokens=cfg.max_title_tokens)
     t = {n: {"prefill": [], "latency": []} for n in names}
     hidden = torch.randn(*ids.shape, arch.hidden_size(full), generator=torch.Generator().manual_seed(cfg.seed))
@@ -241,7 +241,7 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
 
 def peak_memory(model, tokenizer, request, cfg: BenchConfig) -> float:
     """Peak memory (MiB) of one prefill and one query: CUDA allocator peak, or VmHWM of this process on CPU."""
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     tracked = _reset_peak(dev)
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         model(input_ids=_prefill_ids(model, cfg))

@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 from transformers import HfArgumentParser
 
-from layerviz import store
+from layerviz import parallel, store
 from layerviz.bench import BenchConfig, run_bench
 from layerviz.compact import AdaptConfig, run_adapt
 from layerviz.data import PrepConfig, load
@@ -220,6 +220,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.results_dir:
         cfg.results_dir = args.results_dir
     out = run_study(cfg)
+    if not parallel.is_main():  # under torchrun rank 0 prints (every process holds the same tables)
+        return 0
     t = out.tables
     with pd_options():
         print("\nheadline:\n" + t["headline"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
+        parallel.init()  # under torchrun / accelerate launch: join the process group (a no-op otherwise)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as e:
         print(f"layerviz {args.command}: error: {e}", file=sys.stderr)

@@ -119,7 +119,7 @@ class CompactLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return arch.embedding(self).weight.device
+        return arch.input_device(self)
 
     @property
     def n_base_layers(self) -> int:
@@ -233,7 +233,7 @@ def build_compact(model: nn.Module, layers: list[int], adapters: AdapterPolicy |
     n = arch.num_layers(model)
     layers = arch.validate_layers(layers, n)
     specs = _resolve_specs(adapters, layers, n)
-    d, dev = arch.hidden_size(model), arch.embedding(model).weight.device
+    d, dev = arch.hidden_size(model), arch.input_device(model)
     mods = [Adapter(s.kind, d, s.rank, device=dev, seed=seed + j) for j, s in enumerate(specs)]
     base_layers = arch.layers(model)
     kept = [KeptLayer(base_layers[i], j, mods[j]) for j, i in enumerate(layers)]

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import arch, metrics
+from layerviz import arch, metrics, parallel
 from layerviz.data import CandidateConfig, Prepared, candidates_for, load
 from layerviz.models import load_model
 from layerviz.scoring import (
@@ -134,6 +134,7 @@ class TaskEvaluator:
                  calibration: str = "pmi"):
         self.tokenizer = tokenizer
         self.requests = requests_for(prep, cands, split)
+        parallel.check_enough(len(self.requests), "users")  # under torchrun each process scores a share
         self.pos = cands["pos_index"].to_numpy()
         self.cfg = ScoringConfig(scorer, prep.domain, max_title_tokens, batch_size, calibration)
         self.calls = 0
@@ -144,7 +145,9 @@ class TaskEvaluator:
     def metrics(self, model) -> pd.DataFrame:
         """Every ranking metric per user (rows in candidate order)."""
         self.calls += 1
-        scores = score(model, self.tokenizer, self.requests, self.cfg, desc="task eval")
+        part = parallel.shard(len(self.requests))  # all of them in one process
+        scores = parallel.gather(score(model, self.tokenizer, self.requests[part.start:part.stop], self.cfg,
+                                       desc="task eval"))
         return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), self.pos))
 
 
@@ -175,7 +178,7 @@ class FidelityEvaluator:
         out = []
         with arch.capture(model, ["resid_final"], detach=True) as caught, torch.no_grad():
             for r in self.requests:
-                ids = torch.tensor([text.likelihood_prefix(r.history)], device=arch.embedding(model).weight.device)
+                ids = torch.tensor([text.likelihood_prefix(r.history)], device=arch.input_device(model))
                 arch.run_decoder(model, ids)
                 out.append(caught["resid_final"][0].float().cpu())
         return out

@@ -204,7 +204,7 @@ def rank_loss(model, text: Prompt, histories: list[list[str]], positives: list[s
 def rank_loss_naive(model, text: Prompt, histories: list[list[str]], positives: list[str],
                     negatives: list[list[str]]) -> torch.Tensor:
     """Reference for ``rank_loss``: each history repeated in front of each of its candidates, one padded batch."""
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     rows = []  # (prefix ids, title ids) per candidate, example-major
     for h, p, negs in zip(histories, positives, negatives, strict=True):
         prefix = text.likelihood_prefix(h)
@@ -234,7 +234,7 @@ def yesno_loss(model, text: Prompt, histories: list[list[str]], positives: list[
 
 def next_title_loss(model, text: Prompt, histories: list[list[str]], targets: list[str]) -> torch.Tensor:
     """Mean NLL of each target title's tokens given its history prompt (one padded batch), averaged."""
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     prefixes = [text.likelihood_prefix(h) for h in histories]
     titles = [text.title_ids(t) for t in targets]
     ids, mask = pad_right([p + t for p, t in zip(prefixes, titles, strict=True)], text.tok.pad_token_id, dev)
@@ -432,7 +432,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
                               cfg.candidates_dir)
     evaluator = TaskEvaluator(prep, cands, tokenizer, scorer="yesno" if cfg.objective == "yesno" else "likelihood",
                               split="valid", max_title_tokens=cfg.max_title_tokens, calibration="none")
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     if cfg.gradient_checkpointing:
         inner.gradient_checkpointing_enable()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
-from layerviz import arch, store
+from layerviz import arch, parallel, store
 from layerviz.data import load
 from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
@@ -187,7 +187,14 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
         raise ValueError("the calibration set is empty: build it with build_calibration(prep, tok, n>0)")
     layers = arch.layers(model)
     n, L = len(cal.examples), len(layers)
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
+    offloaded = arch.offloaded_layers(model)
+    if fisher and offloaded:
+        raise ValueError(
+            f"the Fisher criteria need the gradients of every layer's weights, but layers {offloaded[:5]} are "
+            "offloaded by accelerate ('cpu' or 'disk' in the device_map), which re-creates their weights at every "
+            "forward. Place every layer on an accelerator (a device_map over GPUs, or max_memory large enough), or "
+            "run the pass with fisher=False: the attention and activation criteria work on offloaded layers.")
     res = {c: np.zeros((n, L)) for c in HOOK_CRITERIA}
     res["loss"] = np.zeros(n)
     state: dict = {}
@@ -255,8 +262,8 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
                     p.requires_grad_(True)
                     guard.handles.append(p.register_post_accumulate_grad_hook(grad_hook(i)))
         pad = 0
-        for start in progress(range(0, n, batch_size), desc=desc, unit="batch"):
-            idx = list(range(start, min(n, start + batch_size)))
+        for idx in progress(parallel.batches(n, batch_size), desc=desc, unit="batch"):  # this process's share
+            start = idx[0]
             exs, ids, mask, item = calibration_batch(cal, idx, pad, dev)
             state.update(rows=idx, mask=mask, item=item, fisher=[0.0] * L,
                          qpos=torch.tensor(_query_positions(cal, exs), device=dev))
@@ -276,6 +283,7 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
                 res["fisher_sum"][idx] = np.array(state["fisher"])[None, :]
     finally:
         guard.restore()
+    res = parallel.sum_arrays(res)  # each process filled its own rows
     res["fisher_mean"] = res["fisher_sum"] / np.array(n_params)[None, :]
     if not fisher:
         for c in ("fisher_sum", "fisher_mean"):
@@ -291,14 +299,13 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
 
 def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarray:
     """Forward-only per-sample calibration loss."""
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     out = np.zeros(len(cal.examples))
     with torch.no_grad():
-        for start in range(0, len(cal.examples), batch_size):
-            idx = list(range(start, min(len(cal.examples), start + batch_size)))
+        for idx in parallel.batches(len(cal.examples), batch_size):  # this process's share (all, alone)
             exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
             out[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
-    return out
+    return parallel.sum_arrays({"loss": out})["loss"]
 
 
 def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8) -> tuple[np.ndarray, dict]:
@@ -308,13 +315,12 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
     (``resid_pre.i``) and only layers i+1.. run again (``arch.resume_at``): the same numbers as
     running the model without layer i, for about half the layer passes.
     """
-    n_layers, dev = arch.num_layers(model), arch.embedding(model).weight.device
+    n_layers, dev = arch.num_layers(model), arch.input_device(model)
     base = np.zeros(len(cal.examples))
-    rise = np.full((len(cal.examples), n_layers), np.nan)
-    starts = range(0, len(cal.examples), batch_size)
-    with torch.no_grad(), progress(total=len(starts) * len(todo), desc="ablation", unit="layer") as bar:
-        for start in starts:
-            idx = list(range(start, min(len(cal.examples), start + batch_size)))
+    rise = np.zeros((len(cal.examples), n_layers))
+    mine = parallel.batches(len(cal.examples), batch_size)  # this process's share of the batches
+    with torch.no_grad(), progress(total=len(mine) * len(todo), desc="ablation", unit="layer") as bar:
+        for idx in mine:
             exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
             with arch.capture(model, [f"resid_pre.{i}" for i in todo]) as states:
                 base[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
@@ -323,7 +329,10 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
                 with arch.skip_layers(model, [i]) if last else arch.resume_at(model, i + 1, states[f"resid_pre.{i}"]):
                     rise[idx, i] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy() - base[idx]
                 bar.update(1)
-    return base, {"ablation_loss": rise}
+    got = parallel.sum_arrays({"base": base, "rise": rise})
+    rise = got["rise"]
+    rise[:, [i for i in range(n_layers) if i not in set(todo)]] = np.nan  # layers not ablated
+    return got["base"], {"ablation_loss": rise}
 
 
 def ablate(model, cal: Calibration, evaluator: Callable | None = None, layers: list[int] | None = None,

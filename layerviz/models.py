@@ -319,7 +319,7 @@ def _hub_location(preset: Preset | None, spec: str, local_path: str | None) -> s
     return preset.source if preset else spec
 
 
-def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device):
+def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device, placement: dict | None = None):
     hint = (
         f"{spec} could not be loaded from {location!r} on this machine (offline?). Download it "
         f"where there is internet (`huggingface-cli download {location} --local-dir DIR`), copy DIR "
@@ -334,7 +334,9 @@ def _load_hf(location: str, spec: str, preset: Preset | None, dtype, device):
         config = AutoConfig.from_pretrained(location)
     arch.check_supported(config)
     kwargs = {"dtype": dtype}
-    if device.type == "cuda":
+    if placement and placement["device_map"] is not None:  # accelerate places (and offloads) while loading
+        kwargs.update({k: v for k, v in placement.items() if v is not None})
+    elif device.type == "cuda":
         kwargs["device_map"] = {"": str(device)}  # load straight onto the GPU
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
@@ -366,15 +368,32 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     local_path: str | None = None,
     seed: int = 0,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
 ):
     """Load a model by preset name, hub id, local folder or .gguf file -> (model, tokenizer).
 
     The model is in eval mode on ``device`` ('auto': CUDA if present) in ``dtype``
     (default bf16 on CUDA, fp32 on CPU). ``seed`` only matters for ``tiny-*`` presets.
+
+    ``device_map`` ('auto', 'balanced', 'sequential' or {module name: device}) spreads a model larger
+    than one device over several with accelerate's big-model dispatch; devices are 'cuda:N' (or N),
+    'cpu' and 'disk' (offloaded, loaded layer by layer; ``offload_folder``, default a temporary folder).
+    ``max_memory`` ({device: '20GiB', ...}) caps what 'auto' puts on each. HF folders and hub ids load
+    straight into place; presets and GGUF files are loaded on the CPU, then dispatched. Every layerviz
+    function works on the result (``arch`` finds each module's execution device). ``dtype`` then
+    defaults to bf16 if the map names a CUDA device.
     """
     _quiet_transformers()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    if device_map is not None:
+        check_device_map(device_map, max_memory)
+        cuda = any(str(d).startswith("cuda") or isinstance(d, int) for d in _map_devices(device_map, max_memory))
+        dev, dt = torch.device("cpu"), resolve_dtype(dtype, torch.device("cuda" if cuda else "cpu"))
+    else:
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     preset = PRESETS.get(spec)
     if preset is not None and preset.kind == "gguf":
         if spec == "smollm2-135m":
@@ -385,7 +404,7 @@ def load_model(
     elif preset is not None and preset.kind == "tiny":
         model, tokenizer = _build_tiny(preset, dt, seed)
     elif preset is not None or (local_path is None and _looks_like_hub_id(spec)):
-        model, tokenizer = _load_hf(_hub_location(preset, spec, local_path), spec, preset, dt, dev)
+        model, tokenizer = _load_hf(_hub_location(preset, spec, local_path), spec, preset, dt, dev, placement)
     else:
         path = Path(local_path or spec)
         if not path.exists():
@@ -397,7 +416,7 @@ def load_model(
         if path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, path.stem.lower(), None, dt, dev)
         elif (path / "config.json").exists():
-            model, tokenizer = _load_hf(str(path), spec, None, dt, dev)
+            model, tokenizer = _load_hf(str(path), spec, None, dt, dev, placement)
         else:
             raise ModelNotAvailable(
                 f"{str(path)!r} is neither a .gguf file nor a HF model folder (no config.json). "
@@ -406,9 +425,70 @@ def load_model(
     arch.parts(model)  # fail loudly now, not deep inside an analysis
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = model.to(dev).eval()
+    if device_map is not None and getattr(model, "hf_device_map", None) is None:
+        model = dispatch(model, device_map, max_memory, offload_folder)
+    model = (model if device_map is not None else model.to(dev)).eval()
     model.layerviz_source = str(local_path or spec)  # what compact models record as their base
     return model, tokenizer
+
+
+# ----------------------------------------------------------------------------- several devices
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _map_devices(device_map, max_memory) -> list:
+    return list((device_map or {}).values() if isinstance(device_map, dict) else []) + list(max_memory or {})
+
+
+def check_device(dev, where: str) -> None:
+    """Refuse a device this machine does not have, naming where it was asked for and what exists."""
+    if dev in ("cpu", "disk"):
+        return
+    n = torch.cuda.device_count()
+    have = "cpu, disk" + (f", cuda:0..cuda:{n - 1}" if n else " (no CUDA device here)")
+    try:
+        d = torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{where} = {dev!r} is not a device; use one of {have}") from None
+    if d.type == "cuda" and (d.index or 0) < n:
+        return
+    if d.type == "mps" and torch.backends.mps.is_available():
+        return
+    raise ValueError(f"{where} = {dev!r}, but this machine has no such device; use one of {have}")
+
+
+def check_device_map(device_map, max_memory: dict | None = None) -> None:
+    """Check a ``device_map`` and ``max_memory`` before anything is loaded (clear errors, no half-loaded model)."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ValueError(f"device_map={device_map!r} is neither one of {', '.join(DEVICE_MAP_STRATEGIES)} "
+                             "nor a {module name: device} mapping")
+    elif not isinstance(device_map, dict) or not device_map:
+        raise ValueError(f"device_map must be a strategy name or a non-empty {{module: device}} dict, got {device_map!r}")
+    else:
+        for module, dev in device_map.items():
+            check_device(dev, f"device_map[{module!r}]")
+    for dev in max_memory or {}:
+        check_device(dev, f"max_memory key {dev!r}")
+
+
+def dispatch(model, device_map, max_memory: dict | None = None, offload_folder: str | None = None):
+    """Spread a loaded model over devices with accelerate (``dispatch_model``); a strategy name is turned
+    into a map by ``infer_auto_device_map``, keeping each decoder layer whole."""
+    from accelerate import (  # heavy: only when a model is dispatched
+        dispatch_model,
+        infer_auto_device_map,
+    )
+
+    check_device_map(device_map, max_memory)
+    if isinstance(device_map, str):
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=list(model._no_split_modules or []))
+    if "disk" in device_map.values() and offload_folder is None:
+        offload_folder = tempfile.mkdtemp(prefix="layerviz-offload-")
+    # force_hooks: a map onto one device gets the hooks of a multi-device one (the same code path everywhere)
+    return dispatch_model(model, device_map=device_map, offload_dir=offload_folder, force_hooks=True)
 
 
 # ----------------------------------------------------------------------------- listing

@@ -153,7 +153,7 @@ class Prompt:
 
 
 def _device(model) -> torch.device:
-    return arch.embedding(model).weight.device
+    return arch.input_device(model)
 
 
 def _batch_size(cfg: ScoringConfig, device: torch.device) -> int:
@@ -243,10 +243,16 @@ def token_logprobs(model, hidden: torch.Tensor, targets: torch.Tensor, vocab_blo
     64-row chunks through the full vocabulary, SmolLM2's 1.5-1.6x; 1024-row blocks were within 10% of the
     best of 512-4096 everywhere. Differentiable.
     """
+    head = arch.lm_head(model)
+    with arch.materialized(head):  # an offloaded head is loaded once, not once per block
+        return _token_logprobs(model, hidden.to(head.weight.device), targets.to(head.weight.device), vocab_block,
+                               max_rows, rows).to(hidden.device)
+
+
+def _token_logprobs(model, hidden, targets, vocab_block, max_rows, rows):
     vocab = arch.lm_head(model).out_features
     block = vocab_block or (1024 if hidden.device.type == "cpu" else 32768)  # CUDA: not measured
-    if rows is None:
-        rows = torch.arange(len(targets), device=hidden.device)
+    rows = torch.arange(len(targets), device=hidden.device) if rows is None else rows.to(hidden.device)
     norm = []
     for i in range(0, len(hidden), max_rows):
         h = hidden[i : i + max_rows]

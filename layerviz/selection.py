@@ -212,7 +212,7 @@ def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> 
 def angular_distances(model, calibration, n: int) -> np.ndarray:
     """Gromov et al.: mean over samples of arccos(cos(h_l, h_{l+n}))/pi on the last token, for each start l."""
     L = arch.num_layers(model)
-    dev = arch.embedding(model).weight.device
+    dev = arch.input_device(model)
     total = np.zeros(L - n + 1)
     points = ["resid_pre.0", *(f"resid_post.{i}" for i in range(L))]  # index j: entering layer j (j = L: output)
     with arch.capture(model, points, detach=True) as states, torch.no_grad():

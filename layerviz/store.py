@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from layerviz import parallel
+
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
@@ -120,7 +122,7 @@ def read_outputs(folder: str | Path, files: list[str]) -> dict:
 
 
 def cached(folder: str | Path, key: str, compute: Callable[[Path], dict], use_cache: bool = True,
-           marker: str = "done.json", meta: dict | None = None) -> tuple[dict, bool]:
+           marker: str = "done.json", meta: dict | None = None, main_only: bool = False) -> tuple[dict, bool]:
     """Run ``compute(folder)`` once per ``key`` -> (outputs read back from disk, whether they were cached).
 
     The marker file (``key``, files, seconds, versions and ``meta``) is written last, so a run killed
@@ -129,15 +131,34 @@ def cached(folder: str | Path, key: str, compute: Callable[[Path], dict], use_ca
     """
     folder = Path(folder)
     done = folder / marker
-    if use_cache and done.exists():
-        doc = json.loads(done.read_text())
-        if doc.get("key") == key:
-            return read_outputs(folder, doc["files"]), True
+
+    def finished() -> list[str] | None:
+        if use_cache and done.exists():
+            doc = json.loads(done.read_text())
+            if doc.get("key") == key:
+                return doc["files"]
+        return None
+
+    # under torchrun every process takes rank 0's path (and reads rank 0's folder: a nested stage of a
+    # process other than 0 runs in a private folder)
+    files, where = parallel.broadcast((finished(), str(folder)))
+    if files is not None:
+        return read_outputs(where, files), True
+    if not parallel.is_main():
+        if main_only:  # rank 0 computes alone; read what it wrote
+            parallel.barrier()
+            return read_outputs(where, json.loads((Path(where) / marker).read_text())["files"]), False
+        with tempfile.TemporaryDirectory(prefix="layerviz-rank-") as private:  # the same computation (its
+            result = compute(Path(private))  # share of the users, the same collectives), thrown away after
+            out = read_outputs(private, [_write_output(Path(private), n, o) for n, o in result.items()])
+        parallel.barrier()
+        return out, False
     t0 = time.perf_counter()
     result = compute(folder)
     files = [_write_output(folder, name, obj) for name, obj in result.items()]
     seconds = time.perf_counter() - t0
     write_json(done, {"key": key, "files": files, "seconds": seconds, "versions": versions(), **(meta or {})})
+    parallel.barrier()
     return read_outputs(folder, files), False
 
 
@@ -154,11 +175,12 @@ class Stages:
     """The study's named stages under one root: each computed once per key (``cached``), reported as it runs."""
 
     def __init__(self, root: str | Path, report=print, use_cache: bool = True):
-        self.root, self.report, self.use_cache = Path(root), report, use_cache
+        self.root, self.use_cache = Path(root), use_cache
+        self.report = report if parallel.is_main() else None  # under torchrun: rank 0 reports
         self.ran: list[str] = []
         self.skipped: list[str] = []
 
-    def __call__(self, name: str, key_parts, compute: Callable[[Path], dict]) -> dict:
+    def __call__(self, name: str, key_parts, compute: Callable[[Path], dict], main_only: bool = False) -> dict:
         key = config_hash(name, where_free(key_parts), versions()["layerviz"])
 
         def announced(folder):
@@ -167,7 +189,7 @@ class Stages:
             return compute(folder)
 
         t0 = time.perf_counter()
-        out, was_cached = cached(self.root / name, key, announced, self.use_cache)
+        out, was_cached = cached(self.root / name, key, announced, self.use_cache, main_only=main_only)
         (self.skipped if was_cached else self.ran).append(name)
         if self.report and not was_cached:
             self.report(f"[{name}] done in {time.perf_counter() - t0:.0f} s")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from layerviz import store
+from layerviz import parallel, store
 from layerviz.store import slug
 from layerviz.study.config import StudyConfig, describe_base, smoke_config
 from layerviz.study.hypotheses import hypotheses
@@ -120,9 +120,12 @@ def run(study: Study) -> StudyResult:
     study.release()
     res = collect(cfg, outputs)
     res.tables = all_tables(res)
-    write_tables(cfg, res.tables)
-    store.write_json(cfg.folder / "manifest.json", store.manifest(cfg, cfg.seed, stages_run=study.stages.ran,
-                                                                  stages_cached=study.stages.skipped))
+    if parallel.is_main():  # under torchrun rank 0 writes; every process returns the same result
+        write_tables(cfg, res.tables)
+        store.write_json(cfg.folder / "manifest.json", store.manifest(
+            cfg, cfg.seed, stages_run=study.stages.ran, stages_cached=study.stages.skipped,
+            processes=parallel.world_size()))
+    parallel.barrier()
     return res
 
 

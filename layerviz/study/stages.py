@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerviz import arch, metrics, store
+from layerviz import arch, metrics, parallel, store
+from layerviz import importance as imp
 from layerviz.bench import BenchConfig, run_bench
 from layerviz.compact import AdaptConfig, load_compact, run_adapt
 from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
 from layerviz.evaluate import TaskEvaluator, pick_calibration, popularity_scores
 from layerviz.finetune import FinetuneConfig, check_base
 from layerviz.finetune import finetune as run_finetune
-from layerviz.importance import ImportanceConfig, choose_criterion, run_importance
 from layerviz.models import PRESETS, load_model
 from layerviz.selection import (
     FIXED,
@@ -38,10 +38,9 @@ class Study:
     """Executes a StudyConfig; every stage cached under results_dir/name/."""
 
     def __init__(self, cfg: StudyConfig, report=print, use_cache: bool = True):
-        self.cfg, self.report = cfg, report
+        self.cfg, self.report = cfg, report if parallel.is_main() else None  # torchrun: rank 0 reports
         self.stages = Stages(cfg.folder, report, use_cache)
-        self._models: dict = {}
-        self._preps: dict = {}
+        self._models, self._preps = {}, {}  # (spec, tuned) -> (model, tokenizer); dataset -> Prepared
 
     # -- shared resources, loaded lazily (a fully cached rerun loads nothing)
     def release(self) -> None:  # drop the model held in memory
@@ -118,8 +117,8 @@ class Study:
         """The criterion ordering importance_greedy/top_k: the config's, or the most valid one ('auto')."""
         if self.cfg.criterion != "auto":
             return {"criterion": self.cfg.criterion, "auto": False}
-        imp = self.importance(spec, self.cfg.domain_a)  # validity needs the ablation, measured on domain A
-        return {**choose_criterion(imp["validity"]), "auto": True, "dataset": self.cfg.domain_a}
+        validity = self.importance(spec, self.cfg.domain_a)["validity"]  # needs the ablation: on domain A
+        return {**imp.choose_criterion(validity), "auto": True, "dataset": self.cfg.domain_a}
 
     # -- stages
     def finetune(self, spec: str) -> dict:
@@ -158,13 +157,13 @@ class Study:
         over = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
         if not ablation and over.get("fusion_weights") == "fit":  # no ground truth here: domain A's fitted weights
             over["fusion_weights"] = self.importance(spec, self.cfg.domain_a, zeroshot=zeroshot)["fusion"]
-        needs_scorer = ablation and over.get("ablation_users", ImportanceConfig.ablation_users) > 0
+        needs_scorer = ablation and over.get("ablation_users", imp.ImportanceConfig.ablation_users) > 0
         calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
-        icfg = ImportanceConfig(**self.shared(self.label(spec, zeroshot), dataset), calibration=calibration, **over)
+        icfg = imp.ImportanceConfig(**self.shared(self.label(spec, zeroshot), dataset), calibration=calibration, **over)
 
         def compute(folder):
             model, tok = self.model(spec, zeroshot)
-            res = run_importance(icfg, model, tok, report=None)
+            res = imp.run_importance(icfg, model, tok, report=None)
             return {"importance": res.table, "validity": res.validity, "fusion": res.fusion_weights}
 
         suffix = "-zeroshot" if zeroshot and self.finetuning else ""
@@ -176,11 +175,13 @@ class Study:
 
         def compute(folder):
             ev, _ = self.evaluator(spec, dataset, "valid", self.cfg.select_users)
-            model, _ = self.model(spec)
+            model, tok = self.model(spec)
             table = None
             if crit is not None:
                 table = self.importance(spec, dataset, ablation=dataset == self.cfg.domain_a)["importance"]
-            s = select(strategy, model, ev, k=k, importance=table, seed=self.cfg.seed,
+            cal = imp.build_calibration(self.prep(dataset), tok, self.cfg.importance.get("samples", 16), seed=self.cfg.seed,
+                                        max_title_tokens=self.cfg.max_title_tokens) if strategy == "contiguous_block" else None
+            s = select(strategy, model, ev, k=k, importance=table, seed=self.cfg.seed, calibration=cal,
                        criterion=crit["criterion"] if crit else "fused")
             doc = {**s.to_json(), "model": spec, "dataset": dataset, "calibration": ev.cfg.calibration}
             if crit is not None:
@@ -226,7 +227,6 @@ class Study:
         Variants: the primary and the ``eval_strategies`` selections, the paper plan's reference list mapped
         onto this depth, and the model without its lower third. Adapters are measured by the adapters stage.
         """
-
         cfg, n = self.cfg, self.n_layers(spec)
         ref = load_reference()["selections"][cfg.reference]
         variants = {"full": list(range(n)),
@@ -262,7 +262,6 @@ class Study:
         ``top_k`` at k' is the importance order's first k' layers, which is exactly what the greedy loop
         scores at step k'; its points are taken from the greedy trace where that ran to k'.
         """
-
         cfg, n, k = self.cfg, self.n_layers(spec), self.k(spec)
         fixed = [s for s in cfg.strategies if s in FIXED]
         sels = {s: self.selection(spec, dataset, s) for s in cfg.strategies}
@@ -317,18 +316,19 @@ class Study:
         bcfg.keep = sorted(set(bcfg.keep) | {len(selection_layers)})  # the headline's k is always measured
         if bcfg.adapter_k is not None:
             bcfg.adapter_k = sorted(set(bcfg.adapter_k) | {len(selection_layers)})
+        if self.finetuning:  # made before: rank 0 benches alone, with no collective inside (torchrun)
+            self.finetune(spec)
 
         def compute(folder):
             sel = folder / "selection.json"
             store.write_json(sel, {"layers": selection_layers})
             bcfg.selection = str(sel)
             if self.finetuning:  # the workers load the fine-tuned folder (the key names its label)
-                self.finetune(spec)
                 bcfg.model = str(self.ft_folder(spec))
             self._models.clear()  # the workers load their own copy; keep the parent's memory low
             return {"bench": run_bench(bcfg, report=self.report)}
 
-        return self.stages(f"{slug(spec)}/bench", [asdict(bcfg), selection_layers], compute)
+        return self.stages(f"{slug(spec)}/bench", [asdict(bcfg), selection_layers], compute, main_only=True)
 
     def transfer(self, spec: str, a_adapt_stage: str, a_layers: list[int], b_adapt: dict) -> dict:
         """A's selection (plain and with A's adapters) evaluated on domain B's test users."""

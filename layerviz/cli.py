@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from dataclasses import asdict, fields
 
 import pandas as pd
@@ -220,8 +222,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.results_dir:
         cfg.results_dir = args.results_dir
     out = run_study(cfg)
-    if not parallel.is_main():  # under torchrun rank 0 prints (every process holds the same tables)
-        return 0
     t = out.tables
     with pd_options():
         print("\nheadline:\n" + t["headline"].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
@@ -303,6 +303,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_writer(args: argparse.Namespace) -> None:
+    """Several processes: rank 0 prints and writes ``--out``; the others print nothing and write into a
+    private folder. A benchmark is refused: it times one process, and others would disturb it."""
+    if args.command == "bench":
+        raise ValueError("`layerviz bench` times one process; launch it without torchrun / accelerate launch "
+                         "(`layerviz run` benches on rank 0 alone)")
+    if not parallel.is_main():
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of this process
+        if getattr(args, "out", None):
+            args.out = tempfile.mkdtemp(prefix=f"layerviz-rank{parallel.rank()}-")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -311,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        parallel.init()  # under torchrun / accelerate launch: join the process group (a no-op otherwise)
+        if parallel.init():  # under torchrun / accelerate launch: join the process group (a no-op otherwise)
+            _one_writer(args)
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as e:
         print(f"layerviz {args.command}: error: {e}", file=sys.stderr)

@@ -6,6 +6,7 @@ packed users may differ in the last float bits, because a process packs a differ
 forward (other matmul shapes); ranks and metrics must be identical, scores within 1e-5.
 """
 
+import argparse
 import contextlib
 import json
 import os
@@ -68,6 +69,13 @@ def _worker(rank: int, world: int, port: int, folder: str) -> None:
     with open(os.path.join(folder, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(out, f)
     parallel.barrier()
+
+
+def _cli_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
+    _join(rank, world, port)
+    from layerviz import cli
+
+    assert cli.main(argv) == 0
 
 
 def _dying_worker(rank: int, world: int, port: int, folder: str) -> None:
@@ -180,3 +188,17 @@ def test_a_killed_two_process_study_resumes_in_one_process(tmp_path):
     fresh = run_study(config("fresh")[0], report=None)
     for name in ("variants", "thirds", "cross_domain"):
         pd.testing.assert_frame_equal(resumed.tables[name], fresh.tables[name], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_commands_under_two_processes_write_once_what_one_process_writes(tmp_path, capsys):
+    from layerviz import cli
+
+    argv = ["evaluate", "--model", "tiny-llama3", "--dataset", "demo-electronics", "--users", "5", "--negatives", "9",
+            "--history-len", "3", "--max-title-tokens", "6", "--calibration", "none"]
+    assert cli.main([*argv, "--results-dir", str(tmp_path / "r1"), "--out", str(tmp_path / "one")]) == 0
+    mp.start_processes(_cli_worker, args=(2, _free_port(), [*argv, "--results-dir", str(tmp_path / "r2"), "--out",
+                                                            str(tmp_path / "two")]), nprocs=2, start_method="spawn")
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one.keys() == two.keys() and one["ndcg@10"]["mean"] == pytest.approx(two["ndcg@10"]["mean"], abs=1e-9)
+    with pytest.raises(ValueError, match="times one process"):  # a benchmark is never launched in several
+        cli._one_writer(argparse.Namespace(command="bench"))

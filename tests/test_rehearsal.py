@@ -9,12 +9,14 @@ except those in OVERRIDDEN, which are sizes, plus the device, the dtype and the 
 """
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from layerviz.report import ReportConfig, run_report
 from layerviz.store import slug
 from layerviz.study import StudyConfig, run_study
 
@@ -101,10 +103,6 @@ def test_paper_config_rehearsed_on_cpu(tmp_path):
     assert last == {"tiny-llama3": 8, "tiny-qwen3": 9}  # k = L/4 of 32 and 36
     assert set(res.tables["headline"]["L"]) == {32, 36}
     assert len(res.tables["hypotheses"]) > 0
-
-    from dataclasses import asdict
-
-    from layerviz.report import ReportConfig, run_report
 
     config = tmp_path / "rehearsal.yaml"  # `layerviz report` with CONFIG pointing at the rehearsed study
     config.write_text(yaml.safe_dump(asdict(cfg)))

@@ -56,11 +56,6 @@ def build(preset: str, device: torch.device, dtype: torch.dtype):
     return model.eval()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Peak:
     """Context: peak CUDA memory (MiB) allocated inside the block (NaN on CPU)."""
 
@@ -69,22 +64,27 @@ class Peak:
 
     def __enter__(self):
         if self.device.type == "cuda":
-            _sync(self.device)
+            torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         return self
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
-            _sync(self.device)
+            torch.cuda.synchronize(self.device)
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
 
 
 def timed(fn, device: torch.device) -> float:
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - t0
+    from layerviz.bench import time_once
+
+    return time_once(fn, device)
+
+
+def compact_layers(n: int) -> list[int]:
+    """k = L/4 evenly spaced layers (first and last kept), as the bench picks them without a selection."""
+    from layerviz.bench import layers_for_k
+
+    return layers_for_k(max(1, round(n / 4)), n)
 
 
 def row(model: str, check: str, measured: float, unit: str, goal: str = "", met=None, peak_mb=float("nan"),
@@ -98,12 +98,12 @@ def check_prefill(name, model, tok, prep, args, device) -> list[dict]:
     interleaved A B C A B C ...; median per-round speedups next to their FLOP bounds."""
     from layerviz import arch
     from layerviz.adapters import AdapterPolicy
-    from layerviz.bench import adapter_flops, flop_bound, layer_costs, layers_for_k
+    from layerviz.bench import adapter_flops, flop_bound, layer_costs
     from layerviz.compact import build_compact
 
     n, d = arch.num_layers(model), arch.hidden_size(model)
-    k = max(1, round(n / 4))
-    layers = layers_for_k(k, n)
+    layers = compact_layers(n)
+    k = len(layers)
     targets = {"full": model, "plain": build_compact(model, layers, AdapterPolicy(force="identity")),
                "adapters": build_compact(model, layers, AdapterPolicy(rank=64))}
     ids = torch.randint(0, arch.lm_head(model).out_features, (args.batch, args.seq_len), device=device)
@@ -188,7 +188,7 @@ def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
     from layerviz.compact import build_compact
 
     n = arch.num_layers(model)
-    layers = sorted({int(round(x)) for x in np.linspace(0, n - 1, max(1, round(n / 4)))})
+    layers = compact_layers(n)
     compact = build_compact(model, layers, AdapterPolicy(rank=64))
     params = [p for a in compact.adapters() for p in a.parameters()]
     for p in compact.parameters():

@@ -177,7 +177,8 @@ def _read_peak_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _once(fn, device: torch.device) -> float:
+def time_once(fn, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, CUDA work included (synchronized before and after)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -215,12 +216,12 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
     hidden, head = hidden.to(dev, arch.embedding(full).weight.dtype), []
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         for rnd in progress(range(cfg.warmup + cfg.runs), desc="bench rounds", unit="round"):
-            h = _once(lambda: arch.logits(full, hidden), dev)  # the LM head alone, as the prefill runs it
+            h = time_once(lambda: arch.logits(full, hidden), dev)  # the LM head alone, as the prefill runs it
             if rnd >= cfg.warmup:
                 head.append(h)
             for n in names:
-                pre = _once(lambda n=n: targets[n](input_ids=ids), dev)
-                lat = _once(lambda n=n: score(targets[n], tokenizer, [request], sc), dev) if request else np.nan
+                pre = time_once(lambda n=n: targets[n](input_ids=ids), dev)
+                lat = time_once(lambda n=n: score(targets[n], tokenizer, [request], sc), dev) if request else np.nan
                 if rnd >= cfg.warmup:
                     t[n]["prefill"].append(pre)
                     t[n]["latency"].append(lat)
@@ -233,7 +234,7 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
                   "head_ms": 1e3 * float(np.median(head))}
         if request is not None:
             lat_ratio = np.array(t[names[0]]["latency"]) / lat
-            q = _once(lambda n=n: score(targets[n], tokenizer, [request] * cfg.qps_queries, sc), dev)
+            q = time_once(lambda n=n: score(targets[n], tokenizer, [request] * cfg.qps_queries, sc), dev)
             out[n].update(latency_ms=1e3 * float(np.median(lat)), latency_iqr_ms=1e3 * _iqr(lat),
                           latency_speedup=float(np.median(lat_ratio)), qps=cfg.qps_queries / q)
     return out

@@ -331,7 +331,7 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
                 bar.update(1)
     got = parallel.sum_arrays({"base": base, "rise": rise})
     rise = got["rise"]
-    rise[:, [i for i in range(n_layers) if i not in set(todo)]] = np.nan  # layers not ablated
+    rise[:, sorted(set(range(n_layers)) - set(todo))] = np.nan  # layers not ablated
     return got["base"], {"ablation_loss": rise}
 
 

@@ -438,7 +438,9 @@ DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 def _map_devices(device_map, max_memory) -> list:
-    return list((device_map or {}).values() if isinstance(device_map, dict) else []) + list(max_memory or {})
+    """The devices a map and a memory cap name (a strategy name such as 'auto' names none)."""
+    named = list(device_map.values()) if isinstance(device_map, dict) else []
+    return named + list(max_memory or {})
 
 
 def check_device(dev, where: str) -> None:

@@ -110,7 +110,7 @@ def test_timings_interleave_and_take_per_round_ratios(tiny_llama, monkeypatch):
         order.append(fn)
         return next(clock)
 
-    monkeypatch.setattr(bench, "_once", fake_once)
+    monkeypatch.setattr(bench, "time_once", fake_once)
     targets = {"full": model, "k2": bench._build(model, [0, 31], False, None, standalone=False)}
     req = bench.Request(["Lens"], ["Tripod", "Camera"])
     out = bench.timings(targets, tok, req, bench.BenchConfig(runs=3, warmup=1, qps_queries=1))

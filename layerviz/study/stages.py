@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerviz import arch, metrics, parallel, store
+from layerviz import arch, metrics, store
 from layerviz import importance as imp
 from layerviz.bench import BenchConfig, run_bench
 from layerviz.compact import AdaptConfig, load_compact, run_adapt
@@ -38,8 +38,8 @@ class Study:
     """Executes a StudyConfig; every stage cached under results_dir/name/."""
 
     def __init__(self, cfg: StudyConfig, report=print, use_cache: bool = True):
-        self.cfg, self.report = cfg, report if parallel.is_main() else None  # torchrun: rank 0 reports
         self.stages = Stages(cfg.folder, report, use_cache)
+        self.cfg, self.report = cfg, self.stages.report  # under torchrun rank 0 alone reports (Stages decides)
         self._models, self._preps = {}, {}  # (spec, tuned) -> (model, tokenizer); dataset -> Prepared
 
     # -- shared resources, loaded lazily (a fully cached rerun loads nothing)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layerviz import arch
+from layerviz import arch, parallel, passes
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
 from layerviz.study.depth import region
@@ -294,6 +294,7 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
         for s in progress(range(0, len(examples), batch), desc=desc, unit="batch"):
             idx = list(range(s, min(s + batch, len(examples))))
             ids, mask = _padded(examples, idx, pad, dev)
+            passes.count("calibration", len(idx))
             arch.run_decoder(model, ids, mask)
             keep = _loss_mask(mask, skip_first)
             for i in points:
@@ -337,12 +338,15 @@ def _check_finite(loss: torch.Tensor, adapters, good, where: str) -> None:
 
 
 def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg: TrainConfig, curve: list,
-         stage: str, gap: str, where: str, desc: str | None = None) -> None:
+         stage: str, gap: str, where: str, desc: str | None = None, shared: bool = False) -> None:
     """AdamW + clipping + early stopping on ``validate()``; the adapters end at their best validation state.
 
     ``batches()`` yields, per epoch, callables that return one batch's MSE (with grad). Every step adds
     ``cfg.reg`` x the adapters' distance from the identity. Rows (epoch 0 = before training) go to ``curve``.
+    ``shared``: under torchrun each batch's MSE is this process's share of it, and the gradients are summed
+    over processes before clipping (data parallel); the regularizer is split so that it counts once.
     """
+    world = parallel.world_size() if shared else 1
     params = [p for a in adapters for p in a.parameters()]
     with torch.no_grad():
         best = validate()
@@ -357,13 +361,15 @@ def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg
         for batch_mse in batches():
             good = _state(adapters)
             mse = batch_mse()
-            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters)
+            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters) / world
             _check_finite(loss, adapters, good, f"{where}, epoch {epoch}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if shared:
+                parallel.all_reduce_grads(params)
             torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
-            losses.append(mse.item())
+            losses.append(parallel.all_sum(mse.item()) if shared else mse.item())
         with torch.no_grad():
             val = validate()
         _check_finite(torch.tensor(val), adapters, best_state, f"{where} validation")
@@ -391,17 +397,28 @@ def _local_stage(adapter: Adapter, x_tr, y_tr, x_va, y_va, cfg: TrainConfig, lab
 
 
 def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int, skip_first: bool,
-              grad: bool = False):
+              grad: bool = False, shared: bool = False):
     """Mean squared error of ``model``'s pre-final-norm hidden states against ``targets`` (per-example tensors).
 
-    Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens.
+    Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens. ``shared``: under
+    torchrun each process runs its share (of the batches; with ``grad``, of the examples, in one batch) and
+    the mean is over every process's tokens (with ``grad``: this process's part of it, whose gradients
+    the processes sum).
     """
     dev = arch.input_device(model)
     total, count = torch.zeros((), device=dev), 0
+    if shared and grad:
+        part = parallel.shard(len(examples))
+        todo = [list(part)] if len(part) else []
+    elif shared:
+        todo = parallel.batches(len(examples), batch)
+    else:
+        todo = [list(range(s, min(s + batch, len(examples)))) for s in range(0, len(examples), batch)]
     with arch.capture(model, ["resid_final"]) as caught:
-        for s in range(0, len(examples), batch):
-            idx = list(range(s, min(s + batch, len(examples))))
+        for idx in todo:
             ids, mask = _padded(examples, idx, pad, dev)
+            passes.count("calibration", len(idx))
+            passes.count("backward", len(idx) if grad else 0)
             with torch.set_grad_enabled(grad), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
                 arch.run_decoder(model, ids, mask)
             keep = _loss_mask(mask, skip_first)
@@ -409,6 +426,10 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
             tgt = torch.cat([targets[i] for i in idx])
             total = total + F.mse_loss(pred, tgt, reduction="sum") / pred.shape[-1]
             count += len(pred)
+    if shared and parallel.active():
+        count = parallel.all_sum(count)
+        if not grad:
+            total = torch.tensor(parallel.all_sum(total.item()), device=dev)
     return total / max(count, 1)
 
 
@@ -444,7 +465,7 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
         t1 = time.perf_counter()
         seconds = t1 - t0 - outside[0]
         with torch.no_grad():
-            mse = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item()
+            mse = final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first, shared=True).item()
         if report:
             report(f"{stage}: validation MSE {mse:.4g} (relative {mse / energy:.4f}) after {seconds:.1f} s")
         if on_stage is not None:
@@ -472,6 +493,12 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
     return out
 
 
+def _step_mse(compact, examples, targets, pad, cfg: TrainConfig):
+    """One stage-2 training step's MSE (with grad) over ``examples``."""
+    passes.count("train")
+    return final_mse(compact, examples, targets, pad, len(examples), cfg.skip_first, grad=True, shared=True)
+
+
 def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainConfig, pad, curve):
     tr = [examples[i] for i in tr_idx]
     va, va_t = [examples[i] for i in val_idx], [final[i] for i in val_idx]
@@ -481,9 +508,8 @@ def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainC
         perm = gen.permutation(len(tr))
         for s in range(0, len(perm), cfg.sample_batch):
             b = [int(i) for i in perm[s : s + cfg.sample_batch]]
-            yield lambda b=b: final_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, len(b),
-                                        cfg.skip_first, grad=True)
+            yield lambda b=b: _step_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, cfg)
 
     _fit(adapters, cfg.stage2_lr, cfg.stage2_epochs, batches,
-         lambda: final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first).item(), cfg, curve,
-         "stage2", "all", "stage 2", desc="stage 2")
+         lambda: final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first, shared=True).item(), cfg, curve,
+         "stage2", "all", "stage 2", desc="stage 2", shared=True)

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import arch, store
+from layerviz import arch, passes, store
 from layerviz.adapters import Adapter, AdapterPolicy, plan
 from layerviz.compact import build_compact
 from layerviz.data import CandidateConfig, candidates_for, load
@@ -220,6 +220,7 @@ def timings(targets: dict, tokenizer, request, cfg: BenchConfig) -> dict[str, di
             if rnd >= cfg.warmup:
                 head.append(h)
             for n in names:
+                passes.count("prefill", len(ids))
                 pre = time_once(lambda n=n: targets[n](input_ids=ids), dev)
                 lat = time_once(lambda n=n: score(targets[n], tokenizer, [request], sc), dev) if request else np.nan
                 if rnd >= cfg.warmup:
@@ -244,6 +245,7 @@ def peak_memory(model, tokenizer, request, cfg: BenchConfig) -> float:
     """Peak memory (MiB) of one prefill and one query: CUDA allocator peak, or VmHWM of this process on CPU."""
     dev = arch.input_device(model)
     tracked = _reset_peak(dev)
+    passes.count("prefill", cfg.prefill_batch)
     with torch.no_grad(), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
         model(input_ids=_prefill_ids(model, cfg))
         if request is not None:

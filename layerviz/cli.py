@@ -28,7 +28,7 @@ from layerviz.models import presets_table
 from layerviz.report import NotebookFailed, ReportConfig, run_report
 from layerviz.selection import SelectConfig, run_select
 from layerviz.settings import field_docs
-from layerviz.study import StudyConfig, run_study
+from layerviz.study import StudyConfig, by_stage, plan, run_study
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -221,6 +221,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = StudyConfig.from_yaml(args.config)  # fails here, before any work, on a bad config
     if args.results_dir:
         cfg.results_dir = args.results_dir
+    if args.plan:
+        return _print_plan(cfg, args.tflops)
+    if args.tflops is not None:
+        raise ValueError("--tflops sets the throughput of --plan's estimate; add --plan")
     out = run_study(cfg)
     t = out.tables
     with pd_options():
@@ -232,6 +236,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_plan(cfg: StudyConfig, tflops: float | None) -> int:
+    """``layerviz run CONFIG --plan``: the cost table, nothing run and no weights loaded."""
+
+    if tflops is None and cfg.device != "cpu":
+        raise ValueError(f"device {cfg.device!r}: give the throughput you expect with --tflops (e.g. 400 for bf16 on "
+                         "an H100/H200); the default is measured for CPU only")
+    df = plan(cfg, tflops)
+    with pd.option_context("display.width", 250, "display.max_rows", 500):
+        print(by_stage(df).to_string(index=False))
+    print(f"\npasses: sequences through the model by kind (layerviz.passes); '<=': an upper bound (early stops, "
+          f"reused subsets, pmi priors, the bench's k); minutes at {df.attrs['tflops']:g} TFLOP/s "
+          f"({'--tflops' if tflops else 'measured for this CPU'}), model loading and memory processes not included")
+    return 0
+
+
 def pd_options():
     return pd.option_context("display.max_colwidth", 60, "display.width", 200)
 
@@ -240,6 +259,10 @@ def _add_run(sub) -> None:
     p = sub.add_parser("run", help="run (or resume) a whole study from a YAML config, e.g. configs/demo.yaml")
     p.add_argument("config")
     p.add_argument("--results-dir", dest="results_dir", default=None)
+    p.add_argument("--plan", action="store_true",
+                   help="print what each stage will cost (passes, tokens, FLOPs, time) without running or loading weights")
+    p.add_argument("--tflops", type=float, default=None,
+                   help="throughput of the --plan estimate in TFLOP/s (default: measured for CPU; required on a GPU)")
     p.set_defaults(func=_cmd_run)
 
 

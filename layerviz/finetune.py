@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from layerviz import arch, store
+from layerviz import arch, parallel, passes, store
 from layerviz.compact import fingerprint
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import TaskEvaluator
@@ -415,6 +415,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
     _check_out(out, overwrite)
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=None)
     windows = training_windows(prep, cfg.history_len, cfg.min_history)
+    parallel.check_enough(cfg.batch_size, "examples per micro-batch (batch_size)")  # torchrun: each gets some
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     base_fp = fingerprint(model)
@@ -489,11 +490,16 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
             break
         inner.train(cfg.lora_dropout > 0)
         examples = schedule.examples(step)
+        passes.count("train")
         step_loss = 0.0
         for m in range(cfg.grad_accum):
             micro = examples[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            part = parallel.shard(len(micro))  # under torchrun: this process's share, its loss weighted by it
+            passes.count("backward", len(part))
             with autocast:
-                loss = batch_loss(inner, text, titles, micro, cfg.objective)
+                loss = batch_loss(inner, text, titles, micro[part.start:part.stop], cfg.objective)
+                if len(part) < len(micro):
+                    loss = loss * (len(part) / len(micro))
             if not torch.isfinite(loss):
                 opt.zero_grad(set_to_none=True)
                 save_checkpoint()
@@ -503,6 +509,9 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
                     f"(now {cfg.peak_lr:g}) or check the model's dtype.")
             (loss / cfg.grad_accum).backward()
             step_loss += float(loss.detach()) / cfg.grad_accum
+        if parallel.active():  # data parallel: the gradients of every process's share summed (as DDP does)
+            parallel.all_reduce_grads(params)
+            step_loss = parallel.all_sum(step_loss)
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         opt.step()
         sched.step()

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
-from layerviz import arch, parallel, store
+from layerviz import arch, parallel, passes, store
 from layerviz.data import load
 from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
@@ -264,6 +264,8 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
         pad = 0
         for idx in progress(parallel.batches(n, batch_size), desc=desc, unit="batch"):  # this process's share
             start = idx[0]
+            passes.count("calibration", len(idx))
+            passes.count("backward", len(idx) if fisher else 0)
             exs, ids, mask, item = calibration_batch(cal, idx, pad, dev)
             state.update(rows=idx, mask=mask, item=item, fisher=[0.0] * L,
                          qpos=torch.tensor(_query_positions(cal, exs), device=dev))
@@ -304,6 +306,7 @@ def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarr
     with torch.no_grad():
         for idx in parallel.batches(len(cal.examples), batch_size):  # this process's share (all, alone)
             exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
+            passes.count("calibration", len(idx))
             out[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
     return parallel.sum_arrays({"loss": out})["loss"]
 
@@ -322,6 +325,8 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
     with torch.no_grad(), progress(total=len(mine) * len(todo), desc="ablation", unit="layer") as bar:
         for idx in mine:
             exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
+            passes.count("calibration", len(idx))
+            passes.count("ablation", len(idx) * len(todo))
             with arch.capture(model, [f"resid_pre.{i}" for i in todo]) as states:
                 base[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
             for i in todo:

@@ -108,6 +108,32 @@ def sum_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.sum([p[k] for p in parts], axis=0) for k in arrays}
 
 
+def all_sum(x: float) -> float:
+    """The sum over processes of a number (``x`` itself in one process)."""
+    if not active():
+        return x
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, x)
+    return type(x)(sum(parts))
+
+
+def all_reduce_grads(params) -> None:
+    """Sum the parameters' gradients over processes, in one flat buffer (what DDP does after backward): each
+    process back-propagated its share of the examples. A parameter without a gradient counts as zeros."""
+    if not active():
+        return
+    params = list(params)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

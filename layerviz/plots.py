@@ -287,6 +287,29 @@ def efficiency_bars(bench: pd.DataFrame, title: str = ""):
     return fig
 
 
+def cost_plan(minutes: pd.DataFrame, title: str = ""):
+    """Planned against recorded minutes per step of each model (``study.minutes``); the plan's time is its
+    FLOPs at one throughput, so the gap shows where a step runs faster or slower than that rate."""
+    models = list(dict.fromkeys(minutes["model"]))
+    with paper_style():
+        fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 0.28 * minutes.groupby("model").size().max()
+                                                          + 1.2), squeeze=False)
+        for ax, model in zip(axes[0], models, strict=True):
+            g = minutes[minutes["model"] == model]
+            y = np.arange(len(g))
+            ax.barh(y - 0.2, g["planned"], height=0.4, color="C0", label="planned")
+            ax.barh(y + 0.2, g["recorded"].fillna(0), height=0.4, color="C1", label="recorded")
+            ax.set_yticks(y, g["step"])
+            ax.invert_yaxis()
+            ax.set_xlabel("minutes")
+            ax.set_title(f"{model}: {g['planned'].sum():.1f} planned, {g['recorded'].sum():.1f} recorded", loc="left")
+        axes[0, 0].legend(loc="lower right")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
 STRATEGY_MARKERS = {"importance_greedy": "o", "top_k": "^", "first_k": "s", "last_k": "D", "uniform": "P",
                     "random": "x", "forward_greedy": "v", "backward_greedy": "<", "contiguous_block": ">",
                     "reference": "*"}

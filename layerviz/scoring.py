@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from layerviz import arch
+from layerviz import arch, passes
 from layerviz.progress import progress
 
 log = logging.getLogger(__name__)
@@ -471,6 +471,7 @@ def title_priors(model, tokenizer, titles: list[str], cfg: ScoringConfig, batch:
     cache = _PRIOR_CACHE.setdefault(model, {})
     key = (cfg.domain, cfg.max_title_tokens, arch.layer_signature(model))
     todo = [t for t in dict.fromkeys(titles) if (key, t) not in cache]
+    passes.count("prior", len(todo))
     if todo:
         text = Prompt(tokenizer, cfg)
         if use_packed(model, cfg):
@@ -566,6 +567,8 @@ def score(model, tokenizer, requests: list[Request], config: ScoringConfig | Non
     if cfg.max_title_tokens < 1:
         raise ValueError(f"max_title_tokens must be at least 1, got {cfg.max_title_tokens}")
     check_requests(requests)
+    passes.count("prefix", len(requests))
+    passes.count("candidate", sum(len(r.candidates) for r in requests))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     dev = _device(model)

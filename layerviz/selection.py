@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import arch, metrics
+from layerviz import arch, metrics, passes
 from layerviz.data import load
 from layerviz.evaluate import FidelityEvaluator, task_evaluator
 from layerviz.importance import (
@@ -84,6 +84,7 @@ class SubsetScorer:
         if self.budget is not None and len(self.rows) >= self.budget:
             raise BudgetExhausted(f"evaluation budget of {self.budget} used up")
         t0 = time.perf_counter()
+        passes.count("subset")
         if len(key) == self.n_layers:
             value = self.evaluator(self.model)
         else:
@@ -218,6 +219,7 @@ def angular_distances(model, calibration, n: int) -> np.ndarray:
     with arch.capture(model, points, detach=True) as states, torch.no_grad():
         for i in range(len(calibration.examples)):
             exs, ids, mask, _ = calibration_batch(calibration, [i], 0, dev)
+            passes.count("calibration")
             arch.run_decoder(model, ids, mask)
             last = [states[p][0, -1].float() for p in points]
             for start in range(L - n + 1):

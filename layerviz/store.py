@@ -16,6 +16,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerviz import parallel
+from layerviz import parallel, passes
 
 
 def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
@@ -122,12 +123,15 @@ def read_outputs(folder: str | Path, files: list[str]) -> dict:
 
 
 def cached(folder: str | Path, key: str, compute: Callable[[Path], dict], use_cache: bool = True,
-           marker: str = "done.json", meta: dict | None = None, main_only: bool = False) -> tuple[dict, bool]:
+           marker: str = "done.json", meta: dict | None = None, main_only: bool = False,
+           count_passes: bool = False) -> tuple[dict, bool]:
     """Run ``compute(folder)`` once per ``key`` -> (outputs read back from disk, whether they were cached).
 
     The marker file (``key``, files, seconds, versions and ``meta``) is written last, so a run killed
     mid-way leaves no marker and is recomputed. ``compute`` may also write files of its own into
-    ``folder`` (a model, say) before it returns.
+    ``folder`` (a model, say) before it returns. ``count_passes`` records the model passes ``compute`` ran
+    (``passes``; under torchrun those of every process) in the marker; nested computations then count
+    towards it unless they record their own.
     """
     folder = Path(folder)
     done = folder / marker
@@ -149,15 +153,23 @@ def cached(folder: str | Path, key: str, compute: Callable[[Path], dict], use_ca
             parallel.barrier()
             return read_outputs(where, json.loads((Path(where) / marker).read_text())["files"]), False
         with tempfile.TemporaryDirectory(prefix="layerviz-rank-") as private:  # the same computation (its
-            result = compute(Path(private))  # share of the users, the same collectives), thrown away after
+            with passes.recording() if count_passes else nullcontext({}) as counted:  # share of the users, the
+                result = compute(Path(private))  # same collectives), thrown away after
             out = read_outputs(private, [_write_output(Path(private), n, o) for n, o in result.items()])
+            if count_passes:
+                parallel.gather([dict(counted)])
         parallel.barrier()
         return out, False
     t0 = time.perf_counter()
-    result = compute(folder)
+    with passes.recording() if count_passes else nullcontext({}) as counted:
+        result = compute(folder)
     files = [_write_output(folder, name, obj) for name, obj in result.items()]
     seconds = time.perf_counter() - t0
-    write_json(done, {"key": key, "files": files, "seconds": seconds, "versions": versions(), **(meta or {})})
+    extra = {}
+    if count_passes:
+        extra["passes"] = passes.combine([dict(counted)] if main_only else parallel.gather([dict(counted)]))
+    write_json(done, {"key": key, "files": files, "seconds": seconds, "versions": versions(), **extra,
+                      **(meta or {})})
     parallel.barrier()
     return read_outputs(folder, files), False
 
@@ -189,7 +201,8 @@ class Stages:
             return compute(folder)
 
         t0 = time.perf_counter()
-        out, was_cached = cached(self.root / name, key, announced, self.use_cache, main_only=main_only)
+        out, was_cached = cached(self.root / name, key, announced, self.use_cache, main_only=main_only,
+                                 count_passes=True)
         (self.skipped if was_cached else self.ran).append(name)
         if self.report and not was_cached:
             self.report(f"[{name}] done in {time.perf_counter() - t0:.0f} s")

@@ -26,8 +26,11 @@ import torch.multiprocessing as mp
 
 from layerviz import data, load_model, parallel, store
 from layerviz import importance as imp
+from layerviz.adapters import AdapterPolicy, TrainConfig, train_adapters
+from layerviz.compact import build_compact
 from layerviz.data import CandidateConfig, candidates_for
 from layerviz.evaluate import TaskEvaluator
+from layerviz.finetune import FinetuneConfig, finetune
 from layerviz.selection import select
 
 SPEC, USERS, SAMPLES = "tiny-gemma3", 7, 5
@@ -57,6 +60,18 @@ def compute(folder: str) -> dict:
     out = {"metrics": ev.metrics(model), "hook": imp.hook_pass(model, cal),
            "ablation": imp.loss_ablation(model, cal, [0, 5, 17], batch_size=2)}
     out["trace"] = select("forward_greedy", model, ev, k=2).trace
+    compact = build_compact(model, [0, 5, 9, 17], AdapterPolicy(rank=4), seed=0)
+    out["adapters_init"] = {f"{i}.{k}": v.detach().clone() for i, a in enumerate(compact.adapters())
+                            for k, v in a.state_dict().items()}
+    train_adapters(compact, model, cal, TrainConfig(stage1_epochs=1, stage2_epochs=2, sample_batch=3), pad=0,
+                   report=None)
+    out["adapters"] = {f"{i}.{k}": v.detach().clone() for i, a in enumerate(compact.adapters())
+                       for k, v in a.state_dict().items()}
+    tuned = finetune(FinetuneConfig(model=SPEC, dataset="demo-electronics", history_len=3, max_title_tokens=6,
+                                    max_steps=2, batch_size=2, train_negatives=3, eval_every=2, eval_users=4,
+                                    results_dir=folder), model, tok, report=None)
+    out["finetuned"] = {k: v.detach().clone() for k, v in tuned.model.state_dict().items() if "layers.0." in k}
+    out["finetune_curve"] = tuned.curves
     out["stage"], _ = store.cached(os.path.join(folder, "stage"), "k1",
                                    lambda f: {"table": pd.DataFrame({"rank": [parallel.rank()],
                                                                      "world": [parallel.world_size()]})})
@@ -116,6 +131,27 @@ def test_two_processes_give_the_single_process_results(both):
         assert np.isnan(got["ablation"][1]["ablation_loss"][:, 1]).all()  # a layer not ablated stays NaN
         assert got["trace"]["layers"].map(list).tolist() == single["trace"]["layers"].map(list).tolist()
         np.testing.assert_allclose(got["trace"]["score"], single["trace"]["score"], rtol=0, atol=1e-6)
+
+
+def test_adapter_training_and_finetuning_split_their_examples_and_sum_gradients(both):
+    """Data parallel training: each process back-propagates its share of every batch and the gradients are
+    summed (all_reduce) before the step. The weights equal one process's within float rounding (each
+    process runs a smaller batch: other matmul shapes and padding, and the sums meet in another order), and
+    the adapters moved from their initial state, so the comparison is not of untouched weights."""
+    single, ranks, _ = both
+    for got in ranks:
+        assert set(got["adapters"]) == set(single["adapters"])
+        for k, v in single["adapters"].items():
+            torch.testing.assert_close(got["adapters"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        for k, v in single["finetuned"].items():
+            torch.testing.assert_close(got["finetuned"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+        np.testing.assert_allclose(got["finetune_curve"]["train_loss"], single["finetune_curve"]["train_loss"],
+                                   rtol=1e-5)
+    assert any(not torch.equal(v, single["adapters_init"][k]) for k, v in single["adapters"].items())
+    assert single["finetune_curve"]["train_loss"].notna().sum() == 2
+    for got in ranks:  # the two processes ended with the very same weights (they stepped on the same gradients)
+        for k, v in ranks[0]["adapters"].items():
+            assert torch.equal(got["adapters"][k], v)
 
 
 def test_rank_zero_alone_writes_and_every_process_reads_its_outputs(both):

@@ -18,7 +18,7 @@ import yaml
 
 from layerviz.report import ReportConfig, run_report
 from layerviz.store import slug
-from layerviz.study import StudyConfig, run_study
+from layerviz.study import StudyConfig, against_run, plan, recorded, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDDEN = {
@@ -88,6 +88,10 @@ def test_paper_config_rehearsed_on_cpu(tmp_path):
     assert cfg.negatives == 99 and {"backward_greedy", "contiguous_block"} <= set(cfg.strategies)
 
     res = run_study(cfg, report=None)
+    check = against_run(plan(cfg), recorded(cfg))  # --plan predicted what every stage ran (or bounded it)
+    assert check["holds"].all(), check[~check["holds"]]
+    per_stage = check.groupby("stage")[["planned", "recorded"]].sum()
+    assert (per_stage > 0).all().all(), per_stage  # the same stages planned as run
 
     manifest = json.loads((cfg.folder / "manifest.json").read_text())
     ran = set(manifest["stages_run"])

@@ -139,6 +139,23 @@ def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
     assert s3.stages.ran == [] and again.tables["hypotheses"].equals(res.tables["hypotheses"])
 
 
+def test_the_plan_predicts_the_passes_every_stage_records(killed_and_resumed):
+    """``layerviz run --plan``: exact counts equal what each stage recorded in done.json, bounds hold, and
+    the stages planned are the stages run (the killed stage was recomputed whole on resuming)."""
+    from layerviz.study import against_run, plan, recorded
+    from layerviz.study.cost import CPU_TFLOPS
+
+    _, s, _ = killed_and_resumed
+    planned = plan(s.cfg)
+    check = against_run(planned, recorded(s.cfg))
+    assert check["holds"].all(), check[~check["holds"]]
+    per_stage = check.groupby("stage")[["planned", "recorded"]].sum()
+    assert (per_stage > 0).all().all(), per_stage
+    exact = check[check["exact"]]
+    assert len(exact) > 20 and {"prefix", "candidate", "calibration", "ablation", "backward", "train"} <= set(exact["kind"])
+    assert (planned["flops"] > 0).any() and np.allclose(planned["seconds"], planned["flops"] / (CPU_TFLOPS * 1e12))
+
+
 def test_a_stage_returns_the_same_shapes_computed_or_cached(killed_and_resumed):
     _, s, res = killed_and_resumed
     fresh = s.stages.root / "tiny-gemma3/demo-electronics/select-last_k"

@@ -4,7 +4,8 @@
 - ``stages``: each stage, cached by ``store.Stages``; ``runner``: the stages in order;
 - ``result``: ``StudyResult``, the tidy frames everything downstream reads;
 - ``tables`` and ``hypotheses``: one function per table and per claim; ``text``: the notebooks' sentences;
-- ``depth``: normalized depth and thirds.
+- ``depth``: normalized depth and thirds;
+- ``cost`` (on ``workload``): ``plan``, what every stage will cost before anything runs (``--plan``).
 
 Names are imported lazily (PEP 562), so that ``layerviz.study.depth``, which adapters and selection
 use, does not pull in the runner (and through it those very modules).
@@ -24,6 +25,8 @@ _WHERE = {
     "cross_domain": "tables", "finetune_table": "tables", "importance_shift": "tables", "verdict": "tables",
     "relation": "tables", "spearman_ci": "tables",
     "hypotheses": "hypotheses",
+    "plan": "cost", "by_stage": "cost_tables", "recorded": "cost_tables", "against_run": "cost_tables",
+    "minutes": "cost_tables",
     "profile_on_grid": "depth", "depth_overlap": "depth", "map_reference": "depth",
 }
 __all__ = sorted(_WHERE)

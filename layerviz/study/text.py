@@ -298,3 +298,18 @@ def headline_sentences(head: pd.DataFrame) -> str:
                  f"{r.bound:.2f}x{'; ABOVE its time bound: a timing artefact, not a result' if r.get('above_bound') else ''}"
                  f") in {r.memory_ratio:.2f}x the memory and keep {r.ndcg10_retention:.0%} of NDCG@10 "
                  f"(95% CI {r.ndcg10_low:.0%}-{r.ndcg10_high:.0%})." for _, r in head.iterrows())
+
+
+def plan_sentences(check: pd.DataFrame, minutes: pd.DataFrame, tflops: float) -> str:
+    """How the cost plan compared with the run: pass counts (``against_run``) and minutes (``minutes``)."""
+    exact = check[check["exact"]]
+    bound = check[~check["exact"]]
+    held = f"{int(exact['holds'].sum())} of {len(exact)} exact pass counts equal what the stages recorded"
+    held += f", and {int(bound['holds'].sum())} of {len(bound)} upper bounds hold" if len(bound) else ""
+    ran = minutes.dropna(subset=["recorded"])
+    if ran.empty or pd.isna(tflops):
+        return held + "."
+    p, r = ran["planned"].sum(), ran["recorded"].sum()
+    return (f"{held}. The plan's time ({p:.1f} min at {tflops:g} TFLOP/s) is {p / r:.2f}x the stages' recorded "
+            f"{r:.1f} min (model loading and the bench's memory processes are not planned).")
+

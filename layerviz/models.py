@@ -388,8 +388,8 @@ def load_model(
     _quiet_transformers()
     if device_map is not None:
         check_device_map(device_map, max_memory)
-        cuda = any(str(d).startswith("cuda") or isinstance(d, int) for d in _map_devices(device_map, max_memory))
-        dev, dt = torch.device("cpu"), resolve_dtype(dtype, torch.device("cuda" if cuda else "cpu"))
+        dev, dt = torch.device("cpu"), resolve_dtype(dtype, torch.device("cuda" if map_uses_cuda(device_map, max_memory)
+                                                                         else "cpu"))
     else:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
@@ -435,6 +435,14 @@ def load_model(
 # ----------------------------------------------------------------------------- several devices
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def map_uses_cuda(device_map, max_memory) -> bool:
+    """Whether a device map places modules on CUDA: a GPU it names, or a strategy ('auto', 'balanced', ...)
+    without a memory cap on a machine with CUDA (accelerate then fills the GPUs first)."""
+    if any(str(d).startswith("cuda") or isinstance(d, int) for d in _map_devices(device_map, max_memory)):
+        return True
+    return isinstance(device_map, str) and not max_memory and torch.cuda.is_available()
 
 
 def _map_devices(device_map, max_memory) -> list:

@@ -114,3 +114,15 @@ def test_bad_device_maps_are_refused_before_loading(device_map, max_memory, mess
         check_device_map(device_map, max_memory)
     with pytest.raises(ValueError, match=message):
         load_model("tiny-llama3", device_map=device_map, max_memory=max_memory)
+
+
+def test_a_map_on_cuda_gets_the_cuda_default_dtype(monkeypatch):
+    """dtype None is bf16 where the map puts modules on a GPU: named ones, or a strategy on a CUDA machine
+    (accelerate fills the GPUs first); fp32 where it keeps them on the CPU or disk."""
+    from layerviz.models import map_uses_cuda
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert map_uses_cuda("auto", None) and map_uses_cuda({"model.layers.0": 0}, None)
+    assert not map_uses_cuda("auto", {"cpu": "4GiB"}) and not map_uses_cuda({"model.layers.0": "cpu"}, None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not map_uses_cuda("auto", None) and map_uses_cuda("auto", {"cuda:0": "70GiB", "cpu": "100GiB"})

@@ -104,10 +104,9 @@ class Planner:
         steps = planned_steps(f, data.windows(f.history_len, f.min_history))
         evals = 1 + sum(1 for s in range(1, steps + 1) if s % f.eval_every == 0 or s == steps)
         exact = f.max_seconds is None and f.patience is None  # a time cap or early stop can end it sooner
-        self.scoring(at, data.users("valid", f.eval_users, f.negatives), [self.shape(spec).n] * evals, exact=exact)
-        u = data.users("valid", f.eval_users, f.negatives)
+        u, sh = data.users("valid", f.eval_users, f.negatives), self.shape(spec)  # validation users: the windows'
+        self.scoring(at, u, [sh.n] * evals, exact=exact)  # token counts are taken as theirs
         examples = steps * f.batch_size * f.grad_accum
-        sh = self.shape(spec)
         one = sh.forward(u.prefix_tokens, 0) + (1 + f.train_negatives) * sh.forward(u.title_tokens, u.title_tokens)
         tokens = examples * (u.prefix_tokens + (1 + f.train_negatives) * u.title_tokens)
         self.add(at, "train", steps, examples * one, tokens, exact)

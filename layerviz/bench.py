@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +153,12 @@ class BenchConfig(Settings):
     memory_jobs: int = 2
     """CPU: memory processes run at once (after the timings; each reads only its own peak, so the numbers
     do not change). Their time is mostly single-threaded loading; lower it if two model copies do not fit."""
+
+
+def with_k(cfg: BenchConfig, k: int) -> BenchConfig:
+    """``cfg`` that also measures k (with adapters too, where any k is measured with them)."""
+    adapter_k = None if cfg.adapter_k is None else sorted(set(cfg.adapter_k) | {k})
+    return replace(cfg, keep=sorted(set(cfg.keep) | {k}), adapter_k=adapter_k)
 
 
 def _reset_peak(device: torch.device) -> bool:

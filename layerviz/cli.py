@@ -238,7 +238,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _print_plan(cfg: StudyConfig, tflops: float | None) -> int:
     """``layerviz run CONFIG --plan``: the cost table, nothing run and no weights loaded."""
-
     if tflops is None and cfg.device != "cpu":
         raise ValueError(f"device {cfg.device!r}: give the throughput you expect with --tflops (e.g. 400 for bf16 on "
                          "an H100/H200); the default is measured for CPU only")

@@ -13,6 +13,7 @@ import yaml
 from layerviz.adapters import AdapterPolicy, TrainConfig
 from layerviz.bench import BenchConfig
 from layerviz.compact import AdaptConfig
+from layerviz.data import PrepConfig
 from layerviz.data.bundled import BUNDLED
 from layerviz.evaluate import CALIBRATIONS
 from layerviz.finetune import FinetuneConfig
@@ -99,6 +100,22 @@ class StudyConfig:
     @property
     def folder(self) -> Path:
         return Path(self.results_dir) / self.name
+
+    def k_of(self, n_layers: int) -> int:
+        """The number of layers kept of ``n_layers``: round(L * k_fraction), at least 1."""
+        return max(1, int(round(n_layers * self.k_fraction)))
+
+    def settings(self, model: str, dataset: str) -> dict:
+        """The shared settings (``Settings``) every stage's config gets from the study."""
+        return {**{k: getattr(self, k) for k in SHARED if hasattr(self, k)}, "model": model, "dataset": dataset}
+
+    def prep_config(self) -> PrepConfig:
+        """The data protocol every stage applies."""
+        return PrepConfig(self.positive_threshold, self.kcore, self.history_len)
+
+    def finetune_config(self, spec: str) -> FinetuneConfig:
+        """How ``spec`` is fine-tuned on domain A (shared settings, the section, its per-model overrides)."""
+        return FinetuneConfig(**self.settings(spec, self.domain_a), **self.finetune_for(spec))
 
     def finetune_for(self, spec: str) -> dict:
         """The fine-tuning settings of one model: the shared ones with its ``models`` overrides on top."""

@@ -21,12 +21,11 @@ import numpy as np
 import pandas as pd
 
 from layerviz.adapters import TrainConfig
-from layerviz.bench import BenchConfig, configurations, layers_for_k
-from layerviz.finetune import FinetuneConfig, planned_steps
+from layerviz.bench import BenchConfig, configurations, layers_for_k, with_k
+from layerviz.finetune import planned_steps
 from layerviz.importance import ImportanceConfig
 from layerviz.models import bundled_tokenizer
 from layerviz.selection import FIXED, load_reference
-from layerviz.settings import SHARED
 from layerviz.store import slug
 from layerviz.study.config import StudyConfig
 from layerviz.study.depth import map_reference, without_lower_third
@@ -54,7 +53,7 @@ class Planner:
         return self.shapes[spec]
 
     def k(self, spec: str) -> int:
-        return max(1, int(round(self.shape(spec).n * self.cfg.k_fraction)))
+        return self.cfg.k_of(self.shape(spec).n)
 
     def first(self, spec: str, dataset: str | None, stage: str) -> tuple | None:
         """The (spec, dataset, stage name) to add rows to, or None if this stage is planned already."""
@@ -97,8 +96,7 @@ class Planner:
     # -- the stages, as in Study
     def finetune(self, spec: str) -> None:
         cfg = self.cfg
-        f = FinetuneConfig(**{k: getattr(cfg, k) for k in SHARED if hasattr(cfg, k)}, model=spec,
-                           dataset=cfg.domain_a, **cfg.finetune_for(spec))
+        f = cfg.finetune_config(spec)
         at = self.first(spec, cfg.domain_a, "finetune")
         data = self.data[cfg.domain_a]
         steps = planned_steps(f, data.windows(f.history_len, f.min_history))
@@ -235,10 +233,7 @@ class Planner:
         """Timed rounds of every configuration (prefills and one scored query each), then the throughput
         queries; on CPU the memory of each is measured in processes of their own (not counted)."""
         cfg, sh, k = self.cfg, self.shape(spec), self.k(spec)
-        b = over(BenchConfig, cfg.bench)
-        b.keep = sorted(set(b.keep) | {k})  # as Study.bench: the headline's k, with adapters where any k has them
-        if b.adapter_k is not None:
-            b.adapter_k = sorted(set(b.adapter_k) | {k})
+        b = with_k(over(BenchConfig, cfg.bench), k)  # as Study.bench
         at = self.first(spec, None, "bench")
         configs = configurations(sh.n, b, layers_for_k(k, sh.n), sh.costs)
         sizes = [c["k"] for c in configs]

@@ -13,11 +13,11 @@ import pandas as pd
 
 from layerviz import arch, metrics, store
 from layerviz import importance as imp
-from layerviz.bench import BenchConfig, run_bench
+from layerviz.bench import BenchConfig, run_bench, with_k
 from layerviz.compact import AdaptConfig, load_compact, run_adapt
-from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import TaskEvaluator, pick_calibration, popularity_scores
-from layerviz.finetune import FinetuneConfig, check_base
+from layerviz.finetune import check_base
 from layerviz.finetune import finetune as run_finetune
 from layerviz.models import PRESETS, load_model
 from layerviz.selection import (
@@ -28,7 +28,6 @@ from layerviz.selection import (
     load_reference,
     select,
 )
-from layerviz.settings import SHARED
 from layerviz.store import Stages, slug
 from layerviz.study.config import StudyConfig
 from layerviz.study.depth import map_reference, without_lower_third
@@ -52,12 +51,11 @@ class Study:
         return bool(self.cfg.finetune)
 
     def ft_config(self, spec: str):
-        c = self.cfg
-        return FinetuneConfig(**self.shared(spec, c.domain_a), **c.finetune_for(spec))
+        return self.cfg.finetune_config(spec)
 
     def shared(self, model: str, dataset: str) -> dict:
         """The shared settings (``Settings``) every stage's config gets from the study."""
-        return {**{k: getattr(self.cfg, k) for k in SHARED if hasattr(self.cfg, k)}, "model": model, "dataset": dataset}
+        return self.cfg.settings(model, dataset)
 
     def label(self, spec: str, zeroshot: bool = False) -> str:
         """The name results are cached under: the spec, or spec+ft-<key> for the fine-tuned recommender."""
@@ -86,7 +84,7 @@ class Study:
     def prep(self, dataset: str):
         c = self.cfg
         if dataset not in self._preps:
-            self._preps[dataset] = load(dataset, "auto", PrepConfig(c.positive_threshold, c.kcore, c.history_len), report=None)
+            self._preps[dataset] = load(dataset, "auto", c.prep_config(), report=None)
         return self._preps[dataset]
 
     def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False):
@@ -106,7 +104,7 @@ class Study:
         return PRESETS[spec].num_layers if spec in PRESETS else arch.num_layers(self.model(spec, zeroshot=True)[0])
 
     def k(self, spec: str) -> int:
-        return max(1, int(round(self.n_layers(spec) * self.cfg.k_fraction)))
+        return self.cfg.k_of(self.n_layers(spec))
 
     def _key(self, spec: str, *parts, zeroshot: bool = False):
         c = self.cfg
@@ -312,10 +310,8 @@ class Study:
         return self.stages(f"{slug(spec)}/{slug(dataset)}/adapters", asdict(acfg), compute)
 
     def bench(self, spec: str, selection_layers: list[int]) -> dict:
-        bcfg = BenchConfig(**self.shared(self.label(spec), self.cfg.domain_a), **self.cfg.bench)
-        bcfg.keep = sorted(set(bcfg.keep) | {len(selection_layers)})  # the headline's k is always measured
-        if bcfg.adapter_k is not None:
-            bcfg.adapter_k = sorted(set(bcfg.adapter_k) | {len(selection_layers)})
+        bcfg = with_k(BenchConfig(**self.shared(self.label(spec), self.cfg.domain_a), **self.cfg.bench),
+                      len(selection_layers))  # the headline's k is always measured
         if self.finetuning:  # made before: rank 0 benches alone, with no collective inside (torchrun)
             self.finetune(spec)
 

@@ -31,7 +31,7 @@ def model_table(res: StudyResult) -> pd.DataFrame:
         L = res.layers(m)
         row = table.loc[m].to_dict() if m in table.index else {"family": "?", "hidden": float("nan"),
                                                                  "params_M": float("nan"), "source": m}
-        rows.append({"model": m, **row, "layers": L, "k kept": max(1, round(L * res.config.k_fraction))})
+        rows.append({"model": m, **row, "layers": L, "k kept": res.config.k_of(L)})
     return pd.DataFrame(rows)[["model", "family", "layers", "k kept", "hidden", "params_M", "source"]]
 
 

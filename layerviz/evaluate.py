@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ import torch
 
 from layerviz import arch, metrics, parallel
 from layerviz.data import CandidateConfig, Prepared, candidates_for, load
+from layerviz.data.prepare import SLICES
 from layerviz.models import load_model
+from layerviz.sasrec import SASRecConfig, candidate_scores, train_sasrec
 from layerviz.scoring import (
     Prompt,
     Request,
@@ -46,9 +48,14 @@ class EvalConfig(Settings):
     """Candidates per forward pass; None picks one (and backs off on CUDA OOM)."""
     full_ranking: bool = False
     """With the embedding scorer, also rank every item (not just the sampled candidates)."""
+    baselines: list[str] = field(default_factory=lambda: ["popularity"])
+    """Baselines scored on the same candidate lists: popularity, sasrec (trained here on the training split,
+    early-stopped on validation users). Chance is always reported."""
+    cold: bool = False
+    """Evaluate the cold-start test set: test users whose positive is a cold item (needs cold_items)."""
 
     def candidate_config(self) -> CandidateConfig:
-        return CandidateConfig(self.negatives, self.sampler, self.users, self.split, self.seed)
+        return CandidateConfig(self.negatives, self.sampler, self.users, self.split, self.seed, self.cold)
 
     def scoring_config(self, domain: str) -> ScoringConfig:
         return ScoringConfig(self.scorer, domain, self.max_title_tokens, self.batch_size, self.calibration)
@@ -202,6 +209,37 @@ def ranks_frame(cands: pd.DataFrame, scores: list[np.ndarray]) -> pd.DataFrame:
     })
 
 
+BASELINES = ("popularity", "sasrec")
+
+
+def baseline_scores(name: str, prep: Prepared, cands: pd.DataFrame, split: str, seed: int, negatives: int,
+                    candidates_dir, report=print) -> list[np.ndarray]:
+    """Scores of a baseline ('popularity', or 'sasrec' trained now on the training split) on ``cands``."""
+    if name == "popularity":
+        return popularity_scores(prep, cands)
+    if name == "sasrec":
+        trained = train_sasrec(prep, SASRecConfig(seed=seed, negatives=negatives), str(candidates_dir), report)
+        return candidate_scores(trained, prep, cands, split)
+    raise ValueError(f"unknown baseline {name!r}; use any of {', '.join(BASELINES)}")
+
+
+def slice_table(prep: Prepared, cands: pd.DataFrame, per_user: dict[str, pd.DataFrame], seed: int,
+                metric: str = "ndcg@10") -> pd.DataFrame:
+    """``metric`` per system and slice of the test positive (head/torso/tail thirds of the items by training
+    positives; 'cold' for held-out items; 'all'): mean, 95% bootstrap CI, users."""
+    where = prep.item_slices().reindex(cands["positive"]).to_numpy()
+    where = np.where(cands["positive"].isin(prep.cold).to_numpy(), "cold", where)
+    rows = []
+    for system, pu in per_user.items():
+        for name in [*SLICES, "cold", "all"]:
+            keep = np.ones(len(pu), bool) if name == "all" else where == name
+            if keep.any():
+                mean, lo, hi = metrics.bootstrap_ci(pu[metric].to_numpy()[keep], seed=seed)
+                rows.append({"system": system, "slice": name, metric: mean, "ci_low": lo, "ci_high": hi,
+                             "users": int(keep.sum())})
+    return pd.DataFrame(rows)
+
+
 def popularity_scores(prep: Prepared, cands: pd.DataFrame) -> list[np.ndarray]:
     """Baseline: each candidate's number of training positives."""
     pop = dict(zip(prep.items["item_id"], prep.items["popularity"], strict=True))
@@ -246,6 +284,8 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
     """Evaluate one model on one dataset; writes metrics.json, ranks.parquet, manifest.json to ``out``."""
     if cfg.full_ranking and cfg.scorer != "embedding":
         raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")
+    if bad := [b for b in cfg.baselines if b not in BASELINES]:
+        raise ValueError(f"unknown baseline(s) {', '.join(bad)}; use any of {', '.join(BASELINES)}")
     t0 = time.perf_counter()
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     cands, cand_path = candidates_for(prep, cfg.candidate_config(), cfg.candidates_dir)
@@ -260,17 +300,20 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
     score_seconds = time.perf_counter() - t_score
     ranks = ranks_frame(cands, scores)
     n_cand = int(ranks["n_candidates"].iloc[0])
-    result = summary_dict(metrics.per_user(ranks["rank"]), cfg.seed)
-    pop_ranks = ranks_frame(cands, popularity_scores(prep, cands))["rank"]
-    baselines = {
-        "popularity": summary_dict(metrics.per_user(pop_ranks), cfg.seed),
-        "chance": {m: {"mean": v, "ci_low": None, "ci_high": None} for m, v in metrics.chance(n_cand).items()},
-    }
-    paired = metrics.paired_comparison(metrics.per_user(ranks["rank"])["ndcg@10"],
-                                       metrics.per_user(pop_ranks)["ndcg@10"], seed=cfg.seed)
-    doc = {**result, "n_users": len(ranks), "n_candidates": n_cand, "baselines": baselines,
-           "vs_popularity_ndcg@10": paired, "score_seconds": score_seconds, "calibration": calibration,
-           "calibration_auto": cal_record}
+    per_user = {cfg.model: metrics.per_user(ranks["rank"])}
+    for name in cfg.baselines:
+        scored = baseline_scores(name, prep, cands, cfg.split, cfg.seed, cfg.negatives, cfg.candidates_dir, report)
+        per_user[name] = metrics.per_user(ranks_frame(cands, scored)["rank"])
+    result = summary_dict(per_user[cfg.model], cfg.seed)
+    baselines = {name: summary_dict(per_user[name], cfg.seed) for name in cfg.baselines}
+    baselines["chance"] = {m: {"mean": v, "ci_low": None, "ci_high": None} for m, v in metrics.chance(n_cand).items()}
+    paired = {f"vs_{name}_ndcg@10": metrics.paired_comparison(per_user[cfg.model]["ndcg@10"],
+                                                               per_user[name]["ndcg@10"], seed=cfg.seed)
+              for name in cfg.baselines}
+    slices = slice_table(prep, cands, per_user, cfg.seed)
+    doc = {**result, "n_users": len(ranks), "n_candidates": n_cand, "baselines": baselines, **paired,
+           "score_seconds": score_seconds, "calibration": calibration, "calibration_auto": cal_record,
+           "cold": cfg.cold, "slices": slices.to_dict(orient="records")}
     if cfg.full_ranking:
         with torch.no_grad():
             fr = full_ranking_ranks(model, tokenizer, prep, cands, scfg, cfg.split)
@@ -287,6 +330,9 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
         report(f"\n{cfg.scorer} scorer ({calibration}), {len(ranks)} users x {n_cand} candidates ({cfg.split}), "
                f"95% bootstrap CIs; scored in {score_seconds:.1f}s")
         report(table.to_string())
+        report("\nNDCG@10 by the test positive's training popularity (thirds of the items; cold: held out):")
+        report(slices.pivot(index="system", columns="slice", values="ndcg@10").reindex(
+            columns=[c for c in [*SLICES, "cold", "all"] if c in set(slices["slice"])]).round(4).to_string())
         if cfg.full_ranking:
             report("full ranking over all items: " + ", ".join(
                 f"{m}={v['mean']:.4f}" for m, v in doc["full_ranking"].items() if m in ("ndcg@10", "hr@10", "mrr")))

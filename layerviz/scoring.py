@@ -50,6 +50,20 @@ PROMPTS = {
         question="Will the user like this movie next? Answer Yes or No.",
     ),
 }
+"""The two wordings measured since the start; every other item noun gets ``prompt_text``'s generic one."""
+
+
+def prompt_text(noun: str) -> dict[str, str]:
+    """Header and yes/no question for items called ``noun`` ('games', or 'game/games' with its singular)."""
+    if noun in PROMPTS:
+        return PROMPTS[noun]
+    one, _, many = noun.partition("/")
+    if not many:
+        many, one = one, one[:-1] if one.endswith("s") and len(one) > 1 else one
+    if not one.strip() or not many.strip():
+        raise ValueError(f"item noun {noun!r}: give a plural such as 'games', or 'singular/plural'")
+    return dict(header=f"A user liked these {many}, oldest first:",
+                question=f"Will the user like this {one} next? Answer Yes or No.")
 
 
 @dataclass
@@ -59,7 +73,8 @@ class ScoringConfig:
     scorer: str = "likelihood"
     """'likelihood', 'yesno' or 'embedding'."""
     domain: str = "products"
-    """Prompt wording: 'products' or 'movies'."""
+    """The item noun of the prompts: 'products' and 'movies' have their own wording, any other plural
+    ('games', 'artists', or 'game/games') a generic one (``prompt_text``)."""
     max_title_tokens: int = 32
     """Each title is cut to at most this many tokens, in the history and as a candidate."""
     batch_size: int | None = None
@@ -90,9 +105,7 @@ class Prompt:
     """
 
     def __init__(self, tokenizer, cfg: ScoringConfig):
-        if cfg.domain not in PROMPTS:
-            raise ValueError(f"unknown domain {cfg.domain!r}; use one of {', '.join(PROMPTS)}")
-        self.tok, self.cfg, self.p = tokenizer, cfg, PROMPTS[cfg.domain]
+        self.tok, self.cfg, self.p = tokenizer, cfg, prompt_text(cfg.domain)
         self._ids: dict[str, list[int]] = {}
         self._literal: dict[tuple[str, bool], list[int]] = {}
 

@@ -23,9 +23,17 @@ class Settings:
     model: str = "smollm2-135m"
     """Model preset (`layerviz models`), hub id, local folder or .gguf file."""
     dataset: str = "demo"
-    """Bundled dataset name (demo, demo-electronics, demo-movies), a folder of official files, or a file."""
+    """A real dataset name (ml-100k, ml-1m: `layerviz data list`), a synthetic one (demo, demo-electronics,
+    demo-movies), a folder of official or RecBole atomic files, or a file."""
     format: str = "auto"
-    """Dataset format (auto: detected from the files)."""
+    """Dataset format (auto: detected from the files; recbole for atomic files)."""
+    title_field: str | None = None
+    """RecBole atomic files: the .item field holding titles (None: title, movie_title, item_name or name)."""
+    item_noun: str | None = None
+    """What the prompts call the items ('movies', 'products', 'games', ...; 'game/games' gives the singular).
+    None: the dataset's default (movies for MovieLens, products for Amazon, items for RecBole files)."""
+    cold_items: float = 0.0
+    """Item cold start: this seeded fraction of items (in (0, 0.5]) is removed from training entirely; 0: off."""
     positive_threshold: float = 4.0
     """Protocol: a rating counts as a positive interaction when it is at least this."""
     kcore: int = 5
@@ -46,8 +54,9 @@ class Settings:
     """Where caches, candidate lists and results live (candidates under results_dir/candidates)."""
 
     def prep_config(self) -> PrepConfig:
-        """The protocol these settings describe (threshold, k-core, history length)."""
-        return PrepConfig(self.positive_threshold, self.kcore, self.history_len)
+        """The protocol these settings describe (threshold, k-core, history length, noun, titles, cold start)."""
+        return PrepConfig(self.positive_threshold, self.kcore, self.history_len, self.item_noun, self.title_field,
+                          self.cold_items, self.seed)
 
     @property
     def candidates_dir(self) -> Path:

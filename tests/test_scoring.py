@@ -12,6 +12,7 @@ from layerviz.scoring import (
     Request,
     ScoringConfig,
     embed_items,
+    prompt_text,
     score,
     score_naive,
     token_logprobs,
@@ -88,12 +89,22 @@ def test_embedding_scorer_caches_items(tiny):
     assert np.all(np.abs(s) <= 1 + 1e-6)
 
 
-def test_unknown_scorer_and_domain(tiny):
+def test_unknown_scorer_and_bad_noun(tiny):
     _, model, tok = tiny
     with pytest.raises(ValueError, match="unknown scorer"):
         score(model, tok, [REQ], ScoringConfig(scorer="bm25"))
-    with pytest.raises(ValueError, match="unknown domain"):
-        score(model, tok, [REQ], ScoringConfig(domain="books"))
+    with pytest.raises(ValueError, match="item noun"):
+        score(model, tok, [REQ], ScoringConfig(domain="/games"))
+
+
+def test_item_noun_names_the_items():
+    """A dataset of games is never called movies: every noun reaches the header and the question."""
+    assert prompt_text("games") == {"header": "A user liked these games, oldest first:",
+                                    "question": "Will the user like this game next? Answer Yes or No."}
+    assert "business next" in prompt_text("business/businesses")["question"]
+    assert "businesses" in prompt_text("business/businesses")["header"]
+    assert prompt_text("movies")["header"].startswith("A user watched")  # the measured wordings stay
+    assert "product" in prompt_text("products")["question"]
 
 
 def test_same_request_twice_gives_same_scores(tiny):

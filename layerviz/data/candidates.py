@@ -31,6 +31,26 @@ class CandidateConfig:
     """'test' (last item) or 'valid' (second to last)."""
     seed: int = 0
     """Fixes the user sample, the negatives and the shuffle."""
+    cold: bool = False
+    """Draw users from the cold-start test set only (test users whose positive is a cold item)."""
+
+
+COLD_MIN_USERS = 20
+"""A cold-start test set smaller than this is refused: its NDCG would mean little."""
+
+
+def _users(prep: Prepared, cfg: CandidateConfig, targets: pd.Series) -> np.ndarray:
+    if not cfg.cold:
+        return targets.index.to_numpy()
+    if not prep.cold:
+        raise DataFormatError("cold=True needs a protocol with cold items: set cold_items (e.g. 0.2)")
+    if cfg.split != "test":
+        raise ValueError("the cold-start test set is made of test users: use split='test' with cold=True")
+    users = prep.cold_users()
+    if len(users) < COLD_MIN_USERS:
+        raise DataFormatError(f"the cold-start test set has {len(users)} users, fewer than {COLD_MIN_USERS}: raise "
+                              "cold_items or use a larger dataset")
+    return users
 
 
 def build_candidates(prep: Prepared, cfg: CandidateConfig | None = None) -> pd.DataFrame:
@@ -42,7 +62,7 @@ def build_candidates(prep: Prepared, cfg: CandidateConfig | None = None) -> pd.D
         raise ValueError(f"unknown sampler {cfg.sampler!r}; use 'uniform' or 'popularity'")
     rng = np.random.default_rng(cfg.seed)
     targets = prep.targets(cfg.split)
-    users = targets.index.to_numpy()
+    users = _users(prep, cfg, targets)
     if cfg.users is not None and cfg.users < len(users):
         users = np.sort(rng.choice(users, size=cfg.users, replace=False))
     item_ids = prep.items["item_id"].to_numpy()
@@ -108,7 +128,8 @@ def load_candidates(path: str | Path, key: str) -> pd.DataFrame:
 def candidates_for(prep: Prepared, cfg: CandidateConfig, folder: str | Path) -> tuple[pd.DataFrame, Path]:
     """Load the persisted lists for (data, config) from ``folder``, building them the first time."""
     key = candidates_key(prep, cfg)
-    path = Path(folder) / f"candidates-{cfg.split}-{cfg.negatives}{cfg.sampler[0]}-{key[:16]}.parquet"
+    split = f"{cfg.split}-cold" if cfg.cold else cfg.split
+    path = Path(folder) / f"candidates-{split}-{cfg.negatives}{cfg.sampler[0]}-{key[:16]}.parquet"
     if path.exists():
         return load_candidates(path, key), path
     df = build_candidates(prep, cfg)

@@ -1,4 +1,5 @@
-"""Readers for the official Amazon (2014/2018/2023) and MovieLens (100K/1M/latest) files.
+"""Readers for the official Amazon (2014/2018/2023) and MovieLens (100K/1M/latest) files, and the
+dispatch to RecBole's atomic files (``layerviz.data.atomic``).
 
 Every reader returns the same normalized schema:
   interactions: user_id (str), item_id (str), rating (float32), timestamp (int64, Unix seconds)
@@ -31,7 +32,10 @@ ML100K_GENRES = [
     "Romance", "Sci-Fi", "Thriller", "War", "Western",
 ]
 
-FORMATS = ["amazon2014", "amazon2018", "amazon2023", "ml-100k", "ml-1m", "ml-latest"]
+FORMATS = ["amazon2014", "amazon2018", "amazon2023", "ml-100k", "ml-1m", "ml-latest", "recbole"]
+NOUNS = {"amazon2014": "products", "amazon2018": "products", "amazon2023": "products", "ml-100k": "movies",
+         "ml-1m": "movies", "ml-latest": "movies", "recbole": "items"}
+"""The item noun each format's prompts use by default (``PrepConfig.item_noun`` overrides it)."""
 
 
 class DataFormatError(ValueError):
@@ -48,16 +52,17 @@ class RawData:
 
     name: str
     format: str
-    domain: str  # "products" or "movies": picks the prompt wording
+    domain: str  # the item noun of the prompts ("products", "movies", "items", ...)
     interactions: pd.DataFrame
     items: pd.DataFrame
     files: list[str] = field(default_factory=list)
+    implicit: bool = False  # no ratings in the files: every interaction is a positive
 
 
 # ----------------------------------------------------------------------------- low level
 
 
-def _open_binary(path: Path):
+def open_binary(path: Path):
     if not path.exists():
         raise DataFormatError(f"{path}: file not found. Check the path, or run `layerviz data download`.")
     with open(path, "rb") as f:
@@ -67,7 +72,7 @@ def _open_binary(path: Path):
 
 def iter_lines(path: Path, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
     """(line number, text) for each non-empty line; invalid bytes raise naming the line."""
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 line = raw.decode(encoding).rstrip("\r\n")
@@ -189,7 +194,7 @@ def _interactions(users, items, ratings, times) -> pd.DataFrame:
     })
 
 
-def _items(ids, titles, cats) -> pd.DataFrame:
+def items_frame(ids, titles, cats) -> pd.DataFrame:
     df = pd.DataFrame({"item_id": pd.array(ids, dtype=str), "title": titles, "categories": cats})
     df["title"] = df["title"].astype(str).str.strip()
     return df.drop_duplicates("item_id", keep="first").reset_index(drop=True)
@@ -230,11 +235,11 @@ def _meta(path: Path, parse, item: str, cat_fields: tuple[str, ...], fmt: str, k
         ids.append(rec[item])
         titles.append(rec.get("title") or "")
         cats.append(next((_join_categories(rec[c]) for c in cat_fields if rec.get(c)), ""))
-    return _items(ids, titles, cats)
+    return items_frame(ids, titles, cats)
 
 
 def _csv(path: Path, names: list[str] | None, usecols, sep=",", encoding="utf-8") -> pd.DataFrame:
-    with _open_binary(path) as f:
+    with open_binary(path) as f:
         try:
             return pd.read_csv(f, sep=sep, names=names, header=0 if names is None else None,
                                usecols=usecols, encoding=encoding, dtype=str, engine="c",
@@ -247,7 +252,7 @@ def _csv(path: Path, names: list[str] | None, usecols, sep=",", encoding="utf-8"
             raise DataFormatError(f"{path}: {e}") from None
 
 
-def _typed(df: pd.DataFrame, path: Path, cols: dict[str, str], ts_scale: int = 1) -> pd.DataFrame:
+def typed_interactions(df: pd.DataFrame, path: Path, cols: dict[str, str], ts_scale: int = 1) -> pd.DataFrame:
     """Rename to the normalized schema; drop (and count) rows with empty/non-numeric fields."""
     df = df.rename(columns=cols)[INTERACTION_COLUMNS]
     rating = pd.to_numeric(df["rating"], errors="coerce")
@@ -329,7 +334,7 @@ def read_amazon2018(folder: Path, reviews: Path | None = None) -> RawData:
     if ".csv" in reviews.name:
         _expect(reviews, ("csv4",), "an Amazon 2018 ratings CSV (item,user,rating,timestamp, no header)")
         df = _csv(reviews, ["item", "user", "rating", "timestamp"], None)
-        inter = _typed(df, reviews, {"user": "user_id", "item": "item_id"})
+        inter = typed_interactions(df, reviews, {"user": "user_id", "item": "item_id"})
     else:
         inter = _json_reviews(reviews, "reviewerID", "asin", "overall", "unixReviewTime", "Amazon 2018 reviews")
     if not any(folder.glob("meta_*.json*")):
@@ -354,7 +359,7 @@ def read_amazon2023(folder: Path, reviews: Path | None = None) -> RawData:
         if not need <= set(df.columns):
             raise DataFormatError(f"{reviews}: missing columns {sorted(need - set(df.columns))}; "
                                   "expected header user_id,parent_asin,rating,timestamp.")
-        inter = _typed(df, reviews, {"parent_asin": "item_id"}, ts_scale=1000)
+        inter = typed_interactions(df, reviews, {"parent_asin": "item_id"}, ts_scale=1000)
     else:
         inter = _json_reviews(reviews, "user_id", "parent_asin", "rating", "timestamp",
                               "Amazon 2023 reviews", ts_scale=1000)
@@ -370,7 +375,7 @@ def read_ml100k(folder: Path) -> RawData:
     data, item = folder / "u.data", folder / "u.item"
     _expect(data, ("tsv4",), "MovieLens 100K u.data (user<TAB>item<TAB>rating<TAB>timestamp)")
     df = _csv(data, ["user", "item", "rating", "timestamp"], None, sep="\t")
-    inter = _typed(df, data, {"user": "user_id", "item": "item_id"})
+    inter = typed_interactions(df, data, {"user": "user_id", "item": "item_id"})
     genres = ML100K_GENRES
     if (folder / "u.genre").exists():
         genres = [line.split("|")[0] for _, line in iter_lines(folder / "u.genre", "latin-1")]
@@ -385,7 +390,7 @@ def read_ml100k(folder: Path) -> RawData:
         ids.append(parts[0]), titles.append(parts[1])
         cats.append("|".join(g for g, f in zip(genres, flags, strict=True) if f == "1"))
     skips.report()
-    return RawData("ml-100k", "ml-100k", "movies", inter, _items(ids, titles, cats), [str(data), str(item)])
+    return RawData("ml-100k", "ml-100k", "movies", inter, items_frame(ids, titles, cats), [str(data), str(item)])
 
 
 def read_ml1m(folder: Path) -> RawData:
@@ -409,7 +414,7 @@ def read_ml1m(folder: Path) -> RawData:
     for _, line in iter_lines(movies, "latin-1"):
         mid, title, genres = line.split("::", 2)
         ids.append(mid), titles.append(title), cats.append(genres)
-    return RawData("ml-1m", "ml-1m", "movies", _interactions(u, i, r, t), _items(ids, titles, cats),
+    return RawData("ml-1m", "ml-1m", "movies", _interactions(u, i, r, t), items_frame(ids, titles, cats),
                    [str(ratings), str(movies)])
 
 
@@ -420,9 +425,9 @@ def read_mllatest(folder: Path) -> RawData:
     need = {"userId", "movieId", "rating", "timestamp"}
     if not need <= set(df.columns):
         raise DataFormatError(f"{ratings}: missing columns {sorted(need - set(df.columns))}.")
-    inter = _typed(df, ratings, {"userId": "user_id", "movieId": "item_id"})
+    inter = typed_interactions(df, ratings, {"userId": "user_id", "movieId": "item_id"})
     m = _csv(movies, None, None)
-    items = _items(m["movieId"], m["title"], m["genres"].replace("(no genres listed)", ""))
+    items = items_frame(m["movieId"], m["title"], m["genres"].replace("(no genres listed)", ""))
     return RawData(folder.name, "ml-latest", "movies", inter, items, [str(ratings), str(movies)])
 
 
@@ -430,6 +435,8 @@ def detect_format(path: Path) -> str:
     """Name the format of a dataset folder (or of the folder around a file)."""
     folder = path if path.is_dir() else path.parent
     names = {p.name for p in folder.iterdir()}
+    if any(n.endswith(".inter") for n in names):
+        return "recbole"
     if {"u.data", "u.item"} <= names:
         return "ml-100k"
     if {"ratings.dat", "movies.dat"} <= names:
@@ -459,18 +466,27 @@ READERS = {
 }
 
 
-def read_dataset(path: str | Path, format: str = "auto", report: Callable[[str], None] | None = print) -> RawData:
-    """Read a dataset folder (or one reviews file in it) in any supported official format."""
+def read_dataset(path: str | Path, format: str = "auto", report: Callable[[str], None] | None = print,
+                 title_field: str | None = None) -> RawData:
+    """Read a dataset folder (or one reviews / .inter file in it) in any supported format.
+
+    ``title_field`` names the RecBole ``.item`` field holding the titles (default: the first of
+    title, movie_title, item_name, name)."""
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file or folder. Give a dataset folder such as an "
                               "unpacked ml-100k/, a reviews file, or a bundled name (demo).")
     fmt = detect_format(path) if format == "auto" else format
-    if fmt not in READERS:
+    if fmt not in READERS and fmt != "recbole":
         raise DataFormatError(f"unknown format {fmt!r}; use one of: auto, {', '.join(FORMATS)}.")
     if format == "auto" and report:
         report(f"{path}: detected format {fmt}")
     folder = path if path.is_dir() else path.parent
+    if fmt == "recbole":
+        from layerviz.data.atomic import read_recbole  # here: a cycle, atomic.py builds on this module
+        return read_recbole(folder, path if path.is_file() else None, title_field)
+    if title_field is not None:
+        raise DataFormatError(f"title_field is for RecBole atomic files; {fmt} files have fixed title fields.")
     reader = READERS[fmt]
     if fmt.startswith("amazon") and path.is_file():
         return reader(folder, reviews=path)

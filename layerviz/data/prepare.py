@@ -24,6 +24,23 @@ class PrepConfig:
     """Iteratively drop users and items with fewer than this many positives."""
     history_len: int = 20
     """Number of most recent items shown as the user's history."""
+    item_noun: str | None = None
+    """What the prompts call the items ('movies', 'products', 'games', ...; 'game/games' gives the singular
+    too). None: the dataset's default (movies for MovieLens, products for Amazon, items for RecBole files)."""
+    title_field: str | None = None
+    """RecBole atomic files: the .item field holding titles (None: title, movie_title, item_name or name)."""
+    cold_items: float = 0.0
+    """Item cold start: this seeded fraction of the items (0 < f <= 0.5) is removed from training entirely,
+    only their titles remain; test users whose positive is such an item form the cold-start test set. 0: off."""
+    seed: int = 0
+    """Fixes which items are cold (with cold_items)."""
+
+    def validate(self) -> None:
+        if self.kcore < 1:
+            raise ValueError(f"kcore must be >= 1, not {self.kcore}")
+        if self.cold_items != 0 and not 0 < self.cold_items <= 0.5:
+            raise ValueError(f"cold_items={self.cold_items!r}: give a fraction of the items in (0, 0.5], or 0 "
+                             "for no cold start")
 
 
 @dataclass
@@ -38,6 +55,18 @@ class Prepared:
     seen: pd.DataFrame  # user_id, item_id: every raw interaction (any rating) with a kept item
     stats: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per step
     fingerprint: str = ""
+    cold: frozenset = frozenset()  # item ids held out of training (PrepConfig.cold_items)
+
+    def cold_users(self) -> np.ndarray:
+        """Users whose test positive is a cold item (the cold-start test set), sorted."""
+        t = self.targets("test")
+        return np.sort(t.index[t.isin(self.cold)].to_numpy())
+
+    def item_slices(self) -> pd.Series:
+        """item_id -> 'head', 'torso' or 'tail': thirds of the items ranked by training positives (ties by id)."""
+        order = self.items.sort_values(["popularity", "item_id"], ascending=[False, True])["item_id"].to_numpy()
+        third = np.minimum(np.arange(len(order)) * 3 // max(1, len(order)), 2)
+        return pd.Series(np.array(SLICES)[third], index=order).sort_index()
 
     @property
     def users(self) -> np.ndarray:
@@ -65,6 +94,9 @@ class Prepared:
     def seen_by_user(self) -> dict[str, set[str]]:
         """user_id -> every item the user interacted with (never a negative)."""
         return {u: set(g) for u, g in self.seen.groupby("user_id", sort=True)["item_id"]}
+
+
+SLICES = ("head", "torso", "tail")
 
 
 def _check_split(split: str) -> None:
@@ -104,8 +136,7 @@ def prepare(raw: RawData, config: PrepConfig | None = None,
             report: Callable[[str], None] | None = print) -> Prepared:
     """Apply the protocol to raw data, printing users/items/interactions/density after each step."""
     cfg = config or PrepConfig()
-    if cfg.kcore < 1:
-        raise ValueError(f"kcore must be >= 1, not {cfg.kcore}")
+    cfg.validate()
     rows = []
 
     def step(name: str, df: pd.DataFrame) -> None:
@@ -123,8 +154,11 @@ def prepare(raw: RawData, config: PrepConfig | None = None,
     df = df.sort_values(["timestamp"], kind="stable").drop_duplicates(["user_id", "item_id"], keep="first")
     step("dedup (user, item)", df)
     all_seen = df[["user_id", "item_id"]]
-    df = df[df["rating"] >= cfg.positive_threshold]
-    step(f"positives (rating >= {cfg.positive_threshold:g})", df)
+    if raw.implicit:  # no ratings in the files
+        step("positives (implicit: every interaction)", df)
+    else:
+        df = df[df["rating"] >= cfg.positive_threshold]
+        step(f"positives (rating >= {cfg.positive_threshold:g})", df)
     titled = raw.items[raw.items["title"].fillna("").str.strip() != ""]
     missing = ~df["item_id"].isin(titled["item_id"])
     dropped = df.loc[missing, "item_id"].nunique()
@@ -155,6 +189,7 @@ def prepare(raw: RawData, config: PrepConfig | None = None,
     pos_from_end = df.groupby("user_id").cumcount(ascending=False)
     df["split"] = np.where(pos_from_end == 0, "test", np.where(pos_from_end == 1, "valid", "train"))
     step("leave-one-out split", df)
+    df, cold = _hold_out(df, cfg, step)
 
     items = titled[titled["item_id"].isin(df["item_id"])].copy()
     pop = df[df["split"] == "train"]["item_id"].value_counts()
@@ -164,4 +199,19 @@ def prepare(raw: RawData, config: PrepConfig | None = None,
     seen = seen.sort_values(["user_id", "item_id"]).reset_index(drop=True)
     events = df[["user_id", "item_id", "timestamp", "split"]]
     fp = fingerprint_frames(events, items, seen, extra={"config": asdict(cfg), "name": raw.name})
-    return Prepared(raw.name, raw.domain, cfg, events, items, seen, pd.DataFrame(rows), fp)
+    return Prepared(raw.name, cfg.item_noun or raw.domain, cfg, events, items, seen, pd.DataFrame(rows), fp,
+                    cold)
+
+
+def _hold_out(df: pd.DataFrame, cfg: PrepConfig, step) -> tuple[pd.DataFrame, frozenset]:
+    """Item cold start: a seeded fraction of the items leaves training and validation entirely (it stays a test
+    positive and a candidate); users left without a training item are dropped."""
+    if not cfg.cold_items:
+        return df, frozenset()
+    items = np.sort(df["item_id"].unique())
+    rng = np.random.default_rng(cfg.seed)
+    cold = frozenset(rng.choice(items, size=max(1, round(cfg.cold_items * len(items))), replace=False).tolist())
+    df = df[~(df["item_id"].isin(cold) & (df["split"] != "test"))]
+    df = df[df["user_id"].isin(df.loc[df["split"] == "train", "user_id"])].reset_index(drop=True)
+    step(f"cold items held out ({len(cold):,})", df)
+    return df, cold

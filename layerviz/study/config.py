@@ -14,7 +14,7 @@ from layerviz.adapters import AdapterPolicy, TrainConfig
 from layerviz.bench import BenchConfig
 from layerviz.compact import AdaptConfig
 from layerviz.data import PrepConfig
-from layerviz.data.bundled import BUNDLED
+from layerviz.data.bundled import BUNDLED, NAMED, known
 from layerviz.evaluate import CALIBRATIONS
 from layerviz.finetune import FinetuneConfig
 from layerviz.importance import DIRECTION, ImportanceConfig, check_fusion_weights
@@ -155,8 +155,9 @@ class StudyConfig:
                 bad("models", f"{m!r} is not a preset ({', '.join(PRESETS)}), an existing path or a hub id")
         for key in ("domain_a", "domain_b"):
             v = getattr(self, key)
-            if not isinstance(v, str) or not (v in BUNDLED or Path(v).exists()):
-                bad(key, f"{v!r} is neither a bundled dataset ({', '.join(BUNDLED)}) nor an existing path")
+            if not isinstance(v, str) or not known(v):
+                bad(key, f"{v!r} is neither a real dataset ({', '.join(NAMED)}), a synthetic one "
+                         f"({', '.join(BUNDLED)}) nor an existing path")
         for m in self.cross_domain_models or []:
             if m not in self.models:
                 bad("cross_domain_models", f"{m!r} is not one of models")

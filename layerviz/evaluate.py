@@ -223,12 +223,18 @@ def baseline_scores(name: str, prep: Prepared, cands: pd.DataFrame, split: str, 
     raise ValueError(f"unknown baseline {name!r}; use any of {', '.join(BASELINES)}")
 
 
+def positive_slices(prep: Prepared, cands: pd.DataFrame) -> np.ndarray:
+    """Each candidate row's test positive: 'head', 'torso', 'tail' (thirds of the items by training positives)
+    or 'cold' (held out of training)."""
+    where = prep.item_slices().reindex(cands["positive"]).to_numpy()
+    return np.where(cands["positive"].isin(prep.cold).to_numpy(), "cold", where)
+
+
 def slice_table(prep: Prepared, cands: pd.DataFrame, per_user: dict[str, pd.DataFrame], seed: int,
                 metric: str = "ndcg@10") -> pd.DataFrame:
     """``metric`` per system and slice of the test positive (head/torso/tail thirds of the items by training
     positives; 'cold' for held-out items; 'all'): mean, 95% bootstrap CI, users."""
-    where = prep.item_slices().reindex(cands["positive"]).to_numpy()
-    where = np.where(cands["positive"].isin(prep.cold).to_numpy(), "cold", where)
+    where = positive_slices(prep, cands)
     rows = []
     for system, pu in per_user.items():
         for name in [*SLICES, "cold", "all"]:

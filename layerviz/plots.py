@@ -444,14 +444,16 @@ def variant_bars(variants: pd.DataFrame, metric: str = "ndcg@10", title: str = "
 
 
 def baseline_bars(summary: pd.DataFrame, title: str = ""):
-    """Full model against popularity and chance on every metric, one panel per model.
+    """Systems side by side on every metric (or user group), one panel per model.
 
-    ``summary``: rows (model, system, metric, mean, ci_low, ci_high).
+    ``summary``: rows (model, system, metric, mean, ci_low, ci_high); ``metric`` may name a user group
+    instead (a popularity slice, the cold-start set).
     """
     models = list(dict.fromkeys(summary["model"]))
     systems = list(dict.fromkeys(summary["system"]))
     metrics_ = list(dict.fromkeys(summary["metric"]))
-    colors = {"full model": "C0", "fine-tuned": "C0", "zero-shot": "C2", "popularity": "C1", "chance": "#999999"}
+    colors = {"full model": "C0", "fine-tuned": "C0", "zero-shot": "C2", "popularity": "C1", "chance": "#999999",
+              "SASRec": "C3", "sasrec": "C3"}
     with paper_style():
         fig, axes = plt.subplots(1, len(models), figsize=(max(4.8, 0.9 * len(metrics_) + 1.5) * len(models), 3.4),
                                  squeeze=False, sharey=True)

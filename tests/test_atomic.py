@@ -186,3 +186,24 @@ def test_item_slices_are_popularity_thirds(tmp_path):
     pop = prep.items.set_index("item_id")["popularity"]
     assert pop[slices[slices == "head"].index].min() >= pop[slices[slices == "torso"].index].max()
     assert pop[slices[slices == "torso"].index].min() >= pop[slices[slices == "tail"].index].max()
+
+
+def test_evaluate_with_sasrec_on_atomic_files_and_its_cold_set(tmp_path):
+    """`layerviz evaluate --baselines popularity,sasrec` on atomic files; then the cold-start test set only."""
+    import json
+
+    from layerviz.cli import main
+
+    d = write_atomic(tmp_path / "toy", users=160, items=40)
+    base = ["evaluate", "--model", "tiny-llama3", "--dataset", str(d), "--users", "20", "--negatives", "5",
+            "--history-len", "3", "--kcore", "2", "--calibration", "none", "--baselines", "popularity,sasrec",
+            "--results-dir", str(tmp_path / "r"), "--item-noun", "films"]
+    assert main([*base, "--out", str(tmp_path / "all")]) == 0
+    doc = json.loads((tmp_path / "all" / "metrics.json").read_text())
+    assert set(doc["baselines"]) == {"popularity", "sasrec", "chance"} and "vs_sasrec_ndcg@10" in doc
+    slices = {(r["system"], r["slice"]): r["users"] for r in doc["slices"]}
+    assert sum(n for (s, g), n in slices.items() if s == "sasrec" and g != "all") == slices["sasrec", "all"] == 20
+    assert main([*base, "--cold-items", "0.25", "--cold", "--out", str(tmp_path / "cold")]) == 0
+    cold = json.loads((tmp_path / "cold" / "metrics.json").read_text())
+    assert cold["cold"] and {r["slice"] for r in cold["slices"]} == {"cold", "all"}
+    assert main([*base, "--baselines", "bm25", "--out", str(tmp_path / "x")]) == 2  # named, refused

@@ -18,6 +18,9 @@ def _tiny_config(tmp_path, **over) -> StudyConfig:
 def test_shipped_configs_parse():
     cfg = StudyConfig.from_yaml(ROOT / "configs" / "demo.yaml")
     assert cfg.models == ["smollm2-135m", "gemma3-270m"] and cfg.device == "cpu"
+    assert (cfg.domain_a, cfg.domain_b) == ("ml-1m", "ml-100k") and cfg.cold_items > 0  # real data
+    synthetic = StudyConfig.from_yaml(ROOT / "configs" / "synthetic.yaml")
+    assert synthetic.domain_a.startswith("demo") and synthetic.name != cfg.name
     # the GPU config names data the user must provide: refused here, naming the key, before any work
     with pytest.raises(ValueError, match="domain_a: 'data/raw/amazon2023-electronics' is neither"):
         StudyConfig.from_yaml(ROOT / "configs" / "paper-gpu.yaml")
@@ -35,6 +38,8 @@ def test_shipped_configs_parse():
     ({"adapters": {"policy": {"force": "conv"}}}, "unknown adapter type 'conv'"),
     ({"domain_b": "/no/such/data"}, "domain_b"),
     ({"reference": "gpt-5"}, "reference"),
+    ({"cold_items": 0.7}, r"cold_items=0.7: give a fraction of the items in \(0, 0.5\]"),
+    ({"sasrec": {"hiden": 8}}, "hiden"),
     ({"importance": {"fusion_weights": "learned"}}, "importance.fusion_weights: 'learned'"),
     ({"finetune": {"max_steps": 2, "models": {"tiny-qwen3": {"lr": 1e-3}}}}, "finetune.models.tiny-qwen3: not one"),
     ({"finetune": {"max_steps": 2, "models": {"tiny-gemma3": {"lrate": 1e-3}}}},
@@ -123,7 +128,7 @@ def killed_and_resumed(tmp_path_factory):
 def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
     done, s, res = killed_and_resumed
     root, a, b = s.cfg.folder, "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
-    assert done == sorted([f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
+    assert done == sorted(["demo-electronics/baselines", "demo-movies/baselines", f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
                            f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance",
                            f"{a}/select-importance_greedy", f"{a}/select-last_k", f"{a}/evaluation"])
     assert not set(s.stages.ran) & set(done)  # nothing finished is recomputed
@@ -280,3 +285,27 @@ def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
     assert set(res.per_user.model) == {"tiny-gemma3", "tiny-llama3"}
     with pytest.raises(ValueError, match="jobs"):
         study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")
+
+
+def test_sasrec_slices_cold_start_and_findings(tmp_path, monkeypatch):
+    """SASRec sits in every quality table, slices partition the test users, the cold-start stage compares every
+    system on users whose positive never was a training item, and findings.md labels the data synthetic."""
+    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cold_items=0.3, eval_users=20)
+    res = study.run_study(cfg, report=None)
+    ft = res.tables["finetune"]
+    assert {"sasrec", "fine-tuned - sasrec"} <= set(ft["system"])
+    assert "sasrec" in set(res.tables["variants"]["variant"])
+    assert {"sasrec_b"} <= set(res.tables["cross_domain"].columns)
+    sl = res.tables["slices"]
+    a = sl[(sl.dataset == cfg.domain_a) & (sl.system == "sasrec")].set_index("slice")
+    assert a.drop(index="all")["users"].sum() == a.loc["all", "users"] == 20  # every user in exactly one slice
+    cold = res.tables["cold"]
+    assert set(cold["system"]) == {"fine-tuned", "zero-shot", "compact (no adapters)", "compact (adapters)",
+                                   "sasrec", "popularity"}
+    prep = study.Study(cfg, report=None).prep(cfg.domain_a)
+    scored = json.loads((cfg.folder / "tiny-llama3" / cfg.domain_a / "cold" / "meta.json").read_text())["users"]
+    assert len(scored) == 20 and set(scored) <= set(prep.cold_users())
+    assert not prep.events[prep.events.split == "train"]["item_id"].isin(prep.cold).any()
+    findings = (cfg.folder / "findings.md").read_text()
+    assert "SYNTHETIC" in findings and "Item cold start" in findings and "sasrec" in findings

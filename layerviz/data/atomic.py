@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from layerviz.data.formats import DataFormatError, RawData, items_frame, open_binary, typed_interactions
+from layerviz.data.formats import (
+    DataFormatError,
+    RawData,
+    items_frame,
+    open_binary,
+    typed_interactions,
+)
 
 TYPES = ("token", "token_seq", "float", "float_seq")
 TITLE_FIELDS = ("title", "movie_title", "item_name", "name")

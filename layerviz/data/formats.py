@@ -483,8 +483,8 @@ def read_dataset(path: str | Path, format: str = "auto", report: Callable[[str],
         report(f"{path}: detected format {fmt}")
     folder = path if path.is_dir() else path.parent
     if fmt == "recbole":
-        from layerviz.data.atomic import read_recbole  # here: a cycle, atomic.py builds on this module
-        return read_recbole(folder, path if path.is_file() else None, title_field)
+        from layerviz.data import atomic  # here: a cycle, atomic.py builds on this module
+        return atomic.read_recbole(folder, path if path.is_file() else None, title_field)
     if title_field is not None:
         raise DataFormatError(f"title_field is for RecBole atomic files; {fmt} files have fixed title fields.")
     reader = READERS[fmt]

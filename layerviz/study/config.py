@@ -19,6 +19,7 @@ from layerviz.evaluate import CALIBRATIONS
 from layerviz.finetune import FinetuneConfig
 from layerviz.importance import DIRECTION, ImportanceConfig, check_fusion_weights
 from layerviz.models import PRESETS
+from layerviz.sasrec import SASRecConfig
 from layerviz.selection import STRATEGIES, load_reference
 from layerviz.settings import SHARED, Settings
 
@@ -57,6 +58,14 @@ class StudyConfig:
     """Protocol: a rating counts as a positive interaction when it is at least this."""
     kcore: int = Settings.kcore
     """Protocol: users and items are filtered to at least this many positives (k-core)."""
+    cold_items: float = 0.0
+    """Item cold start (both datasets' protocol): this seeded fraction of the items is held out of training
+    entirely; domain A's test users whose positive is such an item are the cold-start test set, on which the
+    zero-shot, fine-tuned and compact LLMs, SASRec and popularity are compared. 0: off."""
+    item_noun: str | None = None
+    """What the prompts call the items (None: each dataset's default, e.g. movies for MovieLens)."""
+    sasrec: dict = field(default_factory=dict)
+    """Overrides of SASRecConfig (the classical sequential baseline in every quality table), e.g. {max_len: 50}."""
     select_users: int = 16
     """Validation users scored per subset during selection (1 + 19 candidates)."""
     eval_users: int = 40
@@ -111,7 +120,8 @@ class StudyConfig:
 
     def prep_config(self) -> PrepConfig:
         """The data protocol every stage applies."""
-        return PrepConfig(self.positive_threshold, self.kcore, self.history_len)
+        return PrepConfig(self.positive_threshold, self.kcore, self.history_len, self.item_noun, None,
+                          self.cold_items, self.seed)
 
     def finetune_config(self, spec: str) -> FinetuneConfig:
         """How ``spec`` is fine-tuned on domain A (shared settings, the section, its per-model overrides)."""
@@ -187,6 +197,11 @@ class StudyConfig:
             bad("criterion", "'auto' picks by validity against the ablation: keep importance.ablation on, "
                              "or name a criterion")
         self._check_finetune(bad)
+        try:
+            self.prep_config().validate()
+            SASRecConfig(**self.sasrec)
+        except (TypeError, ValueError) as e:
+            bad("cold_items/sasrec", str(e))
         for key in ("history_len", "max_title_tokens", "select_users", "eval_users", "negatives", "calibration_users",
                     "jobs"):
             v = getattr(self, key)
@@ -267,6 +282,7 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
                          "train_negatives": 3},
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
                adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
+               sasrec={"max_epochs": 2, "eval_every": 1, "valid_users": 20, "hidden": 8, "max_len": 10},
                bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
                       "isolate": False},
                device="cpu", results_dir=results_dir)

@@ -19,6 +19,11 @@ FINE_TUNED, ZERO_SHOT = "fine-tuned", "zero-shot"
 """Values of the ``base`` column: which recommender a row measures."""
 
 
+def cold_set(dataset: str) -> str:
+    """The ``dataset`` value of rows measured on a dataset's cold-start test set."""
+    return f"{dataset} (cold start)"
+
+
 @dataclass
 class StudyResult:
     """Everything one study measured. Variants in ``per_user``:
@@ -27,7 +32,9 @@ class StudyResult:
     ``reference_mapped`` (the plan's list mapped by depth), ``popularity``, ``zeroshot`` (the pretrained
     LM when the study fine-tunes), ``adapters:<stage>`` (the primary selection after adapter stage
     ``drop``/``stage1``/``stage2``; on domain B: B's own selection), ``transfer:plain`` and
-    ``transfer:adapters`` (domain A's selection, without and with A's adapters, on domain B).
+    ``transfer:adapters`` (domain A's selection, without and with A's adapters, on domain B), ``sasrec``
+    (the classical sequential recommender); on ``cold_set(domain A)``: ``compact:plain`` and
+    ``compact:adapters`` (the primary selection without and with its adapters).
     """
 
     config: StudyConfig
@@ -61,6 +68,10 @@ class StudyResult:
     """model, steps, best_step, examples, seconds, stopped, valid_ndcg@10_before/after, ...: one row per model."""
     finetune_curves: pd.DataFrame
     """model, step, seconds, train_loss, lr, valid_ndcg@10."""
+    users: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """dataset, user (position in the candidate lists), user_id, positive, slice (head/torso/tail/cold)."""
+    sasrec: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """dataset, epochs, best_epoch, valid_ndcg@10, seconds, stopped, ...: SASRec's training, per dataset."""
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     """The study's tables (headline, thirds, variants, cross_model, cross_domain, hypotheses, finetune)."""
 
@@ -156,6 +167,12 @@ def _per_user(cfg: StudyConfig, model: str, r: dict) -> list[pd.DataFrame]:
         sources.append((b, r["tuned_b"]["per_user"], None))
     if "b_adapters" in r:
         sources.append((b, r["b_adapters"]["per_user"], adapter_stages))
+    for d, x in r.get("baselines", {}).items():
+        sources.append((d, x["per_user"], None))
+        if "cold_per_user" in x:
+            sources.append((cold_set(d), x["cold_per_user"], None))
+    if "cold" in r:
+        sources.append((cold_set(a), r["cold"]["per_user"], None))
     if "transfer" in r:
         sources.append((b, r["transfer"]["per_user"], {"a_selection_plain": "transfer:plain",
                                                       "a_selection_adapters": "transfer:adapters"}))
@@ -203,6 +220,7 @@ def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
         if "finetune" in r:
             ft.append(pd.DataFrame([{"model": m, **r["finetune"]["summary"]}]))
             ftc.append(_tagged(r["finetune"]["curves"], model=m))
+    users, sas = _reference(stage_out)
     per_user = _concat(pu, ["model", "dataset", "variant", "user", "metric", "value"])
     per_user = per_user.drop_duplicates(["model", "dataset", "variant", "user", "metric"], ignore_index=True)
     return StudyResult(
@@ -215,4 +233,15 @@ def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
         _concat(ad, ["model", "dataset", "stage"]), _concat(summ, ["model", "dataset"]),
         _concat(pl, ["model", "dataset", "gap"]), _concat(adc, ["model", "dataset", "stage"]),
         _concat(bench, ["model", "config", "k"]), _concat(cal, ["model", "dataset", "base", "choice"]),
-        _concat(ft, ["model"]), _concat(ftc, ["model", "step"]))
+        _concat(ft, ["model"]), _concat(ftc, ["model", "step"]), users, sas)
+
+
+def _reference(stage_out: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The model-free baselines stages' users (with slices) and SASRec records, once per dataset."""
+    users, sas = {}, {}
+    for r in stage_out.values():
+        for d, x in r.get("baselines", {}).items():
+            users[d] = _tagged(x["users"], dataset=d).assign(user=np.arange(len(x["users"])))
+            sas[d] = pd.DataFrame([{"dataset": d, **{k: v for k, v in x["sasrec"].items() if k != "config"}}])
+    return (_concat(list(users.values()), ["dataset", "user", "user_id", "positive", "slice"]),
+            _concat(list(sas.values()), ["dataset"]))

@@ -1,10 +1,11 @@
 """The stages in order: ``layerviz run CONFIG``, ``notebook_study`` and ``open_study`` all come here.
 
-Per model on domain A: fine-tuning (if configured) and the zero-shot side, importance, every
+Per dataset: SASRec and the test positives' slices (model-free, computed once). Per model on domain A:
+fine-tuning (if configured) and the zero-shot side, importance, every
 selection strategy, the test evaluation (full model, popularity, plain-dropping variants), adapters
 on the primary selection (reusing the evaluation's full-model and plain-dropping scores), RQ2
 curves, calibration records; per cross-domain model, on domain B: B's own selection and adapters
-and A's selection evaluated on B; then bench. The stage outputs are collected into a
+and A's selection evaluated on B; with cold_items, the cold-start test set; then bench. The stage outputs are collected into a
 ``StudyResult`` and the tables are written next to the stages.
 """
 
@@ -22,14 +23,17 @@ import torch
 from layerviz import parallel, store
 from layerviz.store import slug
 from layerviz.study.config import StudyConfig, describe_base, smoke_config
+from layerviz.study.findings import markdown
 from layerviz.study.hypotheses import hypotheses
 from layerviz.study.result import FINE_TUNED, StudyResult, collect
 from layerviz.study.stages import Study
 from layerviz.study.tables import (
+    cold_table,
     cross_domain,
     cross_model,
     finetune_table,
     headline,
+    slices_table,
     thirds_table,
     variants_table,
 )
@@ -44,6 +48,7 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
     """Every stage of one model (the bench last, unless ``bench`` is false), in order -> the stage outputs."""
     cfg, r = study.cfg, {}
     a, b = cfg.domain_a, cfg.domain_b
+    r["baselines"] = {d: study.baselines(d) for d in ([a, b] if cross_domain_model else [a])}
     if study.finetuning:  # the zero-shot side first: one model switch per model
         r["finetune"] = study.finetune(spec)
         r["zeroshot"] = {d: study.zeroshot(spec, d) for d in ([a, b] if cross_domain_model else [a])}
@@ -57,6 +62,8 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
     r["adapters"] = study.adapters(spec, a, primary, {"full": _ndcg(pu, "full"),
                                                       "drop": _ndcg(pu, f"select:{cfg.primary}")})
     r["curves"] = study.curves(spec, a)
+    if cfg.cold_items:
+        r["cold"] = study.cold(spec, primary, f"{slug(spec)}/{slug(a)}/adapters")
     r["calibration"] = {d: study.calibration(spec, d) for d in ([a, b] if cross_domain_model else [a])}
     if cross_domain_model:
         r["b_importance"] = study.importance(spec, b, ablation=False)
@@ -98,6 +105,9 @@ def all_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
               "cross_domain": cross_domain(res), "variants": variants_table(res), "hypotheses": hypotheses(res)}
     if res.base == FINE_TUNED:
         tables["finetune"] = finetune_table(res)
+    tables["slices"] = slices_table(res)
+    if res.config.cold_items:
+        tables["cold"] = cold_table(res)
     return tables
 
 
@@ -122,6 +132,7 @@ def run(study: Study) -> StudyResult:
     res.tables = all_tables(res)
     if parallel.is_main():  # under torchrun rank 0 writes; every process returns the same result
         write_tables(cfg, res.tables)
+        store.atomic_write(cfg.folder / "findings.md", lambda tmp: Path(tmp).write_text(markdown(res)))
         store.write_json(cfg.folder / "manifest.json", store.manifest(
             cfg, cfg.seed, stages_run=study.stages.ran, stages_cached=study.stages.skipped,
             processes=parallel.world_size()))

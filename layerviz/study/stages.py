@@ -29,11 +29,12 @@ from layerviz.selection import (
     select,
 )
 from layerviz.store import Stages, slug
+from layerviz.study.baseline_stages import BaselineStages
 from layerviz.study.config import StudyConfig
 from layerviz.study.depth import map_reference, without_lower_third
 
 
-class Study:
+class Study(BaselineStages):
     """Executes a StudyConfig; every stage cached under results_dir/name/."""
 
     def __init__(self, cfg: StudyConfig, report=print, use_cache: bool = True):
@@ -87,10 +88,10 @@ class Study:
             self._preps[dataset] = load(dataset, "auto", c.prep_config(), report=None)
         return self._preps[dataset]
 
-    def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False):
+    def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False, cold: bool = False):
         prep = self.prep(dataset)
-        cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed),
-                                  Path(self.cfg.results_dir) / "candidates")
+        cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed,
+                                                        cold), Path(self.cfg.results_dir) / "candidates")
         calibration = self.calibration(spec, dataset, zeroshot)["choice"]
         return TaskEvaluator(prep, cands, self.model(spec, zeroshot)[1], split=split,
                              max_title_tokens=self.cfg.max_title_tokens, calibration=calibration), cands
@@ -108,8 +109,8 @@ class Study:
 
     def _key(self, spec: str, *parts, zeroshot: bool = False):
         c = self.cfg
-        return [c.history_len, c.max_title_tokens, c.negatives, c.seed, c.dtype, self.label(spec, zeroshot),
-                c.calibration, c.calibration_users, *parts]
+        return [asdict(c.prep_config()), c.max_title_tokens, c.negatives, c.seed, c.dtype,
+                self.label(spec, zeroshot), c.calibration, c.calibration_users, *parts]
 
     def criterion(self, spec: str, dataset: str) -> dict:
         """The criterion ordering importance_greedy/top_k: the config's, or the most valid one ('auto')."""

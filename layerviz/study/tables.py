@@ -12,7 +12,7 @@ from scipy.stats import spearmanr
 
 from layerviz import metrics
 from layerviz.study.depth import REGIONS, depth, depth_overlap, profile_on_grid, region
-from layerviz.study.result import FINE_TUNED, ZERO_SHOT, StudyResult
+from layerviz.study.result import FINE_TUNED, ZERO_SHOT, StudyResult, cold_set
 
 SPEEDUP_CLAIM = 4.0
 """The plan's claim: 8 of 32 layers (k = L/4) run 4x faster."""
@@ -132,6 +132,12 @@ def variants_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
             ret, rlo, rhi = metrics.ratio_ci(x, full, seed=seed)
             rows.append({"model": m, "variant": v["variant"], "k": len(layers), "layers": layers, metric: mean,
                          "ci_low": lo, "ci_high": hi, "retention": ret, "retention_low": rlo, "retention_high": rhi})
+        if res.has(m, "sasrec"):
+            x = res.values(m, "sasrec", metric)
+            mean, lo, hi = metrics.bootstrap_ci(x, seed=seed)
+            ret, rlo, rhi = metrics.ratio_ci(x, full, seed=seed)
+            rows.append({"model": m, "variant": "sasrec", "k": 0, "layers": [], metric: mean, "ci_low": lo,
+                         "ci_high": hi, "retention": ret, "retention_low": rlo, "retention_high": rhi})
         c = res.chance(metric)
         rows.append({"model": m, "variant": "chance", "k": 0, "layers": [], metric: c, "ci_low": c, "ci_high": c,
                      "retention": c / full.mean(), "retention_low": np.nan, "retention_high": np.nan})
@@ -172,6 +178,7 @@ def cross_domain(res: StudyResult) -> pd.DataFrame:
                          "ndcg10_b_with_a": float(np.mean(num)), "ndcg10_b_with_b": float(np.mean(den)),
                          "transfer_ratio": ratio, "ci_low": lo, "ci_high": hi, "full_b": float(np.mean(full)),
                          "popularity_b": float(pop.mean()), "chance_b": chance,
+                         "sasrec_b": float(res.values(m, "sasrec", dataset=b).mean()),
                          "gap_over_popularity": float(np.mean(num) - pop.mean()),
                          "gap_over_chance": float(np.mean(num)) - chance})
     return pd.DataFrame(rows)
@@ -191,6 +198,8 @@ def finetune_table(res: StudyResult) -> pd.DataFrame:
                       for base in (ZERO_SHOT, FINE_TUNED)}
             systems = {"zero-shot": ("zeroshot", choice[ZERO_SHOT]), "fine-tuned": ("full", choice[FINE_TUNED]),
                        "popularity": ("popularity", None)}
+            if res.has(m, "sasrec", d):
+                systems["sasrec"] = ("sasrec", None)
             base = {"model": m, "dataset": d, "n_users": len(res.values(m, "zeroshot", dataset=d))}
             for metric in QUALITY_METRICS:
                 for system, (variant, c) in systems.items():
@@ -200,13 +209,54 @@ def finetune_table(res: StudyResult) -> pd.DataFrame:
                 ch = res.chance(metric)
                 rows.append({**base, "system": "chance", "metric": metric, "mean": ch, "ci_low": ch, "ci_high": ch,
                              "calibration": None})
-                for other in ("zero-shot", "popularity"):
+                for other in [o for o in ("zero-shot", "popularity", "sasrec") if o in systems]:
                     c = metrics.paired_comparison(res.values(m, "full", metric, d),
                                                   res.values(m, systems[other][0], metric, d), seed=seed)
                     rows.append({**base, "system": f"fine-tuned - {other}", "metric": metric, "mean": c["diff"],
                                  "ci_low": c["ci_low"], "ci_high": c["ci_high"], "p_value": c["p_value"],
                                  "calibration": None})
     return pd.DataFrame(rows)
+
+
+SLICE_SYSTEMS = {"full": None, "zeroshot": ZERO_SHOT, "compact:plain": "compact (no adapters)",
+                 "compact:adapters": "compact (adapters)", "sasrec": "sasrec", "popularity": "popularity"}
+"""Variants compared by slice and on the cold-start set (``full`` is the analysed recommender: fine-tuned or
+zero-shot)."""
+
+
+def _system_rows(res: StudyResult, m: str, dataset: str, masks: dict[str, np.ndarray], metric: str) -> list[dict]:
+    """Mean and 95% CI of ``metric`` per system and user group (``masks``: group -> boolean mask over users)."""
+    rows = []
+    for variant, system in SLICE_SYSTEMS.items():
+        x = res.values(m, variant, metric, dataset).to_numpy()
+        for group, keep in masks.items():
+            if len(x) and keep.any():
+                mean, lo, hi = metrics.bootstrap_ci(x[keep[:len(x)]], seed=res.config.seed)
+                rows.append({"model": m, "dataset": dataset, "system": system or res.base, "slice": group,
+                             metric: mean, "ci_low": lo, "ci_high": hi, "users": int(keep[:len(x)].sum())})
+    return rows
+
+
+def slices_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
+    """``metric`` on each dataset's test users split by the positive's training popularity (head, torso, tail
+    thirds of the items; cold: held out), per model and system, with 95% CIs and group sizes."""
+    rows = []
+    for m in res.models:
+        for d, u in res.users.groupby("dataset", sort=False):
+            where = u.sort_values("user")["slice"].to_numpy()
+            masks = {g: where == g for g in ("head", "torso", "tail", "cold", "all")}
+            masks["all"] = np.ones(len(where), bool)
+            rows += _system_rows(res, m, d, masks, metric)
+    return pd.DataFrame(rows, columns=["model", "dataset", "system", "slice", metric, "ci_low", "ci_high", "users"])
+
+
+def cold_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
+    """``metric`` of every system on domain A's cold-start test set (users whose positive never was trained on)."""
+    d, rows = cold_set(res.config.domain_a), []
+    for m in res.models:
+        n = len(res.values(m, "full", metric, d))
+        rows += _system_rows(res, m, d, {"cold start": np.ones(n, bool)}, metric)
+    return pd.DataFrame(rows, columns=["model", "dataset", "system", "slice", metric, "ci_low", "ci_high", "users"])
 
 
 def importance_shift(res: StudyResult, criteria=("fused", "ablation_loss")) -> pd.DataFrame:

@@ -56,10 +56,11 @@ def data_summary(stats: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
 
 
 def baselines(res: StudyResult, models: list[str], shown=QUALITY_METRICS) -> pd.DataFrame:
-    """Full model, popularity and chance on domain A's test users: mean and 95% CI of each metric."""
+    """Full model, SASRec, popularity and chance on domain A's test users: mean and 95% CI of each metric."""
     rows = []
     for m in models:
-        for system, variant in (("full model", "full"), ("popularity", "popularity")):
+        systems = [("full model", "full"), ("SASRec", "sasrec"), ("popularity", "popularity")]
+        for system, variant in [(s, v) for s, v in systems if res.has(m, v)]:
             for metric in shown:
                 mean, lo, hi = metrics.bootstrap_ci(res.values(m, variant, metric), seed=res.config.seed)
                 rows.append({"model": m, "system": system, "metric": metric, "mean": mean, "ci_low": lo, "ci_high": hi})
@@ -94,6 +95,37 @@ def finetune_sentences(table: pd.DataFrame, metric: str = "ndcg@10") -> list[str
             f"model; minus popularity {p['mean']:+.3f} [{p.ci_low:+.3f}, {p.ci_high:+.3f}]: "
             f"{relation(p.ci_low, p.ci_high)} popularity.")
     return out
+
+
+def by_group(table: pd.DataFrame, models: list[str], metric: str = "ndcg@10") -> pd.DataFrame:
+    """A slices or cold-start table as ``baseline_bars`` reads it: the user group in the metric column."""
+    t = table[table["model"].isin(models)]
+    return pd.DataFrame({"model": t["model"], "system": t["system"], "metric": t["slice"], "mean": t[metric],
+                         "ci_low": t["ci_low"], "ci_high": t["ci_high"], "users": t["users"]})
+
+
+def slice_sentences(table: pd.DataFrame, dataset: str, base: str, metric: str = "ndcg@10") -> str:
+    """Where each model's recommender wins and loses against SASRec and popularity, slice by slice."""
+    out = []
+    for m, g in table[table["dataset"] == dataset].groupby("model", sort=False):
+        v = g.set_index(["slice", "system"])[metric]
+        parts = [f"{s} items (n={int(g[(g.slice == s) & (g.system == base)]['users'].iloc[0])}): {base} {v[s, base]:.3f}, "
+                 f"SASRec {v[s, 'sasrec']:.3f}, popularity {v[s, 'popularity']:.3f}"
+                 for s in ("head", "torso", "tail", "cold") if (s, base) in v.index and (s, "sasrec") in v.index]
+        out.append(f"{m} on {dataset}, {metric} by the test positive's popularity: " + "; ".join(parts) + ".")
+    return lines(out)
+
+
+def cold_sentences(table: pd.DataFrame, base: str, metric: str = "ndcg@10") -> str:
+    """The cold-start comparison per model: the recommender and its compact version against SASRec."""
+    out = []
+    for m, g in table.groupby("model", sort=False):
+        v = g.set_index("system")
+        shown = [f"{s} {v.loc[s, metric]:.3f} [{v.loc[s, 'ci_low']:.3f}, {v.loc[s, 'ci_high']:.3f}]"
+                 for s in (base, "compact (adapters)", "sasrec", "popularity") if s in v.index]
+        out.append(f"{m}, {int(v['users'].iloc[0])} cold-start test users (their positive never was a training item): "
+                   + ", ".join(shown) + ".")
+    return lines(out)
 
 
 def finetune_runs(res: StudyResult, models: list[str]) -> str:

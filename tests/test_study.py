@@ -307,5 +307,9 @@ def test_sasrec_slices_cold_start_and_findings(tmp_path, monkeypatch):
     scored = json.loads((cfg.folder / "tiny-llama3" / cfg.domain_a / "cold" / "meta.json").read_text())["users"]
     assert len(scored) == 20 and set(scored) <= set(prep.cold_users())
     assert not prep.events[prep.events.split == "train"]["item_id"].isin(prep.cold).any()
+    from layerviz.study import against_run, plan, recorded
+
+    check = against_run(plan(cfg), recorded(cfg))  # --plan counts the cold stage's passes too
+    assert check["holds"].all() and (check.stage == "tiny-llama3/demo-electronics/cold").any(), check
     findings = (cfg.folder / "findings.md").read_text()
     assert "SYNTHETIC" in findings and "Item cold start" in findings and "sasrec" in findings

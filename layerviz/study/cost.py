@@ -229,6 +229,16 @@ class Planner:
         self.scoring(at, self.data[cfg.domain_b].users("test", cfg.eval_users, cfg.negatives), [k, k],
                      self.priors(False))
 
+    def cold(self, spec: str) -> None:
+        """Domain A's cold-start users: the zero-shot model (when fine-tuning), the full one, k plain and k with
+        adapters (adapters counted as no layers, as in ``transfer``)."""
+        cfg, n, k = self.cfg, self.shape(spec).n, self.k(spec)
+        at = self.first(spec, cfg.domain_a, "cold")
+        u = self.data[cfg.domain_a].users("test", cfg.eval_users, cfg.negatives, True)
+        if cfg.finetune:
+            self.scoring(at, u, [n], self.priors(True))
+        self.scoring(at, u, [n, k, k], self.priors(False))
+
     def bench(self, spec: str) -> None:
         """Timed rounds of every configuration (prefills and one scored query each), then the throughput
         queries; on CPU the memory of each is measured in processes of their own (not counted)."""
@@ -259,6 +269,8 @@ class Planner:
         self.evaluation(spec)
         self.adapters(spec, a, measured=2)
         self.curves(spec, a)
+        if cfg.cold_items:
+            self.cold(spec)
         if cross_domain:
             self.importance(spec, b, ablation=False)
             self.selection(spec, b, cfg.primary)

@@ -72,6 +72,11 @@ def markdown(res: StudyResult) -> str:
                  "95% bootstrap CIs over users.\n")
     parts.append("## Data\n\n" + "\n".join(f"- **{role} {d}**: {provenance(d)}" for role, d in
                                            (("domain A", cfg.domain_a), ("domain B", cfg.domain_b))) + "\n")
+    if not res.finetune.empty:
+        f = res.finetune[["model", "lr", "steps", "examples", "best_step", "valid_ndcg@10_before",
+                          "valid_ndcg@10_after", "eval_users", "seconds"]]
+        parts.append("## Fine-tuning (validation users decide: best_step 0 keeps the zero-shot weights)\n\n"
+                     + f.to_markdown(index=False, floatfmt=".4g") + "\n")
     parts.append("## Recommendation quality (test users, NDCG@10)\n\n" + quality(res))
     if not res.sasrec.empty:
         s = res.sasrec[["dataset", "epochs", "best_epoch", "valid_ndcg@10", "stopped", "seconds"]]

@@ -66,8 +66,8 @@ class Data:
         self.text = Prompt(tokenizer, ScoringConfig(domain=self.prep.domain, max_title_tokens=cfg.max_title_tokens))
 
     @cache  # noqa: B019 (one Data per dataset and plan)
-    def users(self, split: str, n: int, negatives: int) -> Users:
-        cands = build_candidates(self.prep, CandidateConfig(negatives, "uniform", n, split, self.cfg.seed))
+    def users(self, split: str, n: int, negatives: int, cold: bool = False) -> Users:
+        cands = build_candidates(self.prep, CandidateConfig(negatives, "uniform", n, split, self.cfg.seed, cold))
         reqs = requests_for(self.prep, cands, split)
         titles = [t for r in reqs for t in r.candidates]
         return Users(len(reqs), len(titles), len(set(titles)),

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
     ap.add_argument("--users", type=int, default=60, help="validation users (1 + 19 candidates each)")
     ap.add_argument("--dataset", default="ml-1m")
+    ap.add_argument("--cold-items", type=float, default=0.0, help="the protocol's cold_items (the demo: 0.1)")
     ap.add_argument("--out", default="docs/finetune_validation.csv")
     ap.add_argument("--grid", default=None, help="lr:steps:batch,... instead of GRID, e.g. 1e-3:60:4,3e-4:60:4")
     ap.add_argument("--append", action="store_true", help="add the rows to an existing --out table")
@@ -47,12 +48,12 @@ def main() -> None:
     for model in args.models:
         for lr, steps, batch in _grid(args.grid):
             cfg = FinetuneConfig(model=model, dataset=args.dataset, history_len=5, max_title_tokens=12,
-                                 negatives=19, objective="rank", lr=lr, max_steps=steps, batch_size=batch,
+                                 negatives=19, cold_items=args.cold_items, objective="rank", lr=lr, max_steps=steps, batch_size=batch,
                                  eval_every=steps, eval_users=args.users, results_dir=tempfile.mkdtemp())
             t0 = time.perf_counter()
             res = finetune(cfg, report=None)
             s, last = res.summary, res.curves["valid_ndcg@10"].dropna().iloc[-1]
-            rows.append({"model": model, "dataset": args.dataset, "lr": lr, "max_steps": steps, "batch_size": batch,
+            rows.append({"model": model, "dataset": args.dataset, "cold_items": args.cold_items, "lr": lr, "max_steps": steps, "batch_size": batch,
                          "examples": steps * batch, "valid_users": args.users,
                          "valid_ndcg@10_zero_shot": s["valid_ndcg@10_before"],
                          "valid_ndcg@10_fine_tuned": float(last), "seconds": time.perf_counter() - t0})

@@ -19,6 +19,7 @@ from layerviz.data import (
 )
 from layerviz.data import bundled as bundled_mod
 from layerviz.data.formats import detect_format, read_dataset
+from layerviz.finetune import training_windows
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 ITEM = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
@@ -154,6 +155,9 @@ def test_cold_items_never_reach_training_or_prompts(tmp_path):
     for split in ("valid", "test"):
         for hist in prep.histories(split).values():  # every prompt's history
             assert not set(hist) & prep.cold
+    windows = training_windows(prep, history_len=5)  # every fine-tuning example: target and history
+    assert len(windows) and not windows["target"].isin(prep.cold).any()
+    assert not any(set(h) & prep.cold for h in windows["history"])
     pop = prep.items.set_index("item_id")["popularity"]
     assert (pop[list(prep.cold)] == 0).all()
     users = prep.cold_users()

@@ -1,12 +1,12 @@
 """The stages in order: ``layerviz run CONFIG``, ``notebook_study`` and ``open_study`` all come here.
 
 Per dataset: SASRec and the test positives' slices (model-free, computed once). Per model on domain A:
-fine-tuning (if configured) and the zero-shot side, importance, every
-selection strategy, the test evaluation (full model, popularity, plain-dropping variants), adapters
-on the primary selection (reusing the evaluation's full-model and plain-dropping scores), RQ2
-curves, calibration records; per cross-domain model, on domain B: B's own selection and adapters
-and A's selection evaluated on B; with cold_items, the cold-start test set; then bench. The stage outputs are collected into a
-``StudyResult`` and the tables are written next to the stages.
+fine-tuning (if configured) and the zero-shot side, importance, every selection strategy, the test
+evaluation (full model, popularity, plain-dropping variants), adapters on the primary selection (reusing
+the evaluation's full-model and plain-dropping scores), RQ2 curves, with cold_items the cold-start test
+set, calibration records; per cross-domain model, on domain B: B's own selection and adapters and A's
+selection evaluated on B; then bench. The stage outputs are collected into a ``StudyResult`` and the
+tables (and findings.md) are written next to the stages.
 """
 
 from __future__ import annotations

@@ -156,6 +156,13 @@ def test_finetuning_moves(zs, expected):
     assert row["verdict"] == expected and row["value"] == pytest.approx(1.0 if zs is RISING else -1.0)
 
 
+def test_finetuning_moves_is_not_tested_when_validation_kept_the_zero_shot_weights():
+    res = make(profiles={"m1": {"fused": RISING}}, zs_profiles={"m1": {"fused": FALLING}}, finetune=True)
+    res.finetune = pd.DataFrame([{"model": "m1", "best_step": 0}])  # step 0: the zero-shot weights
+    (row,) = H.finetuning_moves(res)
+    assert row["verdict"] == "not tested" and "best step 0" in row["detail"]
+
+
 def test_no_finetuning_no_shift_rows():
     assert T.importance_shift(make(profiles={"m1": {"fused": RISING}})).empty
 

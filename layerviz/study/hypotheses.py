@@ -114,11 +114,15 @@ def moved_verdict(low: float, high: float) -> str:
 
 
 def finetuning_moves(res: StudyResult) -> list[dict]:
-    """Fine-tuning moves which layers matter: zero-shot against fine-tuned importance of the same model."""
+    """Fine-tuning moves which layers matter: zero-shot against fine-tuned importance of the same model. Not
+    tested where validation kept the zero-shot weights (best step 0): the two models are then one model."""
+    kept = set(res.finetune.loc[res.finetune["best_step"] == 0, "model"]) if "best_step" in res.finetune else set()
     return [_row(c["model"], "fine-tuning moves which layers matter",
                  f"Spearman of {c['criterion']} importance, zero-shot vs fine-tuned (moved if the CI lies below "
-                 f"{MOVED_RHO})", c["spearman"], c["ci_low"], c["ci_high"], moved_verdict(c["ci_low"], c["ci_high"]),
-                 f"{c['layers']} layers; bootstrap over layers") for _, c in importance_shift(res).iterrows()]
+                 f"{MOVED_RHO})", c["spearman"], c["ci_low"], c["ci_high"],
+                 "not tested" if c["model"] in kept else moved_verdict(c["ci_low"], c["ci_high"]),
+                 "validation kept the zero-shot weights (best step 0)" if c["model"] in kept
+                 else f"{c['layers']} layers; bootstrap over layers") for _, c in importance_shift(res).iterrows()]
 
 
 def generalizes(res: StudyResult) -> list[dict]:

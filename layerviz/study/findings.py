@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from layerviz import metrics
 from layerviz.data import BUNDLED, NAMED
-from layerviz.study.result import StudyResult
+from layerviz.study.result import StudyResult, cold_set
 from layerviz.study.tables import relation
 
 
@@ -58,10 +59,18 @@ def _wide(t: pd.DataFrame, index: list[str], columns: str, value: str = "ndcg@10
 def cold_start(res: StudyResult) -> str:
     if "cold" not in res.tables or res.tables["cold"].empty:
         return "No cold-start protocol in this study (cold_items: 0).\n"
-    t = res.tables["cold"]
+    t, d = res.tables["cold"], cold_set(res.config.domain_a)
     rows = [f"| {r.model} | {r.system} | {_ci(r['ndcg@10'], r.ci_low, r.ci_high)} | {r.users} |"
             for _, r in t.iterrows()]
-    return "\n".join(["| model | system | NDCG@10 [95% CI] | users |", "|---|---|---|---|", *rows]) + "\n"
+    out = ["| model | system | NDCG@10 [95% CI] | users |", "|---|---|---|---|", *rows, ""]
+    for m in res.models:
+        for variant, name in (("full", res.base), ("compact:adapters", "compact (adapters)")):
+            c = metrics.paired_comparison(res.values(m, variant, dataset=d), res.values(m, "sasrec", dataset=d),
+                                          seed=res.config.seed)
+            out.append(f"- {m}, {name} minus SASRec on the cold-start users: "
+                       f"{_ci(c['diff'], c['ci_low'], c['ci_high'], True)}: {relation(c['ci_low'], c['ci_high'])} "
+                       "SASRec.")
+    return "\n".join(out) + "\n"
 
 
 def markdown(res: StudyResult) -> str:

@@ -40,7 +40,7 @@ class BaselineStages:
     def cold_candidates(self, dataset: str) -> pd.DataFrame:
         c = self.cfg
         return candidates_for(self.prep(dataset), CandidateConfig(c.negatives, "uniform", c.eval_users, "test",
-                                                                  c.seed, cold=True), c.results_dir + "/candidates")[0]
+                                                                  c.seed, cold=True), c.candidates_dir)[0]
 
     def baselines(self, dataset: str) -> dict:
         """SASRec (and popularity on the cold set) per test user, the positives' slices, SASRec's training."""
@@ -50,8 +50,8 @@ class BaselineStages:
         def compute(folder):
             prep = self.prep(dataset)
             cands, _ = candidates_for(prep, CandidateConfig(c.negatives, "uniform", c.eval_users, "test", c.seed),
-                                      c.results_dir + "/candidates")
-            trained = train_sasrec(prep, scfg, c.results_dir + "/candidates", report=None)
+                                      c.candidates_dir)
+            trained = train_sasrec(prep, scfg, str(c.candidates_dir), report=None)
             out = {"per_user": pd.DataFrame(_columns("sasrec", _metrics(candidate_scores(trained, prep, cands, "test"),
                                                                         cands))),
                    "users": pd.DataFrame({"user_id": cands["user_id"], "positive": cands["positive"],

@@ -110,6 +110,11 @@ class StudyConfig:
     def folder(self) -> Path:
         return Path(self.results_dir) / self.name
 
+    @property
+    def candidates_dir(self) -> Path:
+        """The seeded candidate lists' folder (shared with every job of this results_dir, as Settings')."""
+        return Path(self.results_dir) / "candidates"
+
     def k_of(self, n_layers: int) -> int:
         """The number of layers kept of ``n_layers``: round(L * k_fraction), at least 1."""
         return max(1, int(round(n_layers * self.k_fraction)))

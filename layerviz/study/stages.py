@@ -91,7 +91,7 @@ class Study(BaselineStages):
     def evaluator(self, spec: str, dataset: str, split: str, users: int, zeroshot: bool = False, cold: bool = False):
         prep = self.prep(dataset)
         cands, _ = candidates_for(prep, CandidateConfig(self.cfg.negatives, "uniform", users, split, self.cfg.seed,
-                                                        cold), Path(self.cfg.results_dir) / "candidates")
+                                                        cold), self.cfg.candidates_dir)
         calibration = self.calibration(spec, dataset, zeroshot)["choice"]
         return TaskEvaluator(prep, cands, self.model(spec, zeroshot)[1], split=split,
                              max_title_tokens=self.cfg.max_title_tokens, calibration=calibration), cands

@@ -42,12 +42,12 @@ def catalog(config: PrepConfig | None = None) -> pd.DataFrame:
         rows.append({**row, **(_counts(name, config) if version else {})})
     for name, folder in BUNDLED.items():
         rows.append({"name": name, "real": False, "source": f"layerviz.data.demo ({folder}, generated)",
-                     "installed": "yes", "noun": "movies" if folder == "movies" else "products",
-                     "terms": "synthetic, for tests only", **_counts(name, config)})
+                     "installed": "yes", "terms": "synthetic, for tests only", **_counts(name, config)})
     cols = ["name", "real", "source", "installed", "noun", "users", "items", "interactions", "terms"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 
 def _counts(name: str, config: PrepConfig | None) -> dict:
-    stats = load(name, config=config, report=None).stats.iloc[-1]
-    return {k: int(stats[k]) for k in ("users", "items", "interactions")}
+    """Counts after the protocol, and the noun the prompts use, as the data loads."""
+    prep = load(name, config=config, report=None)
+    return {"noun": prep.domain, **{k: int(prep.stats.iloc[-1][k]) for k in ("users", "items", "interactions")}}

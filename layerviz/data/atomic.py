@@ -61,10 +61,14 @@ def _table(path: Path, header: dict[str, str], keep: list[str]) -> pd.DataFrame:
     return df
 
 
+def _present(header: dict[str, str]) -> str:
+    """The header's fields as an error message lists them: 'user_id:token, item_id:token, ...'."""
+    return ", ".join(f"{k}:{v}" for k, v in header.items())
+
+
 def _need(path: Path, header: dict[str, str], field: str, what: str) -> None:
     if field not in header:
-        present = ", ".join(f"{k}:{v}" for k, v in header.items())
-        raise DataFormatError(f"{path.name}: no {field} field ({what}); the fields present are {present}.")
+        raise DataFormatError(f"{path.name}: no {field} field ({what}); the fields present are {_present(header)}.")
 
 
 def _files(folder: Path, inter: Path | None) -> tuple[Path, Path]:
@@ -105,10 +109,9 @@ def title_column(path: Path, header: dict[str, str], title_field: str | None) ->
     else:
         name = next((f for f in TITLE_FIELDS if f in header), None)
         if name is None:
-            present = ", ".join(f"{k}:{v}" for k, v in header.items())
             raise DataFormatError(
                 f"{path.name}: no title field (looked for {', '.join(TITLE_FIELDS)}); the fields present are "
-                f"{present}. Pass title_field= (--title-field) naming the field that holds the item titles.")
+                f"{_present(header)}. Pass title_field= (--title-field) naming the field that holds the item titles.")
     if header[name].startswith("float"):
         raise DataFormatError(f"{path.name}: title field {name!r} is typed {header[name]}: a number is not a "
                               "title. Pass title_field= (--title-field) naming a text field.")
@@ -128,7 +131,7 @@ def read_items(path: Path, title_field: str | None = None, year_field: str | Non
     if len(numeric) and numeric.mean() > 0.9:
         raise DataFormatError(f"{path.name}: title field {title!r} holds numbers (e.g. {texts.iloc[0]!r}), not "
                               "titles. Pass title_field= (--title-field) naming the field with the item names; "
-                              f"fields present: {', '.join(header)}.")
+                              f"fields present: {_present(header)}.")
     if year_field and year_field in header:
         year = pd.to_numeric(df[year_field], errors="coerce")
         has = year.notna() & (texts != "")
@@ -149,9 +152,4 @@ def read_recbole(folder: Path, inter: Path | None = None, title_field: str | Non
         _need(user, read_header(user), "user_id", "whose features these are")
         files.append(str(user))
     return RawData(inter.stem, "recbole", domain, interactions, items, files, implicit=implicit)
-
-
-def is_atomic(folder: Path) -> bool:
-    """Whether a folder holds an atomic dataset (an ``.inter`` file)."""
-    return any(folder.glob("*.inter"))
 

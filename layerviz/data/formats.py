@@ -33,9 +33,6 @@ ML100K_GENRES = [
 ]
 
 FORMATS = ["amazon2014", "amazon2018", "amazon2023", "ml-100k", "ml-1m", "ml-latest", "recbole"]
-NOUNS = {"amazon2014": "products", "amazon2018": "products", "amazon2023": "products", "ml-100k": "movies",
-         "ml-1m": "movies", "ml-latest": "movies", "recbole": "items"}
-"""The item noun each format's prompts use by default (``PrepConfig.item_noun`` overrides it)."""
 
 
 class DataFormatError(ValueError):

@@ -17,7 +17,7 @@ import pandas as pd
 from layerviz import arch, metrics
 from layerviz.compact import load_compact
 from layerviz.data import CandidateConfig, candidates_for
-from layerviz.evaluate import popularity_scores, positive_slices
+from layerviz.evaluate import positive_slices
 from layerviz.sasrec import SASRecConfig, candidate_scores, train_sasrec
 from layerviz.store import slug
 
@@ -61,7 +61,7 @@ class BaselineStages:
                 cc = self.cold_candidates(dataset)
                 out["cold_per_user"] = pd.DataFrame({
                     **_columns("sasrec", _metrics(candidate_scores(trained, prep, cc, "test"), cc)),
-                    **_columns("popularity", _metrics(popularity_scores(prep, cc), cc))})
+                    **_columns("popularity", self.popularity(dataset, cc))})
             if self.report:
                 self.report(f"SASRec on {dataset}: {trained.record['epochs']} epochs ({trained.record['stopped']}), "
                             f"validation NDCG@10 {trained.record['valid_ndcg@10']:.3f}")

@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -qq --disable-pip-version-check
 STAMP  := $(VENV)/.layerviz-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# the unit tests: no real pretrained model (slow) and no whole smoke study or notebook run (study)
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow and not study"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check layerviz tests benchmarks

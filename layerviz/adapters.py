@@ -36,15 +36,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerviz import arch, parallel, passes
+from layerviz.depth import region
+from layerviz.errors import NonFiniteLossError
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
-from layerviz.study.depth import region
 
 KINDS = ("identity", "linear", "residual", "mlp")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the adapters were reset to their last good state."""
 
 
 # ----------------------------------------------------------------------------- placement policy

@@ -5,61 +5,76 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
 import tempfile
 from dataclasses import asdict, fields
+from importlib import import_module
 
-import pandas as pd
 import yaml
-from transformers import HfArgumentParser
 
-from layerviz import parallel, store
-from layerviz.bench import BenchConfig, run_bench
-from layerviz.compact import AdaptConfig, run_adapt
-from layerviz.data import PrepConfig, catalog, load
-from layerviz.data.bundled import demo_dir
-from layerviz.data.demo import generate
-from layerviz.data.download import download
-from layerviz.evaluate import EvalConfig, run
-from layerviz.finetune import FinetuneConfig, finetune
-from layerviz.importance import ImportanceConfig, run_importance, wide
-from layerviz.models import presets_table
-from layerviz.report import NotebookFailed, ReportConfig, run_report
-from layerviz.selection import SelectConfig, run_select
-from layerviz.settings import field_docs
-from layerviz.study import StudyConfig, by_stage, plan, run_study
-
+# Commands import what they need when they run (torch and transformers take seconds to load), so that
+# `layerviz --help` and `layerviz CMD --help` answer at once. A config command's flags come from its config
+# dataclass: only that command's module is imported, and only when that command is given.
+CONFIG_COMMANDS = {
+    "evaluate": ("layerviz.evaluate", "EvalConfig", "score a model's recommendations on fixed candidate lists"),
+    "importance": ("layerviz.importance", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
+    "select": ("layerviz.selection", "SelectConfig", "RQ2: choose layers with one strategy"),
+    "adapt": ("layerviz.compact", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
+              "adapters, measure retention"),
+    "bench": ("layerviz.bench", "BenchConfig", "RQ4: latency, throughput, peak memory of full vs compact models, "
+              "and the FLOP bound"),
+    "finetune": ("layerviz.finetune", "FinetuneConfig", "fine-tune the LLM recommender (LoRA or full) on the "
+                 "training split"),
+}
+OTHER_COMMANDS = {
+    "models": "list model presets: layers, width, parameters, offline?",
+    "run": "run (or resume) a whole study from a YAML config, e.g. configs/demo.yaml",
+    "report": "execute every notebook with papermill into reports/ and regenerate figures/",
+    "data": "datasets: list, download, demo, stats",
+}
 
 def _cmd_models(args: argparse.Namespace) -> int:
+    from layerviz.models import presets_table  # heavy: loaded when the command runs
+
     table = presets_table()
     print(table.to_string(index=False))
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from layerviz.evaluate import run  # heavy: loaded when the command runs
+
     run(_config(args), out=args.out)
     return 0
 
 
 def _cmd_data_download(args: argparse.Namespace) -> int:
+    from layerviz.data.download import download  # heavy: loaded when the command runs
+
     for path in download(args.name, args.dest):
         print(path)
     return 0
 
 
 def _cmd_data_demo(args: argparse.Namespace) -> int:
+    from layerviz.data.bundled import demo_dir  # heavy: loaded when the command runs
+    from layerviz.data.demo import generate  # heavy: loaded when the command runs
+
     print(generate(args.out or demo_dir()))
     return 0
 
 
 def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from layerviz.data import PrepConfig, load  # heavy: loaded when the command runs
+
     load(args.dataset, args.format, PrepConfig(args.positive_threshold, args.kcore, title_field=args.title_field,
                                                cold_items=args.cold_items))
     return 0
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
+    from layerviz.data import PrepConfig, catalog  # heavy: loaded when the command runs
+
     with pd_options():
         print(catalog(PrepConfig()).to_string(index=False))
     print("\ncounts after the default protocol (rating >= 4, 5-core); real data's terms apply to every use")
@@ -67,6 +82,12 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_importance(args: argparse.Namespace) -> int:
+    import shutil  # with the command's other imports
+
+    import pandas as pd  # heavy: loaded when the command runs
+
+    from layerviz.importance import run_importance, wide  # heavy: loaded when the command runs
+
     cfg = _config(args)
     res = run_importance(cfg, use_cache=not args.no_cache)
     table = wide(res.table, "normalized")
@@ -102,6 +123,9 @@ def _fusion_arg(text: str):
 
 
 def _cmd_select(args: argparse.Namespace) -> int:
+    from layerviz import store  # heavy: loaded when the command runs
+    from layerviz.selection import run_select  # heavy: loaded when the command runs
+
     cfg = _config(args)
     s, ctx = run_select(cfg)
     t = s.thirds()
@@ -118,6 +142,8 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
+    from layerviz.compact import run_adapt  # heavy: loaded when the command runs
+
     res = run_adapt(_config(args), out=args.out, use_cache=not args.no_cache)
     s = res["summary"]
     print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}")
@@ -131,6 +157,8 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from layerviz.bench import run_bench  # heavy: loaded when the command runs
+
     df = run_bench(_config(args), out=args.out)
     cols = ["config", "k", "prefill_ms", "speedup", "speedup_iqr", "bound", "measured_over_bound", "above_bound",
             "latency_ms", "qps", "peak_mb", "memory_ratio"]
@@ -141,6 +169,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from layerviz.finetune import finetune  # heavy: loaded when the command runs
+
     res = finetune(_config(args), out=args.out, overwrite=args.overwrite)
     s = res.summary
     print(f"\nvalidation NDCG@10 ({s['eval_users']} users, calibration none): before {s['valid_ndcg@10_before']:.4f}, "
@@ -166,12 +196,16 @@ def _kind(tp) -> str:
     return "list" if text.startswith("list") else "dict" if text.startswith("dict") else "other"
 
 
-def _config_command(sub, name: str, cls, help: str, func, extra=()) -> None:
-    """A subcommand whose flags are ``cls``'s fields (HfArgumentParser), with the fields' docstrings as help.
+def _config_command(sub, name: str, func, extra=()) -> None:
+    """A subcommand whose flags are its config class's fields (HfArgumentParser), the fields' docstrings as help.
 
     Lists take comma- or space-separated values (--keep 4,8 or --keep 4 8); mappings take YAML
     (--policy '{rank: 8}'); a boolean that defaults to true is turned off with --no-NAME.
     """
+    from layerviz.settings import field_docs  # with the config class, only for the command given
+
+    module, cls_name, help = CONFIG_COMMANDS[name]
+    cls = getattr(import_module(module), cls_name)
     p = sub.add_parser(name, help=help, description=(cls.__doc__ or "").strip(), dataclass_types=[cls],
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     docs, types = field_docs(cls), {f.name: _kind(f.type) for f in fields(cls)}
@@ -207,25 +241,20 @@ def _config(args: argparse.Namespace):
     return cls(**values)
 
 
-def _add_config_commands(sub) -> None:
+def _add_config_command(sub, name: str) -> None:
     out = (["--out"], {"default": None, "help": "also write the results to this folder"})
     no_cache = (["--no-cache"], {"action": "store_true", "help": "recompute even if cached"})
-    _config_command(sub, "evaluate", EvalConfig, "score a model's recommendations on fixed candidate lists",
-                    _cmd_evaluate, [out])
-    _config_command(sub, "importance", ImportanceConfig, "RQ1: per-layer importance, ablation and validity",
-                    _cmd_importance, [out, no_cache])
-    _config_command(sub, "select", SelectConfig, "RQ2: choose layers with one strategy", _cmd_select, [out])
-    _config_command(sub, "adapt", AdaptConfig, "RQ3: build a compact model from kept layers, train its adapters, "
-                    "measure retention", _cmd_adapt, [out, no_cache])
-    _config_command(sub, "bench", BenchConfig, "RQ4: latency, throughput, peak memory of full vs compact models, "
-                    "and the FLOP bound", _cmd_bench, [out])
-    _config_command(sub, "finetune", FinetuneConfig, "fine-tune the LLM recommender (LoRA or full) on the "
-                    "training split", _cmd_finetune,
-                    [(["--out"], {"required": True, "help": "folder for the fine-tuned model (a plain HF folder)"}),
-                     (["--overwrite"], {"action": "store_true", "help": "replace a non-empty --out"})])
+    finetune_out = [(["--out"], {"required": True, "help": "folder for the fine-tuned model (a plain HF folder)"}),
+                    (["--overwrite"], {"action": "store_true", "help": "replace a non-empty --out"})]
+    func, extra = {"evaluate": (_cmd_evaluate, [out]), "importance": (_cmd_importance, [out, no_cache]),
+                   "select": (_cmd_select, [out]), "adapt": (_cmd_adapt, [out, no_cache]),
+                   "bench": (_cmd_bench, [out]), "finetune": (_cmd_finetune, finetune_out)}[name]
+    _config_command(sub, name, func, extra)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from layerviz.study import StudyConfig, run_study  # heavy: loaded when the command runs
+
     cfg = StudyConfig.from_yaml(args.config)  # fails here, before any work, on a bad config
     if args.results_dir:
         cfg.results_dir = args.results_dir
@@ -244,11 +273,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_plan(cfg: StudyConfig, tflops: float | None) -> int:
+def _print_plan(cfg, tflops: float | None) -> int:
     """``layerviz run CONFIG --plan``: the cost table, nothing run and no weights loaded."""
     if tflops is None and cfg.device != "cpu":
         raise ValueError(f"device {cfg.device!r}: give the throughput you expect with --tflops (e.g. 400 for bf16 on "
                          "an H100/H200); the default is measured for CPU only")
+    import pandas as pd  # heavy: loaded when the command runs
+
+    from layerviz.study import by_stage, plan  # heavy: loaded when the command runs
+
     df = plan(cfg, tflops)
     with pd.option_context("display.width", 250, "display.max_rows", 500):
         print(by_stage(df).to_string(index=False))
@@ -259,11 +292,13 @@ def _print_plan(cfg: StudyConfig, tflops: float | None) -> int:
 
 
 def pd_options():
+    import pandas as pd  # heavy: loaded when the command runs
+
     return pd.option_context("display.max_colwidth", 60, "display.width", 200)
 
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run (or resume) a whole study from a YAML config, e.g. configs/demo.yaml")
+    p = sub.add_parser("run", help=OTHER_COMMANDS["run"])
     p.add_argument("config")
     p.add_argument("--results-dir", dest="results_dir", default=None)
     p.add_argument("--plan", action="store_true",
@@ -274,13 +309,27 @@ def _add_run(sub) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from layerviz.report import (  # heavy: loaded when the command runs
+        NotebookFailed,
+        ReportConfig,
+        run_report,
+        study_folder,
+        write_results_doc,
+    )
+
     cfg = ReportConfig(notebooks=args.notebooks, out=args.out, figures_dir=args.figures, results_dir=args.results_dir,
-                       params=args.params, only=args.only or [], cell_timeout=args.cell_timeout, jobs=args.jobs)
+                       params=args.params, only=args.only or [], cell_timeout=args.cell_timeout,
+                       **({} if args.jobs is None else {"jobs": args.jobs}))
     try:
         rows = run_report(cfg)
     except NotebookFailed as e:
         print(f"layerviz report: {e}", file=sys.stderr)
         return 1
+    raw = yaml.safe_load(open(cfg.params)) if cfg.params else {}  # noqa: SIM115
+    folder = study_folder(cfg, {k: v for k, v in (raw or {}).items() if not isinstance(v, dict)})  # global ones
+    doc = write_results_doc(folder, args.results_doc) if folder is not None and args.results_doc else None
+    if doc:
+        print(f"{doc}: the findings of {folder}, generated from its tables")
     figs = sorted({f for r in rows for f in r["figures"]})
     print(f"\n{len(rows)} notebook(s) executed into {cfg.out}/ (index.json); {len(figs)} figure file(s) "
           f"written to {cfg.figures_dir}/")
@@ -288,7 +337,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="execute every notebook with papermill into reports/ and regenerate figures/")
+    p = sub.add_parser("report", help=OTHER_COMMANDS["report"])
     p.add_argument("--params", default=None, help="YAML overrides: PARAM: value, or NOTEBOOK: {PARAM: value}")
     p.add_argument("--only", nargs="*", default=None, help="run only notebooks whose name contains one of these")
     p.add_argument("--notebooks", default="notebooks")
@@ -296,12 +345,14 @@ def _add_report(sub) -> None:
     p.add_argument("--figures", default="figures")
     p.add_argument("--results-dir", dest="results_dir", default="results")
     p.add_argument("--cell-timeout", dest="cell_timeout", type=int, default=None, help="seconds per cell")
-    p.add_argument("--jobs", type=int, default=ReportConfig.jobs, help="notebooks executed at once")
+    p.add_argument("--jobs", type=int, default=None, help="notebooks executed at once (default: ReportConfig.jobs)")
+    p.add_argument("--results-doc", dest="results_doc", default="docs/results.md",
+                   help="write the study's findings here, with the run's commit and date ('' to skip)")
     p.set_defaults(func=_cmd_report)
 
 
 def _add_data(sub) -> None:
-    p = sub.add_parser("data", help="datasets: list, download, demo, stats")
+    p = sub.add_parser("data", help=OTHER_COMMANDS["data"])
     dsub = p.add_subparsers(dest="data_command", required=True)
     li = dsub.add_parser("list", help="every named dataset: source, real or synthetic, counts, terms")
     li.set_defaults(func=_cmd_data_list)
@@ -322,22 +373,39 @@ def _add_data(sub) -> None:
     s.set_defaults(func=_cmd_data_stats)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _subparser(**kwargs) -> argparse.ArgumentParser:
+    """The subcommands' parser class: HfArgumentParser for a config command (flags from its dataclass)."""
+    if "dataclass_types" in kwargs:
+        from transformers import HfArgumentParser  # heavy: only when a config command is given
+
+        return HfArgumentParser(**kwargs)
+    return argparse.ArgumentParser(**kwargs)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``command`` (default: every one) gets its full parser, the others only their help
+    line, so that answering one command imports only what that command needs."""
     parser = argparse.ArgumentParser(
         prog="layerviz", description="Which transformer layers does an LLM recommender need?"
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
-    p = sub.add_parser("models", help="list model presets: layers, width, parameters, offline?")
-    p.set_defaults(func=_cmd_models)
-    _add_config_commands(sub)
-    _add_run(sub)
-    _add_report(sub)
-    _add_data(sub)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_subparser)
+    builders = {"models": _add_models, "run": _add_run, "report": _add_report, "data": _add_data,
+                **{name: lambda s, name=name: _add_config_command(s, name) for name in CONFIG_COMMANDS}}
+    for name in ["models", *CONFIG_COMMANDS, "run", "report", "data"]:
+        if command is None or command == name:
+            builders[name](sub)
+        else:
+            sub.add_parser(name, help=CONFIG_COMMANDS[name][2] if name in CONFIG_COMMANDS else OTHER_COMMANDS[name])
     return parser
 
 
-def _one_writer(args: argparse.Namespace) -> None:
+def _add_models(sub) -> None:
+    sub.add_parser("models", help=OTHER_COMMANDS["models"]).set_defaults(func=_cmd_models)
+
+
+def _one_writer(args: argparse.Namespace) -> None:  # under torchrun: parallel is loaded already
+    from layerviz import parallel  # heavy (torch.distributed), as in main
     """Several processes: rank 0 prints and writes ``--out``; the others print nothing and write into a
     private folder. A benchmark is refused: it times one process, and others would disturb it."""
     if args.command == "bench":
@@ -350,12 +418,15 @@ def _one_writer(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    given = next((a for a in argv if not a.startswith("-")), None)  # the command (options come after it)
+    args = build_parser(given if given in CONFIG_COMMANDS or given in OTHER_COMMANDS else "").parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from layerviz import parallel  # heavy (torch.distributed): after the arguments parsed
+
     try:
         if parallel.init():  # under torchrun / accelerate launch: join the process group (a no-op otherwise)
             _one_writer(args)

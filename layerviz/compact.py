@@ -31,12 +31,12 @@ from layerviz.adapters import (
     Adapter,
     AdapterPolicy,
     AdapterSpec,
-    NonFiniteLossError,
     TrainConfig,
     plan,
     train_adapters,
 )
 from layerviz.data import load
+from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import task_evaluator
 from layerviz.importance import build_calibration
 from layerviz.models import load_model
@@ -310,6 +310,62 @@ class AdaptConfig(Settings):
         return arch.validate_layers(self.layers, n_layers)
 
 
+class _Retention:
+    """``train_adapters``' on_stage callback: each stage's NDCG@5/@10 on the test users (or the caller's
+    ``given`` scores of that stage), with CIs and the retention against the full model -> ``rows``."""
+
+    def __init__(self, evaluator, compact, full: pd.DataFrame, given: dict, seed: int, report):
+        self.evaluator, self.compact, self.full, self.given, self.seed, self.report = (
+            evaluator, compact, full, given, seed, report)
+        self.rows: list[dict] = []
+        self.per_user = {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
+
+    def __call__(self, stage: str, mse: float, nmse: float, seconds: float) -> None:
+        got = self.given[stage] if stage in self.given else self.evaluator.metrics(self.compact)
+        row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
+        for m in ("ndcg@5", "ndcg@10"):
+            self.per_user[f"{stage}:{m}"] = got[m].to_numpy()
+            mean, lo, hi = metrics.bootstrap_ci(got[m], seed=self.seed)
+            r, rlo, rhi = metrics.ratio_ci(got[m], self.full[m], seed=self.seed)
+            suffix = "" if m == "ndcg@10" else "@5"
+            row.update({m: mean, f"{m}_low": lo, f"{m}_high": hi, f"retention{suffix}": r,
+                        f"retention{suffix}_low": rlo, f"retention{suffix}_high": rhi})
+        self.rows.append(row)
+        if self.report:
+            self.report(f"  {stage:>6}: val MSE {mse:.4g} (relative {nmse:.3f}), NDCG@10 {row['ndcg@10']:.4f}, "
+                        f"retention {row['retention']:.3f} [{row['retention_low']:.3f}, {row['retention_high']:.3f}]")
+
+
+def _adapt(cfg: AdaptConfig, policy: AdapterPolicy, tcfg: TrainConfig, prep, model, tokenizer, folder: Path,
+           given: dict, report) -> tuple[dict, CompactLM]:
+    """The adapters trained on ``cfg``'s layers and measured (``run_adapt``'s work) -> (outputs, compact model).
+    A non-finite loss saves the last good adapters first, then raises."""
+    layers = cfg.kept(arch.num_layers(model))
+    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
+    evaluator, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "test", cfg.calibration)
+    full = given["full"] if "full" in given else evaluator.metrics(model)
+    compact = build_compact(model, layers, policy, seed=cfg.seed)
+    retention, error = _Retention(evaluator, compact, full, given, cfg.seed, report), None
+    try:
+        curve = train_adapters(compact, model, cal, tcfg, pad=tokenizer.pad_token_id, report=None,
+                               on_stage=retention)
+    except NonFiniteLossError as e:
+        error, curve = e, pd.DataFrame()
+    compact.save(folder / "compact", overwrite=True)
+    if error is not None:
+        raise NonFiniteLossError(f"{error} The last good adapters are saved in {folder / 'compact'}.") from error
+    full_mean, flo, fhi = metrics.bootstrap_ci(full["ndcg@10"], seed=cfg.seed)
+    summary = {"model": cfg.model, "layers": layers, "k": len(layers), "n_layers": compact.n_base_layers,
+               "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
+               "full_ndcg@5": float(full["ndcg@5"].mean()),
+               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"],
+               "train_seconds": curve.attrs.get("train_seconds", float("nan")),
+               "calibration": evaluator.cfg.calibration, **compact.overhead()}
+    return {"summary": summary, "retention": pd.DataFrame(retention.rows), "curve": curve,
+            "placement": compact.placement(),
+            "per_user": pd.DataFrame({k: np.asarray(v) for k, v in retention.per_user.items()})}, compact
+
+
 def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, tokenizer=None, use_cache: bool = True,
               report=print, measured: dict[str, pd.DataFrame] | None = None) -> dict:
     """Build, train and evaluate a compact model; write it and its tables to ``out`` -> summary dict.
@@ -320,60 +376,19 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     ``ndcg@10`` of the full model ("full") and of plain dropping ("drop") that the caller already scored
     on these test users with this calibration: they are used instead of scoring them again.
     """
-
-    policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})
+    policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})  # bad input: now
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     key = store.config_hash("adapt", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
                             prep.fingerprint, store.versions()["layerviz"])
     folder = Path(out) if out else Path(cfg.results_dir) / "adapt" / f"{cfg.model.replace('/', '_')}-{key}"
-    made, given = {}, measured or {}
+    made = {}
 
     def compute(folder: Path) -> dict:
         nonlocal model, tokenizer
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-        layers = cfg.kept(arch.num_layers(model))
-        cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
-        evaluator, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "test", cfg.calibration)
-        full = given["full"] if "full" in given else evaluator.metrics(model)
-        compact = build_compact(model, layers, policy, seed=cfg.seed)
-        pad = tokenizer.pad_token_id
-        rows, per_user = [], {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
-
-        def checkpoint(stage: str, mse: float, nmse: float, seconds: float) -> None:
-            got = given[stage] if stage in given else evaluator.metrics(compact)
-            row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
-            for m in ("ndcg@5", "ndcg@10"):
-                per_user[f"{stage}:{m}"] = got[m].to_numpy()
-                mean, lo, hi = metrics.bootstrap_ci(got[m], seed=cfg.seed)
-                r, rlo, rhi = metrics.ratio_ci(got[m], full[m], seed=cfg.seed)
-                suffix = "" if m == "ndcg@10" else "@5"
-                row.update({m: mean, f"{m}_low": lo, f"{m}_high": hi, f"retention{suffix}": r,
-                            f"retention{suffix}_low": rlo, f"retention{suffix}_high": rhi})
-            rows.append(row)
-            if report:
-                report(f"  {stage:>6}: val MSE {mse:.4g} (relative {nmse:.3f}), NDCG@10 {row['ndcg@10']:.4f}, "
-                       f"retention {row['retention']:.3f} [{row['retention_low']:.3f}, {row['retention_high']:.3f}]")
-
-        error = None
-        try:
-            curve = train_adapters(compact, model, cal, tcfg, pad=pad, report=None, on_stage=checkpoint)
-        except NonFiniteLossError as e:
-            error, curve = e, pd.DataFrame()
-        seconds = curve.attrs.get("train_seconds", float("nan"))
-        compact.save(folder / "compact", overwrite=True)
-        if error is not None:
-            raise NonFiniteLossError(f"{error} The last good adapters are saved in {folder / 'compact'}.") from error
-        full_mean, flo, fhi = metrics.bootstrap_ci(full["ndcg@10"], seed=cfg.seed)
-        summary = {"model": cfg.model, "layers": layers, "k": len(layers), "n_layers": compact.n_base_layers,
-                   "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
-                   "full_ndcg@5": float(full["ndcg@5"].mean()),
-                   "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"], "train_seconds": seconds,
-                   "calibration": evaluator.cfg.calibration,
-                   **compact.overhead()}
-        made["compact"] = compact
-        return {"summary": summary, "retention": pd.DataFrame(rows), "curve": curve, "placement": compact.placement(),
-                "per_user": pd.DataFrame({k: np.asarray(v) for k, v in per_user.items()})}
+        outputs, made["compact"] = _adapt(cfg, policy, tcfg, prep, model, tokenizer, folder, measured or {}, report)
+        return outputs
 
     out, was_cached = store.cached(folder, key, compute, use_cache, marker="manifest.json",
                                    meta={"config": asdict(cfg), "seed": cfg.seed, "data_fingerprint": prep.fingerprint})

@@ -71,7 +71,7 @@ def requests_for(prep: Prepared, cands: pd.DataFrame, split: str) -> list[Reques
 CALIBRATIONS = ("auto", "none", "pmi")
 
 
-def choose_calibration(model, tokenizer, prep: Prepared, cfg: EvalConfig) -> dict:
+def measure_calibrations(model, tokenizer, prep: Prepared, cfg: EvalConfig) -> dict:
     """Pick 'none' or 'pmi' by NDCG@10 on validation users -> {choice, valid_ndcg@10: {none, pmi}, users}.
 
     Never decided on one dataset for all: on real MovieLens-100K 'pmi' loses 0.10 NDCG@10, on the
@@ -92,13 +92,13 @@ def choose_calibration(model, tokenizer, prep: Prepared, cfg: EvalConfig) -> dic
             "users": len(requests)}
 
 
-def resolve_calibration(model, tokenizer, prep: Prepared, cfg: EvalConfig, report=print) -> tuple[str, dict | None]:
+def calibration_to_use(model, tokenizer, prep: Prepared, cfg: EvalConfig, report=print) -> tuple[str, dict | None]:
     """The calibration to score with, and the auto choice's record (None unless calibration='auto')."""
     if cfg.calibration not in CALIBRATIONS:
         raise ValueError(f"unknown calibration {cfg.calibration!r}; use one of {', '.join(CALIBRATIONS)}")
     if cfg.scorer != "likelihood" or cfg.calibration != "auto":
         return ("none" if cfg.calibration == "auto" else cfg.calibration), None
-    record = choose_calibration(model, tokenizer, prep, cfg)
+    record = measure_calibrations(model, tokenizer, prep, cfg)
     if report:
         v = record["valid_ndcg@10"]
         report(f"calibration auto: {record['choice']} (validation NDCG@10 none {v['none']:.4f}, pmi {v['pmi']:.4f}, "
@@ -106,14 +106,12 @@ def resolve_calibration(model, tokenizer, prep: Prepared, cfg: EvalConfig, repor
     return record["choice"], record
 
 
-def pick_calibration(model, tokenizer, prep: Prepared, calibration: str = "auto", users: int = 40,
-                     negatives: int = 19, seed: int = 0, max_title_tokens: int = 32,
-                     results_dir: str | Path = "results", scorer: str = "likelihood",
-                     report=None) -> tuple[str, dict | None]:
-    """``resolve_calibration`` for callers without an EvalConfig (importance, selection, adapters, the study)."""
-    cfg = EvalConfig(scorer=scorer, calibration=calibration, calibration_users=users, negatives=negatives, seed=seed,
-                     max_title_tokens=max_title_tokens, results_dir=str(results_dir))
-    return resolve_calibration(model, tokenizer, prep, cfg, report)
+def calibration_config(calibration: str = "auto", users: int = 40, negatives: int = 19, seed: int = 0,
+                       max_title_tokens: int = 32, results_dir: str | Path = "results",
+                       scorer: str = "likelihood") -> EvalConfig:
+    """The EvalConfig that ``calibration_to_use`` needs, for callers without one (the study, task_evaluator)."""
+    return EvalConfig(scorer=scorer, calibration=calibration, calibration_users=users, negatives=negatives, seed=seed,
+                      max_title_tokens=max_title_tokens, results_dir=str(results_dir))
 
 
 def task_evaluator(cfg: Settings, prep: Prepared, model, tokenizer, users: int, split: str, calibration: str,
@@ -123,8 +121,9 @@ def task_evaluator(cfg: Settings, prep: Prepared, model, tokenizer, users: int, 
     candidates). The calibration it scores with is ``evaluator.cfg.calibration``."""
     n = cfg.negatives if negatives is None else negatives
     cands, _ = candidates_for(prep, CandidateConfig(n, "uniform", users, split, cfg.seed), cfg.candidates_dir)
-    choice, _ = pick_calibration(model, tokenizer, prep, calibration, negatives=n, seed=cfg.seed,
-                                 max_title_tokens=cfg.max_title_tokens, scorer=scorer, results_dir=cfg.results_dir)
+    choice, _ = calibration_to_use(model, tokenizer, prep, calibration_config(
+        calibration, negatives=n, seed=cfg.seed, max_title_tokens=cfg.max_title_tokens, results_dir=cfg.results_dir,
+        scorer=scorer), report=None)
     return TaskEvaluator(prep, cands, tokenizer, scorer=scorer, split=split, max_title_tokens=cfg.max_title_tokens,
                          calibration=choice), cands
 
@@ -298,7 +297,7 @@ def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=No
     if model is None:
         model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
     torch.manual_seed(cfg.seed)
-    calibration, cal_record = resolve_calibration(model, tokenizer, prep, cfg, report)
+    calibration, cal_record = calibration_to_use(model, tokenizer, prep, cfg, report)
     scfg = cfg.scoring_config(prep.domain)
     scfg.calibration = calibration
     t_score = time.perf_counter()

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from layerviz import arch, parallel, passes, store
 from layerviz.compact import fingerprint
 from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import TaskEvaluator
 from layerviz.models import load_model, save_weights
 from layerviz.progress import progress
@@ -47,10 +48,6 @@ from layerviz.settings import Settings
 OBJECTIVES = ("rank", "next_title", "yesno")
 MANIFEST = "layerviz_finetune.json"
 LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the last good state was saved (the message says where)."""
 
 
 @dataclass
@@ -401,6 +398,199 @@ def planned_steps(cfg: FinetuneConfig, n_windows: int) -> int:
     return min(options) if options else per_epoch
 
 
+class Trainer:
+    """One fine-tuning run in the steps ``finetune`` takes: set up (here), resume, train (step by step, each
+    evaluation deciding the best state and early stopping), finish and publish."""
+
+    def __init__(self, cfg: FinetuneConfig, model, tokenizer, out: Path | None, overwrite: bool, report):
+        cfg.validate()
+        _check_out(out, overwrite)
+        self.cfg, self.out, self.report = cfg, out, report
+        self.prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=None)
+        self.windows = training_windows(self.prep, cfg.history_len, cfg.min_history)
+        parallel.check_enough(cfg.batch_size, "examples per micro-batch (batch_size)")  # torchrun: each gets some
+        if model is None:
+            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        self.tokenizer, self.base_fp = tokenizer, fingerprint(model)
+        self.key = store.config_hash("finetune", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
+                                     self.prep.fingerprint, self.base_fp)
+        self.wrapper, self.inner, self.params = prepare_trainable(model, cfg)
+        self.named = {n: p for n, p in self.wrapper.named_parameters() if p.requires_grad}
+        self.total = planned_steps(cfg, len(self.windows))
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: _lr_factor(s, cfg.warmup_steps, self.total))
+        self.text = Prompt(tokenizer, ScoringConfig(domain=self.prep.domain, max_title_tokens=cfg.max_title_tokens))
+        self.titles, self.schedule = self.prep.titles(), Schedule(self.prep, self.windows, cfg)
+        cands, _ = candidates_for(self.prep, CandidateConfig(cfg.negatives, "uniform", cfg.eval_users, "valid",
+                                                             cfg.seed), cfg.candidates_dir)
+        self.evaluator = TaskEvaluator(self.prep, cands, tokenizer, split="valid", calibration="none",
+                                       scorer="yesno" if cfg.objective == "yesno" else "likelihood",
+                                       max_title_tokens=cfg.max_title_tokens)
+        on_gpu = arch.input_device(model).type == "cuda"
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu
+                         else torch.autocast("cpu", enabled=False))
+        if cfg.gradient_checkpointing:
+            self.inner.gradient_checkpointing_enable()
+            if hasattr(self.wrapper, "enable_input_require_grads"):
+                self.wrapper.enable_input_require_grads()
+        self.state = {"step": 0, "elapsed": 0.0, "curves": [], "best": None, "best_step": 0, "bad_evals": 0,
+                      "examples": 0}
+        self.ckpt = partial_path(out) if out is not None else None
+        self.t_start = 0.0
+
+    def validate_now(self) -> float:
+        self.inner.eval()
+        with self.autocast:
+            return float(np.mean(self.evaluator(self.inner)))
+
+    def resume(self, overwrite: bool) -> None:
+        """Continue from the checkpoint next to ``out`` when it was made with this very config and base."""
+        ckpt, report = self.ckpt, self.report
+        if ckpt is None or not ckpt.exists() or overwrite:
+            return
+        saved = torch.load(ckpt, weights_only=False)
+        if saved["base_fingerprint"] != self.base_fp:
+            raise ValueError(f"{ckpt} was made from another base model (fingerprint {saved['base_fingerprint']}, "
+                             f"this base {self.base_fp}); pass --overwrite to restart from this base")
+        if saved["key"] != self.key:
+            if report:
+                report(f"finetune: {ckpt} was made with other settings; restarting")
+            return
+        _load_trainable(self.named, saved["params"])
+        self.opt.load_state_dict(saved["optimizer"])
+        self.sched.load_state_dict(saved["scheduler"])
+        self.state = saved["state"]
+        if report:
+            report(f"finetune: resuming from step {self.state['step']} ({ckpt})")
+
+    def save_checkpoint(self) -> None:
+        if self.ckpt is None:
+            return
+        blob = {"key": self.key, "base_fingerprint": self.base_fp, "params": _trainable_state(self.named),
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "state": self.state}
+        store.atomic_write(self.ckpt, lambda tmp: torch.save(blob, tmp))
+
+    def start(self) -> None:
+        """Step 0 (unless resumed): the zero-shot model on the validation users, the first best state."""
+        cfg, state = self.cfg, self.state
+        if not state["curves"]:
+            t0 = time.perf_counter()
+            ndcg = self.validate_now()
+            state["elapsed"] += time.perf_counter() - t0
+            state["curves"].append({"step": 0, "seconds": state["elapsed"], "examples": 0, "train_loss": np.nan,
+                                    "lr": 0.0, "valid_ndcg@10": ndcg})
+            state["best"], state["best_ndcg"] = _trainable_state(self.named), ndcg
+        if self.report:
+            self.report(f"finetune {cfg.model} ({'full' if cfg.full else f'LoRA r={cfg.lora_r}'}, {cfg.objective}): "
+                        f"{len(self.windows):,} training windows, {self.total} planned steps; validation NDCG@10 "
+                        f"before {state['curves'][0]['valid_ndcg@10']:.4f} ({cfg.eval_users} users)")
+
+    def step(self, step: int) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches; a non-finite loss saves the last good state and
+        raises NonFiniteLossError naming the step."""
+        cfg, state = self.cfg, self.state
+        self.inner.train(cfg.lora_dropout > 0)
+        examples = self.schedule.examples(step)
+        passes.count("train")
+        step_loss = 0.0
+        for m in range(cfg.grad_accum):
+            micro = examples[m * cfg.batch_size:(m + 1) * cfg.batch_size]
+            part = parallel.shard(len(micro))  # under torchrun: this process's share, its loss weighted by it
+            passes.count("backward", len(part))
+            with self.autocast:
+                loss = batch_loss(self.inner, self.text, self.titles, micro[part.start:part.stop], cfg.objective)
+                if len(part) < len(micro):
+                    loss = loss * (len(part) / len(micro))
+            if not torch.isfinite(loss):
+                self.opt.zero_grad(set_to_none=True)
+                self.save_checkpoint()
+                raise NonFiniteLossError(
+                    f"non-finite training loss at step {step} (micro-batch {m}); the last good state (step "
+                    f"{state['step']}) is saved in {self.ckpt or 'memory only: no --out'}. Lower the learning rate "
+                    f"(now {cfg.peak_lr:g}) or check the model's dtype.")
+            (loss / cfg.grad_accum).backward()
+            step_loss += float(loss.detach()) / cfg.grad_accum
+        if parallel.active():  # data parallel: the gradients of every process's share summed (as DDP does)
+            parallel.all_reduce_grads(self.params)
+            step_loss = parallel.all_sum(step_loss)
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        state["step"], state["examples"] = step + 1, state["examples"] + len(examples)
+        state["curves"].append({"step": step + 1, "seconds": time.perf_counter() - self.t_start,
+                                "examples": state["examples"], "train_loss": step_loss,
+                                "lr": self.sched.get_last_lr()[0], "valid_ndcg@10": np.nan})  # one row per step
+
+    def evaluate(self, early_stop: bool = True) -> bool:
+        """Validation NDCG@10 now, on the last curve row; a better one becomes the best state -> whether
+        early stopping ends the run (``patience`` evaluations without improvement)."""
+        state, cfg = self.state, self.cfg
+        ndcg = state["curves"][-1]["valid_ndcg@10"] = self.validate_now()
+        state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - self.t_start
+        if ndcg > state["best_ndcg"]:
+            state["best"], state["best_ndcg"], state["best_step"], state["bad_evals"] = (
+                _trainable_state(self.named), ndcg, state["step"], 0)
+        else:
+            state["bad_evals"] += 1
+        if not early_stop:
+            return False
+        self.save_checkpoint()
+        return cfg.patience is not None and state["bad_evals"] >= cfg.patience
+
+    def train(self, stop_after: int | None) -> str:
+        """Steps from the current one to the planned total, evaluating every ``eval_every`` -> why it stopped.
+        ``stop_after`` (tests) raises KeyboardInterrupt after that many steps, as a kill would."""
+        cfg = self.cfg
+        self.t_start = time.perf_counter() - self.state["elapsed"]
+        for ran, step in enumerate(progress(range(self.state["step"], self.total), desc=f"finetune {cfg.objective}",
+                                            unit="step"), start=1):
+            if cfg.max_seconds is not None and time.perf_counter() - self.t_start >= cfg.max_seconds:
+                return f"time budget ({cfg.max_seconds:g} s)"
+            self.step(step)
+            if ((step + 1) % cfg.eval_every == 0 or step + 1 == self.total) and self.evaluate():
+                return f"early stop: {cfg.patience} evaluations without improvement"
+            if stop_after is not None and ran >= stop_after:
+                raise KeyboardInterrupt(f"stop_after={stop_after}")
+        return "planned steps done"
+
+    def finish(self, stopped: str) -> FinetuneResult:
+        """The best state merged into a plain model, its summary and curves (published when ``out`` is given)."""
+        cfg, state = self.cfg, self.state
+        state["elapsed"] = time.perf_counter() - self.t_start
+        if np.isnan(state["curves"][-1]["valid_ndcg@10"]):  # steps after the last evaluation (time budget)
+            self.evaluate(early_stop=False)
+        _load_trainable(self.named, state["best"])
+        result_model = merged(self.wrapper, cfg)
+        curves = pd.DataFrame(state["curves"])
+        summary = {"base": cfg.model, "objective": cfg.objective, "method": "full" if cfg.full else "lora",
+                   "steps": state["step"], "planned_steps": self.total, "best_step": state["best_step"],
+                   "examples": state["examples"], "windows": len(self.windows), "stopped": stopped,
+                   "valid_ndcg@10_before": float(curves["valid_ndcg@10"].iloc[0]),
+                   "valid_ndcg@10_after": float(state["best_ndcg"]), "eval_users": cfg.eval_users,
+                   "seconds": float(curves["seconds"].iloc[-1]), "lr": cfg.peak_lr,
+                   "trainable_params": int(sum(p.numel() for p in self.params))}
+        if self.report:
+            self.report(f"finetune: {state['step']} steps ({stopped}), {state['examples']} examples in "
+                        f"{summary['seconds']:.0f} s; validation NDCG@10 {summary['valid_ndcg@10_before']:.4f} -> "
+                        f"{summary['valid_ndcg@10_after']:.4f} (best step {state['best_step']})")
+        if self.out is not None:
+            self.publish(result_model, summary, curves)
+        return FinetuneResult(result_model, curves, summary, self.out)
+
+    def publish(self, result_model, summary: dict, curves: pd.DataFrame) -> None:
+        out = self.out
+        manifest = store.manifest(self.cfg, self.cfg.seed, base=self.cfg.model, base_fingerprint=self.base_fp,
+                                  finetuned_fingerprint=fingerprint(result_model),
+                                  data_fingerprint=self.prep.fingerprint, key=self.key, summary=summary,
+                                  curves=self.state["curves"])
+        _publish(result_model, self.tokenizer, out, manifest, curves)
+        if self.ckpt is not None and self.ckpt.exists():
+            self.ckpt.unlink()
+        if self.report:
+            self.report(f"wrote {out} (load it with load_model({str(out)!r}) or --model {out})")
+
+
 def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | None = None,
              overwrite: bool = False, report=print, stop_after: int | None = None) -> FinetuneResult:
     """Fine-tune ``cfg.model`` on ``cfg.dataset``'s training windows -> FinetuneResult (base model untouched).
@@ -409,161 +599,7 @@ def finetune(cfg: FinetuneConfig, model=None, tokenizer=None, out: str | Path | 
     resumes from it, and the merged model is published atomically as a plain HF folder.
     ``stop_after`` (tests) raises KeyboardInterrupt after that many steps, as a kill would.
     """
-
-    cfg.validate()
-    out = Path(out) if out is not None else None
-    _check_out(out, overwrite)
-    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=None)
-    windows = training_windows(prep, cfg.history_len, cfg.min_history)
-    parallel.check_enough(cfg.batch_size, "examples per micro-batch (batch_size)")  # torchrun: each gets some
-    if model is None:
-        model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-    base_fp = fingerprint(model)
-    key = store.config_hash("finetune", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
-                            prep.fingerprint, base_fp)
-    wrapper, inner, params = prepare_trainable(model, cfg)
-    named = {n: p for n, p in (wrapper.named_parameters()) if p.requires_grad}
-    total = planned_steps(cfg, len(windows))
-    opt = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg.warmup_steps, total))
-    text = Prompt(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=cfg.max_title_tokens))
-    titles = prep.titles()
-    schedule = Schedule(prep, windows, cfg)
-    cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.eval_users, "valid", cfg.seed),
-                              cfg.candidates_dir)
-    evaluator = TaskEvaluator(prep, cands, tokenizer, scorer="yesno" if cfg.objective == "yesno" else "likelihood",
-                              split="valid", max_title_tokens=cfg.max_title_tokens, calibration="none")
-    dev = arch.input_device(model)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    if cfg.gradient_checkpointing:
-        inner.gradient_checkpointing_enable()
-        if hasattr(wrapper, "enable_input_require_grads"):
-            wrapper.enable_input_require_grads()
-
-    def validate_now() -> float:
-        inner.eval()
-        with autocast:
-            return float(np.mean(evaluator(inner)))
-
-    state = {"step": 0, "elapsed": 0.0, "curves": [], "best": None, "best_step": 0, "bad_evals": 0,
-             "examples": 0}
-    ckpt = partial_path(out) if out is not None else None
-    if ckpt is not None and ckpt.exists() and not overwrite:
-        saved = torch.load(ckpt, weights_only=False)
-        if saved["base_fingerprint"] != base_fp:
-            raise ValueError(f"{ckpt} was made from another base model (fingerprint {saved['base_fingerprint']}, "
-                             f"this base {base_fp}); pass --overwrite to restart from this base")
-        if saved["key"] == key:
-            _load_trainable(named, saved["params"])
-            opt.load_state_dict(saved["optimizer"])
-            sched.load_state_dict(saved["scheduler"])
-            state = saved["state"]
-            if report:
-                report(f"finetune: resuming from step {state['step']} ({ckpt})")
-        elif report:
-            report(f"finetune: {ckpt} was made with other settings; restarting")
-
-    def save_checkpoint() -> None:
-        if ckpt is None:
-            return
-        blob = {"key": key, "base_fingerprint": base_fp, "params": _trainable_state(named),
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "state": state}
-        store.atomic_write(ckpt, lambda tmp: torch.save(blob, tmp))
-
-    if not state["curves"]:  # step 0: the zero-shot model on the validation users
-        t0 = time.perf_counter()
-        ndcg = validate_now()
-        state["elapsed"] += time.perf_counter() - t0
-        state["curves"].append({"step": 0, "seconds": state["elapsed"], "examples": 0, "train_loss": np.nan,
-                                "lr": 0.0, "valid_ndcg@10": ndcg})
-        state["best"], state["best_ndcg"] = _trainable_state(named), ndcg
-    if report:
-        report(f"finetune {cfg.model} ({'full' if cfg.full else f'LoRA r={cfg.lora_r}'}, {cfg.objective}): "
-               f"{len(windows):,} training windows, {total} planned steps; validation NDCG@10 before "
-               f"{state['curves'][0]['valid_ndcg@10']:.4f} ({cfg.eval_users} users)")
-    t_start = time.perf_counter() - state["elapsed"]
-    stopped, ran = "planned steps done", 0
-    bar = progress(range(state["step"], total), desc=f"finetune {cfg.objective}", unit="step")
-    for step in bar:
-        if cfg.max_seconds is not None and time.perf_counter() - t_start >= cfg.max_seconds:
-            stopped = f"time budget ({cfg.max_seconds:g} s)"
-            break
-        inner.train(cfg.lora_dropout > 0)
-        examples = schedule.examples(step)
-        passes.count("train")
-        step_loss = 0.0
-        for m in range(cfg.grad_accum):
-            micro = examples[m * cfg.batch_size:(m + 1) * cfg.batch_size]
-            part = parallel.shard(len(micro))  # under torchrun: this process's share, its loss weighted by it
-            passes.count("backward", len(part))
-            with autocast:
-                loss = batch_loss(inner, text, titles, micro[part.start:part.stop], cfg.objective)
-                if len(part) < len(micro):
-                    loss = loss * (len(part) / len(micro))
-            if not torch.isfinite(loss):
-                opt.zero_grad(set_to_none=True)
-                save_checkpoint()
-                raise NonFiniteLossError(
-                    f"non-finite training loss at step {step} (micro-batch {m}); the last good state (step "
-                    f"{state['step']}) is saved in {ckpt or 'memory only: no --out'}. Lower the learning rate "
-                    f"(now {cfg.peak_lr:g}) or check the model's dtype.")
-            (loss / cfg.grad_accum).backward()
-            step_loss += float(loss.detach()) / cfg.grad_accum
-        if parallel.active():  # data parallel: the gradients of every process's share summed (as DDP does)
-            parallel.all_reduce_grads(params)
-            step_loss = parallel.all_sum(step_loss)
-        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"], state["examples"] = step + 1, state["examples"] + len(examples)
-        state["curves"].append({"step": step + 1, "seconds": time.perf_counter() - t_start,
-                                "examples": state["examples"], "train_loss": step_loss,
-                                "lr": sched.get_last_lr()[0], "valid_ndcg@10": np.nan})  # one row per step
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == total:
-            ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
-            state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
-            if ndcg > state["best_ndcg"]:
-                state["best"], state["best_ndcg"], state["best_step"], state["bad_evals"] = (
-                    _trainable_state(named), ndcg, step + 1, 0)
-            else:
-                state["bad_evals"] += 1
-            save_checkpoint()
-            if cfg.patience is not None and state["bad_evals"] >= cfg.patience:
-                stopped = f"early stop: {cfg.patience} evaluations without improvement"
-                break
-        ran += 1
-        if stop_after is not None and ran >= stop_after:
-            raise KeyboardInterrupt(f"stop_after={stop_after}")
-    state["elapsed"] = time.perf_counter() - t_start
-    if np.isnan(state["curves"][-1]["valid_ndcg@10"]):  # steps after the last evaluation (time budget): measure
-        # where training stopped
-        ndcg = state["curves"][-1]["valid_ndcg@10"] = validate_now()
-        state["elapsed"] = state["curves"][-1]["seconds"] = time.perf_counter() - t_start
-        if ndcg > state["best_ndcg"]:
-            state["best"], state["best_ndcg"], state["best_step"] = _trainable_state(named), ndcg, state["step"]
-    _load_trainable(named, state["best"])
-    result_model = merged(wrapper, cfg)
-    curves = pd.DataFrame(state["curves"])
-    train_seconds = float(curves["seconds"].iloc[-1])
-    summary = {"base": cfg.model, "objective": cfg.objective, "method": "full" if cfg.full else "lora",
-               "steps": state["step"], "planned_steps": total, "best_step": state["best_step"],
-               "examples": state["examples"], "windows": len(windows), "stopped": stopped,
-               "valid_ndcg@10_before": float(curves["valid_ndcg@10"].iloc[0]),
-               "valid_ndcg@10_after": float(state["best_ndcg"]), "eval_users": cfg.eval_users,
-               "seconds": train_seconds, "lr": cfg.peak_lr,
-               "trainable_params": int(sum(p.numel() for p in params))}
-    if report:
-        report(f"finetune: {state['step']} steps ({stopped}), {state['examples']} examples in {train_seconds:.0f} s; "
-               f"validation NDCG@10 {summary['valid_ndcg@10_before']:.4f} -> {summary['valid_ndcg@10_after']:.4f} "
-               f"(best step {state['best_step']})")
-    if out is not None:
-        manifest = store.manifest(cfg, cfg.seed, base=cfg.model, base_fingerprint=base_fp,
-                                  finetuned_fingerprint=fingerprint(result_model), data_fingerprint=prep.fingerprint,
-                                  key=key, summary=summary, curves=state["curves"])
-        _publish(result_model, tokenizer, out, manifest, curves)
-        if ckpt is not None and ckpt.exists():
-            ckpt.unlink()
-        if report:
-            report(f"wrote {out} (load it with load_model({str(out)!r}) or --model {out})")
-    return FinetuneResult(result_model, curves, summary, out)
+    run = Trainer(cfg, model, tokenizer, Path(out) if out is not None else None, overwrite, report)
+    run.resume(overwrite)
+    run.start()
+    return run.finish(run.train(stop_after))

@@ -41,12 +41,13 @@ from scipy.stats import rankdata, spearmanr
 
 from layerviz import arch, parallel, passes, store
 from layerviz.data import load
+from layerviz.depth import depth
+from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
 from layerviz.progress import progress
 from layerviz.scoring import Prompt, ScoringConfig, token_logprobs, yes_no_ids
 from layerviz.settings import Settings
-from layerviz.study.depth import depth
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
                  "block_influence", "angular_distance", "norm_ratio", "kurtosis"]
@@ -58,10 +59,6 @@ DIRECTION = {"fisher_sum": 1, "fisher_mean": 1, "attn_entropy": -1, "attn_item_m
 DEFAULT_FUSION = {"fisher_sum": 1.0, "block_influence": 1.0, "attn_item_mass": 1.0}
 FIT_STEP = 0.1
 """Grid step of fitted fusion weights (non-negative, summing to 1): 66 weightings of the three default criteria."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The calibration loss became NaN/inf; the message names the batch and first bad layer."""
 
 
 @dataclass
@@ -180,122 +177,166 @@ class _Restore:
         self.model.train(self.training)
 
 
-def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
-              attention: bool = True, activations: bool = True, desc: str = "importance pass") -> dict[str, np.ndarray]:
-    """One forward+backward over the calibration set -> {criterion: (n_samples, n_layers)} and 'loss': (n_samples,)."""
-    if not cal.examples:
-        raise ValueError("the calibration set is empty: build it with build_calibration(prep, tok, n>0)")
-    layers = arch.layers(model)
-    n, L = len(cal.examples), len(layers)
-    dev = arch.input_device(model)
-    offloaded = arch.offloaded_layers(model)
-    if fisher and offloaded:
-        raise ValueError(
-            f"the Fisher criteria need the gradients of every layer's weights, but layers {offloaded[:5]} are "
-            "offloaded by accelerate ('cpu' or 'disk' in the device_map), which re-creates their weights at every "
-            "forward. Place every layer on an accelerator (a device_map over GPUs, or max_memory large enough), or "
-            "run the pass with fisher=False: the attention and activation criteria work on offloaded layers.")
-    res = {c: np.zeros((n, L)) for c in HOOK_CRITERIA}
-    res["loss"] = np.zeros(n)
-    state: dict = {}
-    guard = _Restore(model)
-    n_params = [sum(p.numel() for p in layer.parameters()) for layer in layers]
+@dataclass
+class _Batch:
+    """The batch in flight: which samples (rows), their attention mask, item-token mask and query positions."""
 
-    def layer_stats(i, h_in, h_out):
-        h_in, h_out = h_in.float(), h_out.float()
-        if "bad_layer" not in state and not torch.isfinite(h_out).all():
-            state["bad_layer"] = i
-        if not activations:
-            return
-        m = state["mask"].float()
+    rows: list[int]
+    mask: torch.Tensor
+    item: torch.Tensor
+    qpos: torch.Tensor
+
+
+class _Activations:
+    """Each layer's output against its input: 1 - cos, angle/pi, norm ratio, kurtosis (token means)."""
+
+    NAMES = ("block_influence", "angular_distance", "norm_ratio", "kurtosis")
+
+    def __init__(self, n: int, n_layers: int):
+        self.values = {c: np.zeros((n, n_layers)) for c in self.NAMES}
+
+    def record(self, i: int, h_in: torch.Tensor, h_out: torch.Tensor, b: _Batch) -> None:
+        m = b.mask.float()
         cnt = m.sum(1)
         cos = F.cosine_similarity(h_in, h_out, dim=-1).clamp(-1, 1)
         ratio = h_out.norm(dim=-1) / h_in.norm(dim=-1).clamp_min(1e-12)
         x = h_out - h_out.mean(-1, keepdim=True)
         kurt = (x**4).mean(-1) / (x**2).mean(-1).clamp_min(1e-12) ** 2 - 3
-        rows = state["rows"]
-        for name, v in (("block_influence", 1 - cos), ("angular_distance", torch.arccos(cos) / torch.pi),
-                        ("norm_ratio", ratio), ("kurtosis", kurt)):
-            res[name][rows, i] = ((v * m).sum(1) / cnt).cpu().numpy()
+        for name, v in zip(self.NAMES, (1 - cos, torch.arccos(cos) / torch.pi, ratio, kurt), strict=True):
+            self.values[name][b.rows, i] = ((v * m).sum(1) / cnt).cpu().numpy()
 
-    def attn_stats(i, hidden, kwargs):
-        with torch.no_grad():
-            p = arch.attention_probs(arch.attention_module(layers[i]), hidden, kwargs["position_embeddings"],
-                                     state["mask"])
-            m = state["mask"].float()
-            ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(1)  # (B, T) mean over heads
-            res["attn_entropy"][state["rows"], i] = ((ent * m).sum(1) / m.sum(1)).cpu().numpy()
-            q = state["qpos"]
-            b = torch.arange(len(q), device=p.device)
-            last = p[b, :, q, :].mean(1)  # (B, T) over heads
-            item = state["item"].float()
-            res["attn_item_mass"][state["rows"], i] = (last * item).sum(1).cpu().numpy()
-            visible = (torch.arange(item.shape[1], device=p.device)[None] <= q[:, None]).float() * m
-            res["attn_item_share"][state["rows"], i] = ((item * visible).sum(1) / visible.sum(1)).cpu().numpy()
-            del p
 
-    def on_state(name, value):  # hooks fire in order: resid_pre.i, attn_in.i, resid_post.i
+class _Attention:
+    """Each layer's attention: entropy (token and head mean), the query's mass on item tokens, their share."""
+
+    NAMES = ("attn_entropy", "attn_item_mass", "attn_item_share")
+
+    def __init__(self, layers, n: int):
+        self.layers, self.values = layers, {c: np.zeros((n, len(layers))) for c in self.NAMES}
+
+    @torch.no_grad()
+    def record(self, i: int, hidden: torch.Tensor, kwargs: dict, b: _Batch) -> None:
+        p = arch.attention_probs(arch.attention_module(self.layers[i]), hidden, kwargs["position_embeddings"], b.mask)
+        m = b.mask.float()
+        ent = -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean(1)  # (B, T) mean over heads
+        self.values["attn_entropy"][b.rows, i] = ((ent * m).sum(1) / m.sum(1)).cpu().numpy()
+        q = b.qpos
+        last = p[torch.arange(len(q), device=p.device), :, q, :].mean(1)  # (B, T) over heads
+        item = b.item.float()
+        self.values["attn_item_mass"][b.rows, i] = (last * item).sum(1).cpu().numpy()
+        visible = (torch.arange(item.shape[1], device=p.device)[None] <= q[:, None]).float() * m
+        self.values["attn_item_share"][b.rows, i] = ((item * visible).sum(1) / visible.sum(1)).cpu().numpy()
+
+
+class _Fisher:
+    """Per layer, the summed squared gradient of its weights (empirical Fisher), and that per parameter."""
+
+    def __init__(self, layers, n: int):
+        self.n_params = np.array([sum(p.numel() for p in layer.parameters()) for layer in layers])
+        self.values = {"fisher_sum": np.zeros((n, len(layers)))}
+        self.batch_sums = [0.0] * len(layers)
+
+    def hook(self, i: int):
+        def add(param):
+            self.batch_sums[i] += float(param.grad.detach().float().pow(2).sum())
+            param.grad = None  # free it now: no full gradient is ever kept
+        return add
+
+    def record(self, rows: list[int]) -> None:
+        self.values["fisher_sum"][rows] = np.array(self.batch_sums)[None, :]
+        self.batch_sums = [0.0] * len(self.batch_sums)
+
+
+class _Router:
+    """Sends the captured states to the criteria; hooks fire in order resid_pre.i, attn_in.i, resid_post.i."""
+
+    def __init__(self, activations: _Activations | None, attention: _Attention | None):
+        self.activations, self.attention = activations, attention
+        self.batch: _Batch | None = None
+        self.h_in: torch.Tensor | None = None
+        self.bad_layer: int | None = None  # the first layer whose output is non-finite, in this batch
+
+    def __call__(self, name: str, value) -> None:
         kind, i = name.split(".")
         if kind == "resid_pre":
-            state["h_in"] = value
+            self.h_in = value
         elif kind == "attn_in":
-            attn_stats(int(i), *value)
+            self.attention.record(int(i), *value, self.batch)
         else:
-            layer_stats(int(i), state.pop("h_in"), value)
+            h_in, h_out = self.h_in.float(), value.float()
+            if self.bad_layer is None and not torch.isfinite(h_out).all():
+                self.bad_layer = int(i)
+            if self.activations is not None:
+                self.activations.record(int(i), h_in, h_out, self.batch)
 
-    def grad_hook(i):
-        def hook(param):
-            state["fisher"][i] += float(param.grad.detach().float().pow(2).sum())
-            param.grad = None  # free it now: no full gradient is ever kept
-        return hook
 
+def _check_fisher(model) -> None:
+    offloaded = arch.offloaded_layers(model)
+    if offloaded:
+        raise ValueError(
+            f"the Fisher criteria need the gradients of every layer's weights, but layers {offloaded[:5]} are "
+            "offloaded by accelerate ('cpu' or 'disk' in the device_map), which re-creates their weights at every "
+            "forward. Place every layer on an accelerator (a device_map over GPUs, or max_memory large enough), or "
+            "run the pass with fisher=False: the attention and activation criteria work on offloaded layers.")
+
+
+def _hook_batches(model, cal: Calibration, batch_size: int, fisher: _Fisher | None, router: _Router, desc: str,
+                  losses_out: np.ndarray) -> None:
+    """The calibration batches (this process's share) through the hooked model, backward where Fisher is on."""
+    dev = arch.input_device(model)
+    for idx in progress(parallel.batches(len(cal.examples), batch_size), desc=desc, unit="batch"):
+        passes.count("calibration", len(idx))
+        passes.count("backward", len(idx) if fisher else 0)
+        exs, ids, mask, item = calibration_batch(cal, idx, 0, dev)
+        router.batch = _Batch(idx, mask, item, torch.tensor(_query_positions(cal, exs), device=dev))
+        router.bad_layer = None
+        with torch.set_grad_enabled(fisher is not None):
+            losses = per_sample_loss(model, cal, exs, ids, mask)
+            if not torch.isfinite(losses).all():
+                where = f"; first non-finite activation at layer {router.bad_layer}" if router.bad_layer is not None else ""
+                raise NonFiniteLossError(
+                    f"non-finite calibration loss in batch {idx[0] // batch_size} (samples {idx}){where}. "
+                    "Check the model weights/dtype (fp16 overflows: use bf16 or fp32).")
+            losses_out[idx] = losses.detach().float().cpu().numpy()
+            if fisher:
+                losses.mean().backward()
+        if fisher:
+            fisher.record(idx)
+
+
+def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
+              attention: bool = True, activations: bool = True, desc: str = "importance pass") -> dict[str, np.ndarray]:
+    """One forward+backward over the calibration set -> {criterion: (n_samples, n_layers)} and 'loss': (n_samples,).
+
+    One small class per family of criteria (``_Fisher``, ``_Attention``, ``_Activations``) fills its own arrays;
+    ``_Router`` hands them the captured states of the batch in flight."""
+    if not cal.examples:
+        raise ValueError("the calibration set is empty: build it with build_calibration(prep, tok, n>0)")
+    if fisher:
+        _check_fisher(model)
+    layers, n = arch.layers(model), len(cal.examples)
+    parts = {"fisher": _Fisher(layers, n) if fisher else None, "attention": _Attention(layers, n) if attention else None,
+             "activations": _Activations(n, len(layers)) if activations else None}
+    router, losses, guard = _Router(parts["activations"], parts["attention"]), np.zeros(n), _Restore(model)
     try:
         model.eval()
         for p, _ in guard.flags:
             p.requires_grad_(False)
-        points = [f"{kind}.{i}" for i in range(L) for kind in ("resid_pre", "resid_post")]
-        points += [f"attn_in.{i}" for i in range(L)] if attention else []
-        guard.enter(arch.capture(model, points, detach=True, on=on_state))
-        for i, layer in enumerate(layers):
-            if fisher:
-                for p in layer.parameters():
-                    p.requires_grad_(True)
-                    guard.handles.append(p.register_post_accumulate_grad_hook(grad_hook(i)))
-        pad = 0
-        for idx in progress(parallel.batches(n, batch_size), desc=desc, unit="batch"):  # this process's share
-            start = idx[0]
-            passes.count("calibration", len(idx))
-            passes.count("backward", len(idx) if fisher else 0)
-            exs, ids, mask, item = calibration_batch(cal, idx, pad, dev)
-            state.update(rows=idx, mask=mask, item=item, fisher=[0.0] * L,
-                         qpos=torch.tensor(_query_positions(cal, exs), device=dev))
-            state.pop("bad_layer", None)
-            with torch.set_grad_enabled(fisher):
-                losses = per_sample_loss(model, cal, exs, ids, mask)
-                if not torch.isfinite(losses).all():
-                    where = f"; first non-finite activation at layer {state['bad_layer']}" if "bad_layer" in state else ""
-                    raise NonFiniteLossError(
-                        f"non-finite calibration loss in batch {start // batch_size} (samples {idx}){where}. "
-                        "Check the model weights/dtype (fp16 overflows: use bf16 or fp32)."
-                    )
-                res["loss"][idx] = losses.detach().float().cpu().numpy()
-                if fisher:
-                    losses.mean().backward()
-            if fisher:
-                res["fisher_sum"][idx] = np.array(state["fisher"])[None, :]
+        points = [f"{kind}.{i}" for i in range(len(layers)) for kind in ("resid_pre", "resid_post")]
+        guard.enter(arch.capture(model, points + ([f"attn_in.{i}" for i in range(len(layers))] if attention else []),
+                                 detach=True, on=router))
+        for i, layer in enumerate(layers if fisher else []):
+            for p in layer.parameters():
+                p.requires_grad_(True)
+                guard.handles.append(p.register_post_accumulate_grad_hook(parts["fisher"].hook(i)))
+        _hook_batches(model, cal, batch_size, parts["fisher"], router, desc, losses)
     finally:
         guard.restore()
-    res = parallel.sum_arrays(res)  # each process filled its own rows
-    res["fisher_mean"] = res["fisher_sum"] / np.array(n_params)[None, :]
-    if not fisher:
-        for c in ("fisher_sum", "fisher_mean"):
-            res.pop(c)
-    if not attention:
-        for c in ("attn_entropy", "attn_item_mass", "attn_item_share"):
-            res.pop(c)
-    if not activations:
-        for c in ("block_influence", "angular_distance", "norm_ratio", "kurtosis"):
-            res.pop(c)
+    found = {k: v for part in parts.values() if part is not None for k, v in part.values.items()}
+    res = parallel.sum_arrays({**{c: found[c] for c in HOOK_CRITERIA if c in found}, "loss": losses})  # own rows each
+    if fisher:  # in HOOK_CRITERIA's order: fisher_sum, fisher_mean, the others
+        mean = res["fisher_sum"] / parts["fisher"].n_params[None, :]
+        res = {"fisher_sum": res.pop("fisher_sum"), "fisher_mean": mean, **res}
     return res
 
 

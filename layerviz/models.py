@@ -362,6 +362,34 @@ def _looks_like_hub_id(spec: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", spec)) and not Path(spec).exists()
 
 
+def _load_any(spec: str, local_path: str | None, dt: torch.dtype, dev: torch.device, seed: int,
+              placement: dict):
+    """(model, tokenizer) from a preset (GGUF, tiny or hub), a hub id, a local .gguf file or HF folder."""
+    preset = PRESETS.get(spec)
+    if preset is not None and preset.kind == "gguf":
+        path, sha = (_smollm2_gguf(), None) if spec == "smollm2-135m" else _gemma3_gguf()
+        return _load_gguf(path, spec, sha, dt, dev)
+    if preset is not None and preset.kind == "tiny":
+        return _build_tiny(preset, dt, seed)
+    if preset is not None or (local_path is None and _looks_like_hub_id(spec)):
+        return _load_hf(_hub_location(preset, spec, local_path), spec, preset, dt, dev, placement)
+    path = Path(local_path or spec)
+    if not path.exists():
+        raise ModelNotAvailable(
+            f"unknown model {spec!r}: not a preset and no such path {str(path)!r}. "
+            f"Presets: {', '.join(PRESETS)} (see `layerviz models`); or give a hub id "
+            "(org/name), a local HF folder, or a .gguf file."
+        )
+    if path.suffix == ".gguf":
+        return _load_gguf(path, path.stem.lower(), None, dt, dev)
+    if (path / "config.json").exists():
+        return _load_hf(str(path), spec, None, dt, dev, placement)
+    raise ModelNotAvailable(
+        f"{str(path)!r} is neither a .gguf file nor a HF model folder (no config.json). "
+        "Point at the folder that holds config.json and the weights."
+    )
+
+
 def load_model(
     spec: str,
     device: str | torch.device = "auto",
@@ -394,34 +422,7 @@ def load_model(
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
     placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    preset = PRESETS.get(spec)
-    if preset is not None and preset.kind == "gguf":
-        if spec == "smollm2-135m":
-            path, sha = _smollm2_gguf(), None
-        else:
-            path, sha = _gemma3_gguf()
-        model, tokenizer = _load_gguf(path, spec, sha, dt, dev)
-    elif preset is not None and preset.kind == "tiny":
-        model, tokenizer = _build_tiny(preset, dt, seed)
-    elif preset is not None or (local_path is None and _looks_like_hub_id(spec)):
-        model, tokenizer = _load_hf(_hub_location(preset, spec, local_path), spec, preset, dt, dev, placement)
-    else:
-        path = Path(local_path or spec)
-        if not path.exists():
-            raise ModelNotAvailable(
-                f"unknown model {spec!r}: not a preset and no such path {str(path)!r}. "
-                f"Presets: {', '.join(PRESETS)} (see `layerviz models`); or give a hub id "
-                "(org/name), a local HF folder, or a .gguf file."
-            )
-        if path.suffix == ".gguf":
-            model, tokenizer = _load_gguf(path, path.stem.lower(), None, dt, dev)
-        elif (path / "config.json").exists():
-            model, tokenizer = _load_hf(str(path), spec, None, dt, dev, placement)
-        else:
-            raise ModelNotAvailable(
-                f"{str(path)!r} is neither a .gguf file nor a HF model folder (no config.json). "
-                "Point at the folder that holds config.json and the weights."
-            )
+    model, tokenizer = _load_any(spec, local_path, dt, dev, seed, placement)
     arch.parts(model)  # fail loudly now, not deep inside an analysis
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from layerviz.study.depth import THIRD_EDGES, depth, profile_on_grid
+from layerviz.depth import THIRD_EDGES, depth, profile_on_grid
 
 PALETTE = "colorblind"
 CMAP = "cividis"  # perceptually uniform and colour-blind safe

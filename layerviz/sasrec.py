@@ -53,8 +53,9 @@ class SASRecConfig:
     """Validation users for early stopping (their candidate lists: 1 + negatives, seeded)."""
     negatives: int = 19
     """Negatives of the validation candidate lists."""
-    max_seconds: float = 120.0
-    """Time cap on training (a safety net: early stopping decides, the cap is reported when it binds)."""
+    max_seconds: float | None = None
+    """Optional time cap on training (None: none). A cap makes the result depend on the machine's speed and
+    load, so two runs of one config can differ: bound the work with max_epochs instead."""
     seed: int = 0
     """Fixes initialization, negatives and batch order."""
 
@@ -185,7 +186,7 @@ def train_sasrec(prep: Prepared, cfg: SASRecConfig | None = None, candidates_dir
         if since >= cfg.patience:
             stopped = "early stopping"
             break
-        if time.perf_counter() - t0 > cfg.max_seconds:
+        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
             stopped = "max_seconds"
             break
     bar.close()

@@ -23,6 +23,7 @@ import torch
 
 from layerviz import arch, metrics, passes
 from layerviz.data import load
+from layerviz.depth import thirds
 from layerviz.evaluate import FidelityEvaluator, task_evaluator
 from layerviz.importance import (
     ImportanceConfig,
@@ -33,10 +34,6 @@ from layerviz.importance import (
 )
 from layerviz.models import load_model
 from layerviz.settings import SHARED, Settings
-from layerviz.study.depth import thirds
-
-STRATEGIES = ["importance_greedy", "forward_greedy", "backward_greedy", "contiguous_block", "top_k",
-              "first_k", "last_k", "uniform", "random", "reference"]
 
 
 class BudgetExhausted(RuntimeError):
@@ -248,58 +245,114 @@ def fixed_layers(strategy: str, n: int, k: int, order: Sequence[int] | None = No
     raise ValueError(f"{strategy!r} is not a fixed-k strategy; those are {', '.join(FIXED)}")
 
 
+@dataclass
+class Request:
+    """What a strategy may use: the model and its layer count, k, the subset scorer (None without an evaluator)
+    and every strategy's options. Each strategy is one function ``Request -> (layers, meta)`` in ``REGISTRY``."""
+
+    model: object
+    n: int
+    k: int | None
+    scorer: SubsetScorer | None
+    budget: int | None = None
+    importance: pd.DataFrame | None = None
+    criterion: str = "fused"
+    highest: bool = True
+    window: int = 3
+    threshold: float = 0.01
+    protect_ends: bool = True
+    calibration: object = None
+    seed: int = 0
+    reference: Sequence[int] | None = None
+
+    def scorer_for(self, strategy: str) -> SubsetScorer:
+        _need_evaluator(self.scorer, strategy)
+        return self.scorer
+
+    def order(self) -> list[int]:
+        return importance_order(self.importance, self.criterion, self.highest, self.n)
+
+
+def by_importance_greedy(r: Request) -> tuple[list[int], dict]:
+    order = r.order()
+    layers, meta = importance_greedy(r.scorer_for("importance_greedy"), order, r.k, r.window, r.threshold)
+    return layers, {"criterion": r.criterion, **meta, "window": r.window, "threshold": r.threshold}
+
+
+def by_forward_greedy(r: Request) -> tuple[list[int], dict]:
+    scorer = r.scorer_for("forward_greedy")
+    _check_budget(r.budget, r.n, "forward_greedy")
+    return forward_greedy(scorer, r.k)
+
+
+def by_backward_greedy(r: Request) -> tuple[list[int], dict]:
+    scorer = r.scorer_for("backward_greedy")
+    _check_budget(r.budget, r.n - (2 if r.protect_ends else 0), "backward_greedy")
+    return backward_greedy(scorer, r.k, r.protect_ends)
+
+
+def by_contiguous_block(r: Request) -> tuple[list[int], dict]:
+    """Gromov et al.: drop the block of n - k layers whose input and output are closest in angle."""
+    if r.calibration is None:
+        raise ValueError("contiguous_block needs calibration examples to measure angular distances")
+    drop = r.n - r.k
+    if drop == 0:
+        return list(range(r.n)), {}
+    d = angular_distances(r.model, r.calibration, drop)
+    start = int(np.argmin(d))
+    return ([i for i in range(r.n) if not start <= i < start + drop],
+            {"removed_block": [start, start + drop - 1], "angular_distance": float(d[start])})
+
+
+def by_top_k(r: Request) -> tuple[list[int], dict]:
+    return fixed_layers("top_k", r.n, r.k, r.order()), {"criterion": r.criterion}
+
+
+def by_rule(strategy: str) -> Callable[[Request], tuple[list[int], dict]]:
+    """first_k, last_k, uniform: layers by position alone."""
+    return lambda r: (fixed_layers(strategy, r.n, r.k), {})
+
+
+def by_random(r: Request) -> tuple[list[int], dict]:
+    return sorted(np.random.default_rng(r.seed).choice(r.n, size=r.k, replace=False).tolist()), {"seed": r.seed}
+
+
+def by_reference(r: Request) -> tuple[list[int], dict]:
+    if r.reference is None:
+        raise ValueError("strategy 'reference' needs the reference layer list (see load_reference)")
+    bad = [i for i in r.reference if not 0 <= i < r.n]
+    if bad:
+        raise ValueError(f"reference layers {bad} are out of range for this model's {r.n} layers "
+                         f"(valid 0..{r.n - 1}); the reference was reported for another layer count")
+    return sorted(int(i) for i in r.reference), {}
+
+
+REGISTRY: dict[str, Callable[[Request], tuple[list[int], dict]]] = {
+    "importance_greedy": by_importance_greedy, "forward_greedy": by_forward_greedy,
+    "backward_greedy": by_backward_greedy, "contiguous_block": by_contiguous_block, "top_k": by_top_k,
+    "first_k": by_rule("first_k"), "last_k": by_rule("last_k"), "uniform": by_rule("uniform"),
+    "random": by_random, "reference": by_reference,
+}
+"""Every strategy by name: one function each, same signature. A new strategy is one function added here."""
+STRATEGIES = list(REGISTRY)
+NEEDS_K = [s for s in STRATEGIES if s not in ("importance_greedy", "reference")]
+"""Strategies that need k (importance_greedy may stop at saturation; reference has its own list)."""
+
+
 def select(strategy: str, model, evaluator: Callable | None = None, k: int | None = None,
-           budget: int | None = None, importance: pd.DataFrame | None = None, criterion: str = "fused",
-           highest: bool = True, window: int = 3, threshold: float = 0.01, protect_ends: bool = True,
-           calibration=None, seed: int = 0, reference: Sequence[int] | None = None) -> Selection:
-    """Run one strategy -> Selection (kept layers ascending, final score, trace)."""
-    if strategy not in STRATEGIES:
+           budget: int | None = None, **options) -> Selection:
+    """Run one strategy of ``REGISTRY`` -> Selection (kept layers ascending, final score, trace).
+
+    ``options`` are ``Request``'s fields: importance, criterion, highest, window, threshold, protect_ends,
+    calibration, seed, reference (each strategy reads those it needs)."""
+    if strategy not in REGISTRY:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
     n = arch.num_layers(model)
-    _check_k(k, n, required=strategy not in ("importance_greedy", "reference"))
+    _check_k(k, n, required=strategy in NEEDS_K)
     if budget is not None and budget < 1:
         raise ValueError(f"budget={budget} is too small to evaluate anything; give at least 1")
     scorer = SubsetScorer(model, evaluator, budget) if evaluator is not None else None
-    meta: dict = {}
-    if strategy in ("importance_greedy", "top_k"):
-        order = importance_order(importance, criterion, highest, n)
-        meta["criterion"] = criterion
-    if strategy == "importance_greedy":
-        _need_evaluator(scorer, strategy)
-        layers, meta2 = importance_greedy(scorer, order, k, window, threshold)
-        meta.update(meta2, window=window, threshold=threshold)
-    elif strategy == "forward_greedy":
-        _need_evaluator(scorer, strategy)
-        _check_budget(budget, n, strategy)
-        layers, meta = forward_greedy(scorer, k)
-    elif strategy == "backward_greedy":
-        _need_evaluator(scorer, strategy)
-        _check_budget(budget, n - (2 if protect_ends else 0), strategy)
-        layers, meta = backward_greedy(scorer, k, protect_ends)
-    elif strategy == "contiguous_block":
-        if calibration is None:
-            raise ValueError("contiguous_block needs calibration examples to measure angular distances")
-        drop = n - k
-        if drop == 0:
-            layers = list(range(n))
-        else:
-            d = angular_distances(model, calibration, drop)
-            start = int(np.argmin(d))
-            layers = [i for i in range(n) if not start <= i < start + drop]
-            meta = {"removed_block": [start, start + drop - 1], "angular_distance": float(d[start])}
-    elif strategy in FIXED:
-        layers = fixed_layers(strategy, n, k, order if strategy == "top_k" else None)
-    elif strategy == "random":
-        layers = sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
-        meta = {"seed": seed}
-    else:  # reference
-        if reference is None:
-            raise ValueError("strategy 'reference' needs the reference layer list (see load_reference)")
-        bad = [i for i in reference if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"reference layers {bad} are out of range for this model's {n} layers "
-                             f"(valid 0..{n - 1}); the reference was reported for another layer count")
-        layers = sorted(int(i) for i in reference)
+    layers, meta = REGISTRY[strategy](Request(model, n, k, scorer, budget, **options))
     score = float("nan")
     if scorer is not None:
         try:

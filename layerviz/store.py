@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -73,6 +74,20 @@ def versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             out[pkg] = None
     return out
+
+
+def git_commit(where: str | Path = ".") -> str | None:
+    """The commit checked out at ``where`` (with '+dirty' when tracked files changed), or None outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=where, capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def config_hash(*parts) -> str:
@@ -183,11 +198,21 @@ def where_free(obj):
     return obj
 
 
-class Stages:
-    """The study's named stages under one root: each computed once per key (``cached``), reported as it runs."""
+class StageMissing(LookupError):
+    """A stage is not computed (or was computed with other settings) and the caller only reads."""
 
-    def __init__(self, root: str | Path, report=print, use_cache: bool = True):
-        self.root, self.use_cache = Path(root), use_cache
+    def __init__(self, name: str, root: Path, how: str = ""):
+        super().__init__(f"stage {name!r} is not computed in {root} (or was computed with other settings)"
+                         + (f"; {how}" if how else ""))
+        self.name, self.root = name, root
+
+
+class Stages:
+    """The study's named stages under one root: each computed once per key (``cached``), reported as it runs.
+    With ``compute`` false they are only read: a missing one raises ``StageMissing``."""
+
+    def __init__(self, root: str | Path, report=print, use_cache: bool = True, compute: bool = True):
+        self.root, self.use_cache, self.compute = Path(root), use_cache, compute
         self.report = report if parallel.is_main() else None  # under torchrun: rank 0 reports
         self.ran: list[str] = []
         self.skipped: list[str] = []
@@ -196,6 +221,8 @@ class Stages:
         key = config_hash(name, where_free(key_parts), versions()["layerviz"])
 
         def announced(folder):
+            if not self.compute:
+                raise StageMissing(name, self.root)
             if self.report:
                 self.report(f"[{name}] running")
             return compute(folder)

@@ -1,4 +1,5 @@
 import functools
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,55 @@ def tiny(request):
 def smollm2():
     """Real pretrained SmolLM2-135M (served from the dequantized cache after the first load)."""
     return _load("smollm2-135m")
+
+
+class Boom(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The CI smoke study (tiny random models, synthetic data), computed once for every test that reads one,
+    the way a crash leaves it: killed in its first adapter stage (after writing part of its output), then
+    resumed -> (stages done before the kill, the Study that resumed, its StudyResult). Do not write into it."""
+    from layerviz import study  # here: only the tests that use the study pay for the import
+    from layerviz.study import compact_stages  # (as above)
+
+    cfg = study.smoke_config(results_dir=str(tmp_path_factory.mktemp("smoke-results")), device="cpu")
+    mp, real = pytest.MonkeyPatch(), compact_stages.run_adapt
+
+    def dying(*a, **k):
+        out = Path(k["out"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "partial.json").write_text('{"half": ')  # what a crash mid-write would leave
+        raise Boom("killed mid-stage")
+
+    mp.setattr(compact_stages, "run_adapt", dying)
+    with pytest.raises(Boom):
+        study.run_study(cfg, report=None)
+    mp.undo()
+    root = cfg.folder
+    done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
+    assert real is compact_stages.run_adapt
+    (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only the fake left this
+    s = study.Study(cfg, report=None)
+    return done, s, study.run(s)
+
+
+@pytest.fixture(scope="session")
+def smoke_study(smoke_run):
+    """The smoke study's StudyResult (see smoke_run)."""
+    return smoke_run[2]
+
+
+STUDY_FIXTURES = {"smoke_run", "smoke_study", "shared_results"}
+
+
+def pytest_collection_modifyitems(items):
+    """A test that reads a whole smoke study is a `study` test (``make test-fast`` leaves them out)."""
+    for item in items:
+        if STUDY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.study)
 
 
 @pytest.fixture(autouse=True)

@@ -18,7 +18,8 @@ from layerviz.data import (
     prepare,
 )
 from layerviz.data import bundled as bundled_mod
-from layerviz.data.formats import detect_format, read_dataset
+from layerviz.data.formats import detect_format
+from layerviz.data.read import read_dataset
 from layerviz.finetune import training_windows
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"

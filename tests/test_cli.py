@@ -63,3 +63,17 @@ def test_bad_flags_are_refused_naming_them(capsys):
         _parse(["adapt", "--policy", "[1, 2]"])
     assert "give a mapping" in capsys.readouterr().err
     assert cli.main(["bench", "--keep", "4,x"]) == 2
+
+
+def test_help_loads_no_heavy_module():
+    """`layerviz --help` and a command's --help answer without torch (a config command loads only its module)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from layerviz import cli\n"
+             "try:\n    cli.main({argv})\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'transformers', 'layerviz.evaluate', 'layerviz.study') if m in sys.modules))")
+    for argv, heavy in ((["--help"], []), (["run", "--help"], []), (["data", "--help"], []),
+                        (["report", "--help"], [])):
+        out = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True)
+        assert out.stdout.strip().splitlines()[-1] == str(heavy), (argv, out.stdout, out.stderr)

@@ -11,13 +11,13 @@ from layerviz import arch, load_model
 from layerviz.adapters import (
     Adapter,
     AdapterPolicy,
-    NonFiniteLossError,
     TrainConfig,
     fit_lstsq,
     plan,
     train_adapters,
 )
 from layerviz.compact import build_compact, load_compact
+from layerviz.errors import NonFiniteLossError
 from layerviz.scoring import Request, ScoringConfig, score
 
 

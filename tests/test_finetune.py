@@ -9,9 +9,9 @@ import torch
 from layerviz import arch, load_model
 from layerviz.cli import main as cli
 from layerviz.data import DataFormatError, PrepConfig, load
+from layerviz.errors import NonFiniteLossError
 from layerviz.finetune import (
     FinetuneConfig,
-    NonFiniteLossError,
     Schedule,
     check_base,
     finetune,
@@ -248,12 +248,12 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
 
 def test_calibration_auto_picks_the_better_on_validation(tmp_path):
     from layerviz.data import CandidateConfig, candidates_for
-    from layerviz.evaluate import EvalConfig, TaskEvaluator, choose_calibration
+    from layerviz.evaluate import EvalConfig, TaskEvaluator, measure_calibrations
 
     model, tok = load_model("tiny-gemma3", device="cpu")
     prep = load("demo-electronics", config=PrepConfig(history_len=3), report=None)
     cfg = EvalConfig(negatives=4, calibration_users=6, history_len=3, results_dir=str(tmp_path))
-    rec = choose_calibration(model, tok, prep, cfg)
+    rec = measure_calibrations(model, tok, prep, cfg)
     cands, _ = candidates_for(prep, CandidateConfig(4, "uniform", 6, "valid", 0), tmp_path / "candidates")
     direct = {c: float(np.mean(TaskEvaluator(prep, cands, tok, calibration=c, max_title_tokens=32)(model)))
               for c in ("none", "pmi")}

@@ -5,6 +5,7 @@ import torch
 from layerviz import arch, load_model
 from layerviz import importance as imp
 from layerviz.data import CandidateConfig, build_candidates
+from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import TaskEvaluator
 
 
@@ -68,7 +69,7 @@ def test_hooks_removed_after_nonfinite_loss(fresh, demo):
     layer = arch.layers(model)[7]
     with torch.no_grad():
         layer.mlp.down_proj.weight.fill_(float("inf"))
-    with pytest.raises(imp.NonFiniteLossError, match="batch 0.*layer 7"):
+    with pytest.raises(NonFiniteLossError, match="batch 0.*layer 7"):
         imp.analyze(model, cal)
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks

@@ -3,20 +3,22 @@
 import json
 from pathlib import Path
 
-import papermill as pm
 import pytest
 import yaml
 
-from layerviz.report import ReportConfig, run_report
+from layerviz.report import ReportConfig, declared_parameters, run_report
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
 CI_PARAMS = yaml.safe_load((NB_DIR / "ci_params.yaml").read_text())
+CI_SECTIONS = {k: v for k, v in CI_PARAMS.items() if k.endswith(".ipynb")}
+CI_GLOBAL = {k: v for k, v in CI_PARAMS.items() if k not in CI_SECTIONS}
 README = (NB_DIR.parent / "README.md").read_text()
 
 
 def test_every_notebook_has_ci_params():
-    assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CI_PARAMS)
+    assert NOTEBOOKS and {p.name for p in NOTEBOOKS} == set(CI_SECTIONS)
+    assert CI_GLOBAL["SMOKE"] is True and CI_GLOBAL["COMPUTE"] is True
     assert [p.name[:2] for p in NOTEBOOKS] == ["00", "01", "02", "03", "04", "05"]
 
 
@@ -32,16 +34,16 @@ def test_committed_stripped_and_tagged(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_ci_overrides_name_real_parameters(path):
-    known = set(pm.inspect_notebook(str(path)))
-    assert set(CI_PARAMS[path.name]) <= known
+    known = declared_parameters(path)
+    assert set(CI_SECTIONS[path.name]) | set(CI_GLOBAL) <= known
     assert {"SMOKE", "USE_CACHE", "RESULTS_DIR", "FIGURES_DIR", "DEVICE", "MODEL", "MODELS", "DATASET",
-            "CONFIG"} <= known
+            "CONFIG", "COMPUTE"} <= known
 
 
 @pytest.fixture(scope="module")
-def shared_results(tmp_path_factory):
-    """One smoke study for all notebooks: the first computes it, the rest load it (as after `layerviz run`)."""
-    return tmp_path_factory.mktemp("results")
+def shared_results(smoke_study):
+    """The session's smoke study: every notebook loads it (as after `layerviz run`)."""
+    return smoke_study.config.results_dir
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -82,6 +84,6 @@ def test_cells_are_thin_and_imports_used(path):
     assert not long, f"{path.name}: code cells of {long} lines (at most 12)"
     tree = ast.parse("\n".join("".join(c["source"]) for c in code))
     imported = {(a.asname or a.name).split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)
-                for a in n.names}
+                for a in n.names if a.name != "*"}  # the parameters cell's star import: its names are parameters
     used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     assert imported <= used, f"{path.name} imports {sorted(imported - used)} without using them"

@@ -186,6 +186,7 @@ def test_nccl_without_cuda_is_refused(monkeypatch):
         parallel.backend_for("cpu")
 
 
+@pytest.mark.study
 def test_a_killed_two_process_study_resumes_in_one_process(tmp_path):
     """torchrun -m layerviz run, killed (SIGKILL to the launcher and its workers) once its first stage is done; the
     same config in one process reuses what was written and ends with the tables of a fresh one-process run."""

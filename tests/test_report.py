@@ -90,3 +90,22 @@ def test_cli_report_refuses_a_bad_override_before_running(folder, tmp_path, caps
     assert not (tmp_path / "rep").exists()
     rc = cli.main(["report", "--notebooks", str(folder), "--only", "nothing-like-this"])
     assert rc == 2 and "matches none of 00_ok.ipynb, 01_bad.ipynb" in capsys.readouterr().err
+
+
+def test_results_doc_is_the_runs_findings_under_its_provenance(tmp_path):
+    """docs/results.md: the study's findings.md (generated from its tables) headed by the run's commit and date;
+    nothing for the smoke study or a study not run yet."""
+    from layerviz.report import study_folder, write_results_doc
+
+    study = tmp_path / "results" / "demo-study"
+    assert write_results_doc(study, tmp_path / "results.md") is None and not (tmp_path / "results.md").exists()
+    study.mkdir(parents=True)
+    (study / "findings.md").write_text("# Findings\nNDCG@10 0.450\n")
+    (study / "manifest.json").write_text(json.dumps({"commit": "abc123def456", "created": "2026-12-06T12:00:00+00:00",
+                                                     "versions": {"layerviz": "0.1.0"}, "config": {"name": "demo-study"}}))
+    out = write_results_doc(study, tmp_path / "results.md")
+    text = out.read_text()
+    assert "commit `abc123def456`, 2026-12-06T12:00:00+00:00" in text and text.endswith("# Findings\nNDCG@10 0.450\n")
+    cfg = ReportConfig(notebooks=str(Path(__file__).resolve().parents[1] / "notebooks"), results_dir=str(tmp_path))
+    assert study_folder(cfg) == tmp_path / "demo-study"  # the notebooks' CONFIG names the demo study
+    assert study_folder(cfg, {"SMOKE": True}) is None

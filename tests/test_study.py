@@ -68,7 +68,7 @@ def test_bad_yaml_file_is_rejected(tmp_path):
 
 
 def test_depth_helpers():
-    from layerviz.study import depth
+    from layerviz import depth
 
     assert depth.map_reference([18, 20, 24, 26, 27, 29, 30, 31], 32, 30) == [17, 19, 22, 24, 25, 27, 28, 29]
     assert depth.depth_overlap([0, 29], 30, [0, 17], 18) == 1.0
@@ -83,10 +83,6 @@ def test_depth_helpers():
     assert depth.without_lower_third(30) == list(range(10, 30))
 
 
-class Boom(RuntimeError):
-    pass
-
-
 def _all_files_readable(root: Path) -> None:
     assert not list(root.rglob("*.tmp")), "no temp files left behind"
     for p in root.rglob("*.json"):
@@ -95,38 +91,8 @@ def _all_files_readable(root: Path) -> None:
         pd.read_parquet(p)
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
-    """A smoke study killed in its first adapter stage, then resumed: (stages done before, the study, result)."""
-    tmp = tmp_path_factory.mktemp("study")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("LAYERVIZ_DEMO_DIR", str(tmp / "demo"))
-    cfg = _tiny_config(tmp, models=["tiny-gemma3"], cross_domain_models=["tiny-gemma3"])
-    import layerviz.study.stages as stages_mod
-
-    real = stages_mod.run_adapt
-
-    def dying(*a, **k):  # the first adapter stage dies half-way: after writing part of its output
-        out = Path(k["out"])
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "partial.json").write_text('{"half": ')  # what a crash mid-write would leave
-        raise Boom("killed mid-stage")
-
-    mp.setattr(stages_mod, "run_adapt", dying)
-    with pytest.raises(Boom):
-        study.run_study(cfg, report=None)
-    root = cfg.folder
-    done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
-    (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only our fake left this
-    mp.setattr(stages_mod, "run_adapt", real)
-    s = study.Study(cfg, report=None)
-    res = study.run(s)
-    yield done, s, res
-    mp.undo()
-
-
-def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
-    done, s, res = killed_and_resumed
+def test_runner_resumes_after_a_kill_without_repeating_work(smoke_run):
+    done, s, res = smoke_run
     root, a, b = s.cfg.folder, "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
     assert done == sorted(["demo-electronics/baselines", "demo-movies/baselines", f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
                            f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance",
@@ -135,7 +101,7 @@ def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
     assert {f"{a}/importance", f"{a}/finetune", f"{a}/zeroshot"} <= set(s.stages.skipped)
     assert f"{a}/adapters" in s.stages.ran
     _all_files_readable(root)
-    assert (root / "cross_model.csv").exists()  # empty: one model
+    assert len(pd.read_csv(root / "cross_model.csv")) == 1  # the two models against each other
     for name in ("headline", "thirds", "cross_domain", "hypotheses", "variants", "finetune"):
         assert len(pd.read_csv(root / f"{name}.csv")) == len(pd.read_parquet(root / f"{name}.parquet")) > 0
     assert (root / "headline.tex").read_text().lstrip().startswith("\\begin{tabular}")
@@ -144,34 +110,35 @@ def test_runner_resumes_after_a_kill_without_repeating_work(killed_and_resumed):
     assert s3.stages.ran == [] and again.tables["hypotheses"].equals(res.tables["hypotheses"])
 
 
-def test_the_plan_predicts_the_passes_every_stage_records(killed_and_resumed):
+def test_the_plan_predicts_the_passes_every_stage_records(smoke_run):
     """``layerviz run --plan``: exact counts equal what each stage recorded in done.json, bounds hold, and
     the stages planned are the stages run (the killed stage was recomputed whole on resuming)."""
     from layerviz.study import against_run, plan, recorded
     from layerviz.study.cost import CPU_TFLOPS
 
-    _, s, _ = killed_and_resumed
+    _, s, _ = smoke_run
     planned = plan(s.cfg)
     check = against_run(planned, recorded(s.cfg))
     assert check["holds"].all(), check[~check["holds"]]
     per_stage = check.groupby("stage")[["planned", "recorded"]].sum()
     assert (per_stage > 0).all().all(), per_stage
+    assert check.stage.str.endswith("/cold").any() and check.stage.str.endswith("/transfer").any()
     exact = check[check["exact"]]
     assert len(exact) > 20 and {"prefix", "candidate", "calibration", "ablation", "backward", "train"} <= set(exact["kind"])
     assert (planned["flops"] > 0).any() and np.allclose(planned["seconds"], planned["flops"] / (CPU_TFLOPS * 1e12))
 
 
-def test_a_stage_returns_the_same_shapes_computed_or_cached(killed_and_resumed):
-    _, s, res = killed_and_resumed
+def test_a_stage_returns_the_same_shapes_computed_or_cached(smoke_run):
+    _, s, res = smoke_run
     fresh = s.stages.root / "tiny-gemma3/demo-electronics/select-last_k"
     cached = study.Study(s.cfg, report=None).selection("tiny-gemma3", s.cfg.domain_a, "last_k")
     assert json.loads((fresh / "selection.json").read_text()) == cached["selection"]
-    trace = res.traces.query("strategy == 'last_k' and dataset == @s.cfg.domain_a")
+    trace = res.traces.query("strategy == 'last_k' and dataset == @s.cfg.domain_a and model == 'tiny-gemma3'")
     assert [list(v) for v in trace["layers"]] == [list(v) for v in cached["trace"]["layers"]]
 
 
-def test_result_frames_are_tidy_and_complete(killed_and_resumed):
-    _, s, res = killed_and_resumed
+def test_result_frames_are_tidy_and_complete(smoke_run):
+    _, s, res = smoke_run
     a, b = s.cfg.domain_a, s.cfg.domain_b
     pu = res.per_user
     assert not pu.duplicated(["model", "dataset", "variant", "user", "metric"]).any()
@@ -179,22 +146,22 @@ def test_result_frames_are_tidy_and_complete(killed_and_resumed):
     assert {"full", "popularity", "zeroshot", "select:importance_greedy", "drop_lower_third", "reference_mapped",
             "adapters:drop", "adapters:stage1"} <= va
     assert {"full", "zeroshot", "transfer:plain", "transfer:adapters", "adapters:drop"} <= set(pu[pu.dataset == b].variant)
-    assert (pu.groupby(["dataset", "variant", "metric"]).size() == s.cfg.eval_users).all()
+    assert (pu.groupby(["model", "dataset", "variant", "metric"]).size() == s.cfg.eval_users).all()
     assert set(res.importance.base) == {"fine-tuned", "zero-shot"} and set(res.importance.dataset) == {a, b}
     assert set(res.selections.dataset) == {a, b} and set(res.calibration.base) == {"fine-tuned", "zero-shot"}
     tuned = res.calibration[res.calibration.base == "fine-tuned"]  # scored as trained, not chosen
     assert (tuned.choice == "none").all() and tuned["valid_ndcg@10"].isna().all()
     assert res.calibration[res.calibration.base == "zero-shot"]["valid_ndcg@10"].notna().all()
-    assert list(res.bench.model.unique()) == ["tiny-gemma3"]
+    assert list(res.bench.model.unique()) == ["tiny-gemma3", "tiny-llama3"]
     # the adapters stage reused the evaluation's scores of the same users: identical, not re-measured
     assert res.values("tiny-gemma3", "adapters:drop").equals(res.values("tiny-gemma3", "select:importance_greedy"))
 
 
-def test_curves_and_variants_agree_with_the_selections(killed_and_resumed):
+def test_curves_and_variants_agree_with_the_selections(smoke_run):
     """RQ2 curves and the variants table: consistent with the selections, one point re-measured independently."""
     from layerviz import arch
 
-    _, s, res = killed_and_resumed
+    _, s, res = smoke_run
     m, cfg = "tiny-gemma3", s.cfg
     c = res.rows("curves", m)
     k = s.k(m)
@@ -218,6 +185,7 @@ def test_curves_and_variants_agree_with_the_selections(killed_and_resumed):
     assert var.loc["reference_mapped", "retention"] == pytest.approx(ratio)
 
 
+@pytest.mark.study
 def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
     cfg = _tiny_config(tmp_path, cross_domain_models=[], finetune={})
@@ -232,6 +200,7 @@ def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
     assert "finetune" not in res.tables and set(res.importance.base) == {"zero-shot"}
 
 
+@pytest.mark.study
 def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
     monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
     cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cross_domain_models=[])
@@ -258,22 +227,24 @@ def test_per_model_finetune_settings(tmp_path):
     assert "tiny-llama3: lr 0.005" in study.describe_base(cfg)
 
 
-def test_finetune_table_reads_the_zero_shot_side(killed_and_resumed):
+def test_finetune_table_reads_the_zero_shot_side(smoke_run):
     from layerviz.finetune import read_manifest
 
-    _, s, res = killed_and_resumed
+    _, s, res = smoke_run
     m, cfg = "tiny-gemma3", s.cfg
     assert read_manifest(s.ft_folder(m))["summary"]["steps"] == 2
     assert s.label(m) != m and s.label(m, zeroshot=True) == m
     ft = res.tables["finetune"]
     assert set(ft["dataset"]) == {cfg.domain_a, cfg.domain_b}
-    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a)].set_index("system")
+    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a) & (ft.model == m)].set_index("system")
     assert v.loc["zero-shot", "mean"] == pytest.approx(res.values(m, "zeroshot").mean())
     assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
     shift = study.importance_shift(res)
-    assert set(shift["criterion"]) == {"fused", "ablation_loss"} and (shift["layers"] == 18).all()
+    assert set(shift["criterion"]) == {"fused", "ablation_loss"}
+    assert shift.groupby("model")["layers"].first().to_dict() == {"tiny-gemma3": 18, "tiny-llama3": 32}
 
 
+@pytest.mark.study
 def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
     """jobs=2: each model's stages in a process of its own; the parent then finds them cached and runs only
     the benches. A GPU study refuses jobs > 1."""
@@ -287,29 +258,102 @@ def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
         study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")
 
 
-def test_sasrec_slices_cold_start_and_findings(tmp_path, monkeypatch):
+def test_sasrec_slices_cold_start_and_findings(smoke_run):
     """SASRec sits in every quality table, slices partition the test users, the cold-start stage compares every
     system on users whose positive never was a training item, and findings.md labels the data synthetic."""
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
-    cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cold_items=0.3, eval_users=20)
-    res = study.run_study(cfg, report=None)
+    _, s, res = smoke_run
+    cfg = s.cfg
     ft = res.tables["finetune"]
     assert {"sasrec", "fine-tuned - sasrec"} <= set(ft["system"])
     assert "sasrec" in set(res.tables["variants"]["variant"])
     assert {"sasrec_b"} <= set(res.tables["cross_domain"].columns)
     sl = res.tables["slices"]
-    a = sl[(sl.dataset == cfg.domain_a) & (sl.system == "sasrec")].set_index("slice")
-    assert a.drop(index="all")["users"].sum() == a.loc["all", "users"] == 20  # every user in exactly one slice
+    a = sl[(sl.dataset == cfg.domain_a) & (sl.system == "sasrec") & (sl.model == res.models[0])].set_index("slice")
+    assert a.drop(index="all")["users"].sum() == a.loc["all", "users"] == cfg.eval_users  # each user in one slice
     cold = res.tables["cold"]
     assert set(cold["system"]) == {"fine-tuned", "zero-shot", "compact (no adapters)", "compact (adapters)",
                                    "sasrec", "popularity"}
-    prep = study.Study(cfg, report=None).prep(cfg.domain_a)
-    scored = json.loads((cfg.folder / "tiny-llama3" / cfg.domain_a / "cold" / "meta.json").read_text())["users"]
-    assert len(scored) == 20 and set(scored) <= set(prep.cold_users())
+    prep = s.prep(cfg.domain_a)
+    for m in res.models:
+        scored = json.loads((cfg.folder / m / cfg.domain_a / "cold" / "meta.json").read_text())["users"]
+        assert len(scored) == cfg.eval_users and set(scored) <= set(prep.cold_users())
     assert not prep.events[prep.events.split == "train"]["item_id"].isin(prep.cold).any()
-    from layerviz.study import against_run, plan, recorded
-
-    check = against_run(plan(cfg), recorded(cfg))  # --plan counts the cold stage's passes too
-    assert check["holds"].all() and (check.stage == "tiny-llama3/demo-electronics/cold").any(), check
     findings = (cfg.folder / "findings.md").read_text()
     assert "SYNTHETIC" in findings and "Item cold start" in findings and "sasrec" in findings
+
+
+@pytest.mark.study
+def test_notebooks_only_read_unless_told_to_compute(smoke_study, tmp_path):
+    """open_study (every notebook's first cell) loads finished stages and writes nothing; a missing stage
+    raises with the `layerviz run` command that computes it (or, for a study no config names, COMPUTE)."""
+    from layerviz.store import StageMissing
+
+    root = Path(smoke_study.config.folder)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    res, models = study.open_study({"SMOKE": True, "DEVICE": "cpu", "RESULTS_DIR": smoke_study.config.results_dir})
+    assert models == res.models == smoke_study.models
+    assert res.tables["headline"].equals(smoke_study.tables["headline"])
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()} == before  # nothing written
+    config = ROOT / "configs" / "synthetic.yaml"
+    with pytest.raises(StageMissing, match=f"layerviz run {config} --results-dir {tmp_path}"):
+        study.open_study({"CONFIG": str(config), "RESULTS_DIR": str(tmp_path)})
+    with pytest.raises(StageMissing, match="set COMPUTE = True"):
+        study.open_study({"SMOKE": True, "DEVICE": "cpu", "RESULTS_DIR": str(tmp_path)})
+    assert not any(tmp_path.rglob("done.json"))  # and nothing was computed
+
+
+STAGE_KINDS = {"baselines", "finetune", "calibration-zeroshot", "zeroshot", "importance",
+               "importance-zeroshot", "select", "evaluation", "adapters", "curves", "cold", "finetuned-full",
+               "transfer", "bench"}
+
+
+def _kind(name: str) -> str:
+    last = name.rsplit("/", 1)[-1]
+    return "select" if last.startswith("select-") else last
+
+
+CHANGES = [
+    ({"kcore": 3}, STAGE_KINDS),  # the data of every stage changes
+    ({"positive_threshold": 3.0}, STAGE_KINDS),
+    ({"history_len": 4}, STAGE_KINDS),
+    ({"item_noun": "gadgets"}, STAGE_KINDS),  # the prompts' wording: a data setting too
+    ({"eval_users": 5}, {"baselines", "zeroshot", "evaluation", "adapters", "cold", "finetuned-full", "transfer"}),
+    ({"select_users": 4}, {"select", "curves"}),
+    ({"calibration_users": 4}, {"calibration-zeroshot"}),  # the fine-tuned model's is 'none': no stage
+    ({"importance": {"samples": 4, "ablation_users": 2, "ablation_negatives": 4}},
+     {"importance", "importance-zeroshot", "select"}),  # importance_greedy's order (top_k is not studied)
+    ({"bench": {"keep": [3], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
+                "isolate": False}}, {"bench"}),
+    ({"sasrec": {"max_epochs": 3, "eval_every": 1, "valid_users": 20, "hidden": 8, "max_len": 10}}, {"baselines"}),
+    ({"jobs": 2}, set()),  # how many processes run the models: no stage reads it
+    ({"results_dir": "elsewhere"}, set()),  # where results live is not what they are
+]
+"""A setting changed, and the kinds of stage whose cache key must change with it."""
+
+
+@pytest.fixture(scope="module")
+def key_walk(tmp_path_factory):
+    """walk(config with changes) -> each stage's cache key, for one tiny cross-domain model with cold start."""
+    from layerviz.study.runner import walk
+
+    tmp = tmp_path_factory.mktemp("keys")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("LAYERVIZ_DEMO_DIR", str(tmp / "demo"))
+    base = dict(models=["tiny-llama3"], cross_domain_models=["tiny-llama3"], cold_items=0.3)
+
+    def keys(root=tmp, **change):
+        return walk(_tiny_config(root, **{**base, **change})).keys
+
+    yield keys, keys()
+    mp.undo()
+
+
+@pytest.mark.parametrize("change,reruns", CHANGES)
+def test_a_setting_reruns_exactly_the_stages_that_read_it(key_walk, tmp_path, change, reruns):
+    """Every stage's cache key is its config (asdict) and its data's fingerprint, derived by the stage itself:
+    the keys the walk derives (``runner.walk``, as a run would) change for the stages that read the setting."""
+    keys, before = key_walk
+    change = dict(change)
+    after = keys(tmp_path / change.pop("results_dir", ""), **change)
+    assert set(before) == set(after) and {_kind(n) for n in before} == STAGE_KINDS
+    assert {_kind(n) for n in before if before[n] != after[n]} == reruns

@@ -9,8 +9,9 @@ import pandas as pd
 from layerviz.data.atomic import read_recbole
 from layerviz.data.bundled import BUNDLED, NAMED, known, resolve
 from layerviz.data.candidates import CandidateConfig, build_candidates, candidates_for
-from layerviz.data.formats import DataFormatError, DataWarning, RawData, read_dataset
+from layerviz.data.formats import DataFormatError, DataWarning, RawData
 from layerviz.data.prepare import Prepared, PrepConfig, prepare
+from layerviz.data.read import read_dataset
 
 __all__ = [
     "BUNDLED", "NAMED", "CandidateConfig", "DataFormatError", "DataWarning", "PrepConfig", "Prepared",

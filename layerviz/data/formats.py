@@ -461,30 +461,3 @@ READERS = {
     "amazon2014": read_amazon2014, "amazon2018": read_amazon2018, "amazon2023": read_amazon2023,
     "ml-100k": read_ml100k, "ml-1m": read_ml1m, "ml-latest": read_mllatest,
 }
-
-
-def read_dataset(path: str | Path, format: str = "auto", report: Callable[[str], None] | None = print,
-                 title_field: str | None = None) -> RawData:
-    """Read a dataset folder (or one reviews / .inter file in it) in any supported format.
-
-    ``title_field`` names the RecBole ``.item`` field holding the titles (default: the first of
-    title, movie_title, item_name, name)."""
-    path = Path(path)
-    if not path.exists():
-        raise DataFormatError(f"{path}: no such file or folder. Give a dataset folder such as an "
-                              "unpacked ml-100k/, a reviews file, or a bundled name (demo).")
-    fmt = detect_format(path) if format == "auto" else format
-    if fmt not in READERS and fmt != "recbole":
-        raise DataFormatError(f"unknown format {fmt!r}; use one of: auto, {', '.join(FORMATS)}.")
-    if format == "auto" and report:
-        report(f"{path}: detected format {fmt}")
-    folder = path if path.is_dir() else path.parent
-    if fmt == "recbole":
-        from layerviz.data import atomic  # here: a cycle, atomic.py builds on this module
-        return atomic.read_recbole(folder, path if path.is_file() else None, title_field)
-    if title_field is not None:
-        raise DataFormatError(f"title_field is for RecBole atomic files; {fmt} files have fixed title fields.")
-    reader = READERS[fmt]
-    if fmt.startswith("amazon") and path.is_file():
-        return reader(folder, reviews=path)
-    return reader(folder)

@@ -132,22 +132,8 @@ def fingerprint_frames(*frames: pd.DataFrame, extra: dict | None = None) -> str:
     return h.hexdigest()
 
 
-def prepare(raw: RawData, config: PrepConfig | None = None,
-            report: Callable[[str], None] | None = print) -> Prepared:
-    """Apply the protocol to raw data, printing users/items/interactions/density after each step."""
-    cfg = config or PrepConfig()
-    cfg.validate()
-    rows = []
-
-    def step(name: str, df: pd.DataFrame) -> None:
-        rows.append(_stats(name, df))
-        if report:
-            r = rows[-1]
-            report(f"  {name:<28} users={r['users']:>8,} items={r['items']:>8,} "
-                   f"interactions={r['interactions']:>10,} density={r['density']:.5f}")
-
-    if report:
-        report(f"{raw.name} ({raw.format}):")
+def _positives(raw: RawData, cfg: PrepConfig, step, report) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Deduplicated positives of titled items -> (positives, every (user, item) seen, the titled items)."""
     df = raw.interactions
     step("raw", df)
     # earliest interaction wins; ties on time broken by the row order of the file
@@ -167,24 +153,50 @@ def prepare(raw: RawData, config: PrepConfig | None = None,
     if dropped and report:
         report(f"  note: dropped {dropped:,} item(s) with no title in the metadata "
                f"({int(missing.sum()):,} interactions)")
+    return df, all_seen, titled
+
+
+def _core(df: pd.DataFrame, name: str, cfg: PrepConfig, step) -> pd.DataFrame:
+    """The k-core, then users with fewer than 3 positives dropped (leave-one-out needs train, valid, test)."""
     before = df
     df = kcore(df, cfg.kcore)
     step(f"{cfg.kcore}-core", df)
     if df.empty:
         raise DataFormatError(
-            f"{raw.name}: no users left after {cfg.kcore}-core filtering (before it: "
+            f"{name}: no users left after {cfg.kcore}-core filtering (before it: "
             f"{before['user_id'].nunique():,} users, {before['item_id'].nunique():,} items, "
             f"{len(before):,} positives). Lower kcore (e.g. --kcore 2) or positive_threshold."
         )
     short = int((df["user_id"].value_counts() < 3).sum())
     if short:  # leave-one-out needs train, valid and test items: users need >= 3, still k-core
-        warnings.warn(f"{raw.name}: dropping {short:,} user(s) with fewer than 3 positives "
-                      "(leave-one-out needs train, valid and test items).", DataWarning, stacklevel=2)
+        warnings.warn(f"{name}: dropping {short:,} user(s) with fewer than 3 positives "
+                      "(leave-one-out needs train, valid and test items).", DataWarning, stacklevel=3)
         df = kcore(df, cfg.kcore, k_user=3)
         step(f"{cfg.kcore}-core, users >= 3", df)
         if df.empty:
-            raise DataFormatError(f"{raw.name}: no user has 3 or more positives in a {cfg.kcore}-core; "
+            raise DataFormatError(f"{name}: no user has 3 or more positives in a {cfg.kcore}-core; "
                                   "lower positive_threshold or use more data.")
+    return df
+
+
+def prepare(raw: RawData, config: PrepConfig | None = None,
+            report: Callable[[str], None] | None = print) -> Prepared:
+    """Apply the protocol to raw data, printing users/items/interactions/density after each step."""
+    cfg = config or PrepConfig()
+    cfg.validate()
+    rows = []
+
+    def step(name: str, df: pd.DataFrame) -> None:
+        rows.append(_stats(name, df))
+        if report:
+            r = rows[-1]
+            report(f"  {name:<28} users={r['users']:>8,} items={r['items']:>8,} "
+                   f"interactions={r['interactions']:>10,} density={r['density']:.5f}")
+
+    if report:
+        report(f"{raw.name} ({raw.format}):")
+    df, all_seen, titled = _positives(raw, cfg, step, report)
+    df = _core(df, raw.name, cfg, step)
     df = df.sort_values(["user_id", "timestamp", "item_id"], kind="stable").reset_index(drop=True)
     pos_from_end = df.groupby("user_id").cumcount(ascending=False)
     df["split"] = np.where(pos_from_end == 0, "test", np.where(pos_from_end == 1, "valid", "train"))

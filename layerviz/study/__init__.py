@@ -1,38 +1,46 @@
 """A whole study: ``layerviz run CONFIG`` and the notebooks.
 
 - ``config``: ``StudyConfig`` and its validation;
-- ``stages``: each stage, cached by ``store.Stages``; ``runner``: the stages in order;
+- ``stages`` (with ``baseline_stages``): each stage, cached by ``store.Stages``; ``runner``: the stages in order;
 - ``result``: ``StudyResult``, the tidy frames everything downstream reads;
-- ``tables`` and ``hypotheses``: one function per table and per claim; ``text``: the notebooks' sentences;
-- ``depth``: normalized depth and thirds;
-- ``cost`` (on ``workload``): ``plan``, what every stage will cost before anything runs (``--plan``).
+- ``tables`` and ``hypotheses`` (modules): one function per table and per claim; ``text``: the notebooks' sentences;
+- ``cost`` (on ``workload``): the ``Planner`` each stage's cost function records into; ``runner.plan`` walks
+  the stages with it: what every stage will cost before anything runs (``--plan``).
 
-Names are imported lazily (PEP 562), so that ``layerviz.study.depth``, which adapters and selection
-use, does not pull in the runner (and through it those very modules).
+Normalized depth lives below the whole package, in ``layerviz.depth``.
 """
 
-from __future__ import annotations
+from layerviz.depth import depth_overlap, map_reference, profile_on_grid
+from layerviz.study.config import STUDY_OWNED, StudyConfig, describe_base, smoke_config
+from layerviz.study.cost_tables import against_run, by_stage, minutes, recorded
+from layerviz.study.result import StudyResult, collect
+from layerviz.study.runner import (
+    all_tables,
+    notebook_study,
+    open_study,
+    pick_models,
+    plan,
+    run,
+    run_study,
+)
+from layerviz.study.stages import Study
+from layerviz.study.tables import (
+    cross_domain,
+    cross_model,
+    finetune_table,
+    headline,
+    importance_shift,
+    relation,
+    spearman_ci,
+    thirds_table,
+    variants_table,
+    verdict,
+)
 
-import importlib
-
-_WHERE = {
-    "StudyConfig": "config", "smoke_config": "config", "describe_base": "config", "STUDY_OWNED": "config",
-    "Study": "stages",
-    "run": "runner", "run_study": "runner", "notebook_study": "runner", "open_study": "runner",
-    "pick_models": "runner", "all_tables": "runner",
-    "StudyResult": "result", "collect": "result",
-    "headline": "tables", "thirds_table": "tables", "variants_table": "tables", "cross_model": "tables",
-    "cross_domain": "tables", "finetune_table": "tables", "importance_shift": "tables", "verdict": "tables",
-    "relation": "tables", "spearman_ci": "tables",
-    "hypotheses": "hypotheses",
-    "plan": "cost", "by_stage": "cost_tables", "recorded": "cost_tables", "against_run": "cost_tables",
-    "minutes": "cost_tables",
-    "profile_on_grid": "depth", "depth_overlap": "depth", "map_reference": "depth",
-}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"layerviz.study.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'layerviz.study' has no attribute {name!r}")
+__all__ = [
+    "STUDY_OWNED", "Study", "StudyConfig", "StudyResult", "against_run", "all_tables", "by_stage", "collect",
+    "cross_domain", "cross_model", "depth_overlap", "describe_base", "finetune_table", "headline",
+    "importance_shift", "map_reference", "minutes", "notebook_study", "open_study", "pick_models", "plan",
+    "profile_on_grid", "recorded", "relation", "run", "run_study", "smoke_config", "spearman_ci", "thirds_table",
+    "variants_table", "verdict",
+]

@@ -1,33 +1,41 @@
-"""The study's model-free reference stages and the cold-start stage (a mixin of ``Study``).
-
-``baselines(dataset)``: SASRec trained on the dataset's training split, scored on the test users' candidate
-lists that every model's stages score (and on the cold-start test set), popularity there too, and each test
-positive's slice (head/torso/tail thirds of the items by training positives, or cold).
-``cold(spec)``: the LLM recommenders on domain A's cold-start test set: zero-shot, fine-tuned, and the
-compact model (the primary selection with its adapters).
+"""The study's model-free reference stage (a mixin of ``Study``): ``baselines(dataset)``, SASRec trained on the
+dataset's training split, scored on the test users' candidate lists that every model's stages score (and on
+the cold-start test set), popularity there too, and each test positive's slice (head/torso/tail thirds of the
+items by training positives, or cold). It runs no LLM: the cost plan has no row for it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 
-from layerviz import arch, metrics
-from layerviz.compact import load_compact
+from layerviz import metrics
 from layerviz.data import CandidateConfig, candidates_for
 from layerviz.evaluate import positive_slices
 from layerviz.sasrec import SASRecConfig, candidate_scores, train_sasrec
+from layerviz.settings import Settings
 from layerviz.store import slug
 
 
-def _columns(name: str, per_user: pd.DataFrame) -> dict:
+def metric_columns(name: str, per_user: pd.DataFrame) -> dict:
+    """Per-user metrics as the columns ``name:metric`` of a stage's per_user frame."""
     return {f"{name}:{k}": per_user[k].to_numpy() for k in per_user.columns}
 
 
 def _metrics(scores, cands: pd.DataFrame) -> pd.DataFrame:
     return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), cands["pos_index"].to_numpy()))
+
+
+@dataclass
+class BaselinesStage(Settings):
+    """What decides the baselines: the shared settings of the dataset, the test users, SASRec's settings and
+    whether the cold-start test set is scored too."""
+
+    users: int = 0
+    sasrec: dict = field(default_factory=dict)
+    cold: bool = False
 
 
 class BaselineStages:
@@ -52,7 +60,7 @@ class BaselineStages:
             cands, _ = candidates_for(prep, CandidateConfig(c.negatives, "uniform", c.eval_users, "test", c.seed),
                                       c.candidates_dir)
             trained = train_sasrec(prep, scfg, str(c.candidates_dir), report=None)
-            out = {"per_user": pd.DataFrame(_columns("sasrec", _metrics(candidate_scores(trained, prep, cands, "test"),
+            out = {"per_user": pd.DataFrame(metric_columns("sasrec", _metrics(candidate_scores(trained, prep, cands, "test"),
                                                                         cands))),
                    "users": pd.DataFrame({"user_id": cands["user_id"], "positive": cands["positive"],
                                           "slice": positive_slices(prep, cands)}),
@@ -60,33 +68,12 @@ class BaselineStages:
             if cold:
                 cc = self.cold_candidates(dataset)
                 out["cold_per_user"] = pd.DataFrame({
-                    **_columns("sasrec", _metrics(candidate_scores(trained, prep, cc, "test"), cc)),
-                    **_columns("popularity", self.popularity(dataset, cc))})
+                    **metric_columns("sasrec", _metrics(candidate_scores(trained, prep, cc, "test"), cc)),
+                    **metric_columns("popularity", self.popularity(dataset, cc))})
             if self.report:
                 self.report(f"SASRec on {dataset}: {trained.record['epochs']} epochs ({trained.record['stopped']}), "
                             f"validation NDCG@10 {trained.record['valid_ndcg@10']:.3f}")
             return out
 
-        key = [asdict(c.prep_config()), c.eval_users, c.negatives, c.seed, asdict(scfg), cold]
-        return self.stages(f"{slug(dataset)}/baselines", key, compute)
-
-    def cold(self, spec: str, layers: list[int], adapt_stage: str) -> dict:
-        """Domain A's cold-start test set: the zero-shot model, the fine-tuned one, and ``layers`` with the
-        adapters of ``adapt_stage`` (the study's compact recommender), every metric per user."""
-        c, a = self.cfg, self.cfg.domain_a
-
-        def compute(folder):
-            cands = self.cold_candidates(a)
-            ev, _ = self.evaluator(spec, a, "test", c.eval_users, zeroshot=True, cold=True)
-            cols = _columns("zeroshot", ev.metrics(self.model(spec, zeroshot=True)[0])) if self.finetuning else {}
-            ev, _ = self.evaluator(spec, a, "test", c.eval_users, cold=True)
-            model = self.model(spec)[0]
-            cols.update(_columns("full", ev.metrics(model)))
-            with arch.keep_layers(model, layers):
-                cols.update(_columns("compact:plain", ev.metrics(model)))
-            compact = load_compact(self.stages.root / adapt_stage / "adapt" / "compact", base=model)
-            cols.update(_columns("compact:adapters", ev.metrics(compact)))
-            return {"per_user": pd.DataFrame(cols), "meta": {"users": cands["user_id"].tolist()}}
-
-        return self.stages(f"{slug(spec)}/{slug(a)}/cold", self._key(spec, layers, adapt_stage, c.eval_users),
-                           compute)
+        config = BaselinesStage(**self.shared("sasrec", dataset), users=c.eval_users, sasrec=asdict(scfg), cold=cold)
+        return self.stage(f"{slug(dataset)}/baselines", config, compute, dataset, cost=None)

@@ -282,7 +282,7 @@ def describe_base(cfg: StudyConfig) -> str:
 def smoke_config(models: list[str] | None = None, results_dir: str = "results", **over) -> StudyConfig:
     """A whole study at toy sizes on tiny random models (CI smoke runs of the notebooks and tests)."""
     raw = dict(name="smoke", models=["tiny-gemma3", "tiny-llama3"] if models is None else models, strategies=["importance_greedy", "last_k"],
-               history_len=3, select_users=3, eval_users=4, negatives=9, calibration_users=3,
+               history_len=3, select_users=3, eval_users=4, negatives=9, calibration_users=3, cold_items=0.3,
                finetune={"max_steps": 2, "eval_every": 2, "eval_users": 3, "batch_size": 2,
                          "train_negatives": 3},
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},

@@ -1,6 +1,6 @@
 """``findings.md``: what a study measured, as Markdown generated from its tables (never typed by hand).
 
-``layerviz run`` writes it next to the tables; docs/results-demo.md is the demo's copy. Every number
+``layerviz run`` writes it next to the tables; ``layerviz report`` copies the demo study's into docs/results.md. Every number
 below comes from a table of the run, and every dataset is labelled real or synthetic.
 """
 

@@ -17,12 +17,14 @@ from dataclasses import asdict
 from multiprocessing import get_context
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
-from layerviz import parallel, store
-from layerviz.store import slug
+from layerviz import notebook_params, parallel, store
+from layerviz.store import StageMissing
 from layerviz.study.config import StudyConfig, describe_base, smoke_config
+from layerviz.study.cost import CPU_TFLOPS, Planner
 from layerviz.study.findings import markdown
 from layerviz.study.hypotheses import hypotheses
 from layerviz.study.result import FINE_TUNED, StudyResult, collect
@@ -63,7 +65,7 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
                                                       "drop": _ndcg(pu, f"select:{cfg.primary}")})
     r["curves"] = study.curves(spec, a)
     if cfg.cold_items:
-        r["cold"] = study.cold(spec, primary, f"{slug(spec)}/{slug(a)}/adapters")
+        r["cold"] = study.cold(spec, primary)
     r["calibration"] = {d: study.calibration(spec, d) for d in ([a, b] if cross_domain_model else [a])}
     if cross_domain_model:
         r["b_importance"] = study.importance(spec, b, ablation=False)
@@ -72,7 +74,7 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
             r["tuned_b"] = study.tuned_on(spec, b)
         measured = {"full": _ndcg(r["tuned_b"]["per_user"], "full")} if study.finetuning else None
         r["b_adapters"] = study.adapters(spec, b, r["b_selection"]["selection"]["layers"], measured)
-        r["transfer"] = study.transfer(spec, f"{slug(spec)}/{slug(a)}/adapters", primary, r["b_adapters"])
+        r["transfer"] = study.transfer(spec, primary)
     if bench:
         r["bench"] = study.bench(spec, primary)
     return r
@@ -124,20 +126,51 @@ def run(study: Study) -> StudyResult:
     """Run (or resume) every stage of ``study`` -> its ``StudyResult``; tables and manifest written."""
     cfg = study.cfg
     cd_models = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
-    if cfg.jobs > 1 and len(cfg.models) > 1 and study.stages.use_cache:
+    if cfg.jobs > 1 and len(cfg.models) > 1 and study.stages.use_cache and study.stages.compute:
         run_parallel(study, cd_models)
     outputs = {spec: run_model(study, spec, spec in cd_models) for spec in cfg.models}
     study.release()
     res = collect(cfg, outputs)
     res.tables = all_tables(res)
-    if parallel.is_main():  # under torchrun rank 0 writes; every process returns the same result
+    if parallel.is_main() and study.stages.compute:  # under torchrun rank 0 writes; a reader writes nothing
         write_tables(cfg, res.tables)
         store.atomic_write(cfg.folder / "findings.md", lambda tmp: Path(tmp).write_text(markdown(res)))
         store.write_json(cfg.folder / "manifest.json", store.manifest(
             cfg, cfg.seed, stages_run=study.stages.ran, stages_cached=study.stages.skipped,
-            processes=parallel.world_size()))
+            processes=parallel.world_size(), commit=store.git_commit()))
     parallel.barrier()
     return res
+
+
+def walk(cfg: StudyConfig) -> Planner:
+    """Every stage of ``cfg`` in ``run_model``'s order, none run -> the Planner with each stage's cost rows and
+    cache key (``keys``: what decides whether a rerun recomputes the stage). No weights are loaded."""
+    planner = Planner(cfg)
+    study = Study(cfg, report=None, planner=planner)
+    cd = cfg.cross_domain_models if cfg.cross_domain_models is not None else cfg.models[:1]
+    for spec in cfg.models:
+        run_model(study, spec, spec in cd)
+    return planner
+
+
+def plan(config: StudyConfig | str, tflops: float | None = None) -> pd.DataFrame:
+    """The cost of every stage of a study, without loading any weights -> one row per stage and pass kind.
+
+    ``run_model`` walks the stages, each recording its own cost (a ``Planner``) instead of running. Columns:
+    model, dataset, stage, kind (``passes.KINDS``), passes, exact (false: an upper bound), tokens, flops,
+    seconds (at ``tflops`` TFLOP/s; default ``CPU_TFLOPS`` on CPU, NaN on a GPU, whose throughput must be
+    given). The config is validated first, with the errors of ``layerviz run``.
+    """
+    cfg = config if isinstance(config, StudyConfig) else StudyConfig.from_yaml(config)
+    if tflops is None:
+        tflops = CPU_TFLOPS if cfg.device == "cpu" else float("nan")  # no default throughput on a GPU
+    if not (tflops > 0 or np.isnan(tflops)):
+        raise ValueError(f"tflops must be positive, got {tflops}")
+    planner = walk(cfg)
+    df = pd.DataFrame(planner.rows, columns=["model", "dataset", "stage", "kind", "passes", "exact", "tokens", "flops"])
+    df["seconds"] = df["flops"] / (tflops * 1e12)
+    df.attrs["tflops"] = tflops
+    return df
 
 
 def run_study(path_or_cfg, report=print) -> StudyResult:
@@ -148,12 +181,13 @@ def run_study(path_or_cfg, report=print) -> StudyResult:
 
 def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: str = "results",
                    device: str | None = None, overrides: dict | None = None, use_cache: bool = True,
-                   models: list[str] | None = None, dataset: str | None = None) -> StudyResult:
+                   models: list[str] | None = None, dataset: str | None = None,
+                   compute: bool = False) -> StudyResult:
     """The study of ``config`` (or the CI smoke study), with overrides -> its ``StudyResult``.
 
     ``models`` and ``dataset`` (domain A) are shorthands for those overrides. Finished stages are loaded
-    from ``results_dir``; missing ones are computed and cached, so a notebook opened after
-    ``layerviz run CONFIG`` only reads files.
+    from ``results_dir``; a missing one raises ``StageMissing`` unless ``compute`` (then it is computed and
+    cached, and the tables are written, as ``layerviz run`` does).
     """
     over = dict(overrides or {})
     if models:
@@ -169,7 +203,7 @@ def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: 
                                     where=f"{config or 'defaults'} with notebook overrides")
     if device is not None:
         cfg.device = device
-    return run(Study(cfg, report=None, use_cache=use_cache))
+    return run(Study(cfg, report=print if compute else None, use_cache=use_cache, compute=compute))
 
 
 def pick_models(res: StudyResult, model: str | None) -> list[str]:
@@ -183,14 +217,28 @@ def pick_models(res: StudyResult, model: str | None) -> list[str]:
     return [model]
 
 
+def _missing(p: dict, e: StageMissing) -> StageMissing:
+    """The error a reading notebook shows: which stage, and the command that computes the study."""
+    plain = not (p["SMOKE"] or p["MODELS"] or p["DATASET"] or p["OVERRIDES"])
+    how = (f"compute it from a shell with\n    layerviz run {Path(p['CONFIG']).resolve()} --results-dir "
+           f"{Path(p['RESULTS_DIR']).resolve()}\nor set COMPUTE = True in this notebook's parameters"
+           if plain else "this notebook's MODELS/DATASET/OVERRIDES/SMOKE make a study that `layerviz run CONFIG` "
+           "does not run: set COMPUTE = True in its parameters to compute it here")
+    return StageMissing(e.name, e.root, how)
+
+
 def open_study(params: dict) -> tuple[StudyResult, list[str]]:
-    """What every notebook does first, from its parameters cell (``globals()``): the study's result and the
-    models to show; prints what the study is. Keys: CONFIG, SMOKE, RESULTS_DIR, DEVICE, OVERRIDES,
-    USE_CACHE, MODELS, DATASET, MODEL (the notebooks' parameters)."""
-    res = notebook_study(params["CONFIG"], params["SMOKE"], params["RESULTS_DIR"], params["DEVICE"],
-                         params["OVERRIDES"], params["USE_CACHE"], models=params["MODELS"], dataset=params["DATASET"])
+    """What every notebook does first, from its parameters (``globals()``; names and defaults in
+    ``layerviz.notebook_params``): the study's result and the models to show; prints what the study is.
+    It only reads finished stages unless COMPUTE; a missing stage raises with the command that computes it."""
+    p = {name: params.get(name, getattr(notebook_params, name)) for name in notebook_params.__all__}
+    try:
+        res = notebook_study(p["CONFIG"], p["SMOKE"], p["RESULTS_DIR"], p["DEVICE"], p["OVERRIDES"], p["USE_CACHE"],
+                             models=p["MODELS"], dataset=p["DATASET"], compute=p["COMPUTE"])
+    except StageMissing as e:
+        raise _missing(p, e) from None
     cfg = res.config
     print(f"study {cfg.name!r}: models {', '.join(res.models)}; domain A {cfg.domain_a}, domain B {cfg.domain_b}; "
           f"k = round(L x {cfg.k_fraction}); results in {cfg.folder}")
     print(describe_base(cfg))
-    return res, pick_models(res, params["MODEL"])
+    return res, pick_models(res, p["MODEL"])

@@ -11,7 +11,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from layerviz import metrics
-from layerviz.study.depth import REGIONS, depth, depth_overlap, profile_on_grid, region
+from layerviz.depth import REGIONS, depth, depth_overlap, profile_on_grid, region
 from layerviz.study.result import FINE_TUNED, ZERO_SHOT, StudyResult, cold_set
 
 SPEEDUP_CLAIM = 4.0

@@ -10,9 +10,9 @@ import pandas as pd
 
 from layerviz import metrics
 from layerviz.data import NAMED
+from layerviz.depth import REGIONS, depth_overlap, map_reference, region
 from layerviz.models import presets_table
 from layerviz.selection import load_reference
-from layerviz.study.depth import REGIONS, depth_overlap, map_reference, region
 from layerviz.study.result import StudyResult
 from layerviz.study.tables import MOVED_RHO, QUALITY_METRICS, relation
 

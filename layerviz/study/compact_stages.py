@@ -65,7 +65,7 @@ class CompactStages:
         """Teacher states; validation at drop, stage 1, stage 2 and around each epoch; stage 2's training; the test
         scoring of what ``measured`` (how many of full, drop) another stage did not score already."""
         p, n, c = self.planner, self.planner.shape(spec).n, self.cfg
-        t = TrainConfig(**{k_: v for k_, v in c.adapters.get("train", {}).items()})
+        t = TrainConfig(**c.adapters.get("train", {}))
         m, tokens, target = p.data[dataset].calibration(c.adapters.get("samples", AdaptConfig.samples))
         val = max(1, int(round(m * t.val_fraction)))
         train, e2 = m - val, t.stage2_epochs

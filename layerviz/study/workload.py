@@ -6,7 +6,7 @@ cost plan (``cost.py``) builds on them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from functools import cache
 
 import numpy as np
@@ -85,9 +85,3 @@ class Data:
     @cache  # noqa: B019
     def windows(self, history_len: int, min_history: int) -> int:
         return len(training_windows(self.prep, history_len, min_history))
-
-
-def over(cls, section: dict):
-    """A section's settings over the dataclass defaults (without the study-owned ones)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in section.items() if k in names})

@@ -325,8 +325,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     except NotebookFailed as e:
         print(f"layerviz report: {e}", file=sys.stderr)
         return 1
-    raw = yaml.safe_load(open(cfg.params)) if cfg.params else {}  # noqa: SIM115
-    folder = study_folder(cfg, {k: v for k, v in (raw or {}).items() if not isinstance(v, dict)})  # global ones
+    folder = study_folder(cfg)
     doc = write_results_doc(folder, args.results_doc) if folder is not None and args.results_doc else None
     if doc:
         print(f"{doc}: the findings of {folder}, generated from its tables")

@@ -30,3 +30,9 @@ TFLOPS = None
 
 __all__ = ["COMPUTE", "CONFIG", "DATASET", "DEVICE", "FIGURES_DIR", "MODEL", "MODELS", "OVERRIDES", "RESULTS_DIR",
            "SMOKE", "TFLOPS", "USE_CACHE"]
+
+
+def with_defaults(given: dict) -> dict:
+    """Every parameter: ``given``'s value where it has one (a notebook's ``globals()``, overrides), else the default."""
+    defaults = globals()
+    return {name: given.get(name, defaults[name]) for name in __all__}

@@ -231,7 +231,7 @@ def open_study(params: dict) -> tuple[StudyResult, list[str]]:
     """What every notebook does first, from its parameters (``globals()``; names and defaults in
     ``layerviz.notebook_params``): the study's result and the models to show; prints what the study is.
     It only reads finished stages unless COMPUTE; a missing stage raises with the command that computes it."""
-    p = {name: params.get(name, getattr(notebook_params, name)) for name in notebook_params.__all__}
+    p = notebook_params.with_defaults(params)
     try:
         res = notebook_study(p["CONFIG"], p["SMOKE"], p["RESULTS_DIR"], p["DEVICE"], p["OVERRIDES"], p["USE_CACHE"],
                              models=p["MODELS"], dataset=p["DATASET"], compute=p["COMPUTE"])

@@ -10,6 +10,11 @@ The gap size is the number of skipped layers. The paper's placement policy:
 * gap <= 3: linear adapter ``W h``, W = I at init;
 * gap > 3: residual adapter ``h + W h``, W = 0 at init.
 
+``force='fold'`` places ReplaceMe's foldable adapter instead: a full-rank linear map T (= I at init) on the
+MLP output (the down projection's output) of the kept block *before* the gap, so that the block computes
+``h_mid + T down(...)``; T folds exactly into ``down_proj`` (``W <- T W``) and the exported model has no
+added parameters. The gap before the first kept layer has no block to fold into and stays the identity.
+
 Every adapter has a full-rank form and a rank-r form. Rank r: linear becomes
 ``diag(s) h + U D h`` (s = 1, U = 0 at init: identity plus a low-rank correction, with a
 per-channel scale that can follow the norm growth of the skipped layers), residual
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,7 +46,9 @@ from layerviz.errors import NonFiniteLossError
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
 
-KINDS = ("identity", "linear", "residual", "mlp")
+KINDS = ("identity", "linear", "residual", "mlp", "fold")
+HIDDEN_LOSSES = ("mse", "cosine")
+"""Objectives on hidden states (the adapters' stage 1 and stage 2); ``task`` and ``distill`` are in heal."""
 
 
 # ----------------------------------------------------------------------------- placement policy
@@ -103,6 +110,8 @@ def plan(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) 
         a, b = region(prev, n_layers), region(min(nxt, n_layers - 1), n_layers)
         if gap == 0:
             kind, why = "identity", "no layer skipped"
+        elif policy.force == "fold" and prev < 0:
+            kind, why = "identity", "fold: no kept block before the first kept layer to fold into"
         elif policy.force is not None:
             kind, why = policy.force, f"forced {policy.force}"
         elif prev < 0 and policy.embedding:
@@ -113,7 +122,7 @@ def plan(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) 
             kind, why = "linear", f"skips {gap} <= {policy.linear_max_gap}"
         else:
             kind, why = "residual", f"skips {gap} > {policy.linear_max_gap}"
-        rank = policy.rank if kind != "identity" else None
+        rank = policy.rank if kind not in ("identity", "fold") else None
         specs.append(AdapterSpec(prev, nxt, gap, kind, rank, why, n_layers))
     return specs
 
@@ -139,7 +148,10 @@ class Adapter(nn.Module):
         if kind == "identity":
             return
         width = rank or d
-        if kind == "mlp":
+        if kind == "fold":  # T on the MLP output, = I at init; full rank (it folds into down_proj for free)
+            self.rank = None
+            self.weight = nn.Parameter(torch.eye(d, **f32))
+        elif kind == "mlp":
             self.w1 = nn.Parameter(rand(width, d))
             self.w2 = nn.Parameter(torch.zeros(d, width, **f32))
         elif rank is None:  # full rank: linear W = I, residual W = 0
@@ -156,7 +168,7 @@ class Adapter(nn.Module):
         x = h.to(torch.float32) if not torch.is_autocast_enabled(h.device.type) else h
         if self.kind == "mlp":
             y = x + F.linear(F.gelu(F.linear(x, self.w1)), self.w2)
-        elif self.rank is None:
+        elif self.rank is None:  # linear, fold: W h; residual: h + W h
             y = F.linear(x, self.weight) + (x if self.kind == "residual" else 0)
         else:
             y = F.linear(F.linear(x, self.down), self.up) + (x * self.scale if self.kind == "linear" else x)
@@ -169,7 +181,7 @@ class Adapter(nn.Module):
         if self.kind == "mlp":
             return self.w2.pow(2).sum()
         if self.rank is None:
-            eye = torch.eye(self.hidden, device=self.weight.device) if self.kind == "linear" else 0
+            eye = torch.eye(self.hidden, device=self.weight.device) if self.kind in ("linear", "fold") else 0
             return (self.weight - eye).pow(2).sum()
         # ||U D||_F^2 = sum((U^T U) * (D D^T)), all r x r
         low = ((self.up.T @ self.up) * (self.down @ self.down.T)).sum()
@@ -186,6 +198,13 @@ class Adapter(nn.Module):
         if self.kind == "identity":
             return 0
         return 2 * sum(p.numel() for n, p in self.named_parameters() if n != "scale")
+
+    @torch.no_grad()
+    def fold_into(self, linear: nn.Linear) -> None:
+        """Fold a ``fold`` adapter into the bias-free Linear whose output it maps: W <- T W (in float64)."""
+        if self.kind != "fold" or linear.bias is not None:
+            raise ValueError(f"only a fold adapter folds into a bias-free Linear (this one: {self.kind})")
+        linear.weight.copy_((self.weight.double() @ linear.weight.double()).to(linear.weight.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.kind}, hidden={self.hidden}, rank={self.rank}"
@@ -211,8 +230,8 @@ def fit_lstsq(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, ridge: float =
     if adapter.kind == "mlp":
         phi = F.gelu(x64 @ adapter.w1.double().T)
         adapter.w2.copy_(solve(phi, y64 - x64).T)
-    elif adapter.rank is None:
-        target = y64 if adapter.kind == "linear" else y64 - x64
+    elif adapter.rank is None:  # fold: x is the MLP output, y the residual target (what it must add)
+        target = y64 if adapter.kind in ("linear", "fold") else y64 - x64
         adapter.weight.copy_(solve(x64, target).T)
     else:
         m = solve(x64, y64 - x64)  # d x d, h -> h @ m
@@ -256,9 +275,12 @@ class TrainConfig:
     """Share of the calibration prompts held out for validation and early stopping."""
     skip_first: bool = True
     """Leave the first position out of the MSE: its attention-sink state has huge norms that would dominate."""
+    loss: dict = field(default_factory=lambda: {"mse": 1.0})
+    """Weights of the hidden-state objective both stages minimize: mse and/or cosine (1 - cos), summed."""
     seed: int = 0
 
     def __post_init__(self):
+        self.loss = check_weights(self.loss, HIDDEN_LOSSES, "hidden-state objective")
         if self.init not in ("identity", "lstsq"):
             raise ValueError(f"unknown adapter init {self.init!r}; use 'identity' or 'lstsq'")
         if not 0 < self.val_fraction < 1:
@@ -269,7 +291,7 @@ def _padded(examples, idx, pad, device):
     return pad_right([examples[i].ids for i in idx], pad, device)
 
 
-def _loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
+def loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
     m = mask.bool().clone()
     if skip_first:
         m[:, 0] = False
@@ -278,29 +300,57 @@ def _loss_mask(mask: torch.Tensor, skip_first: bool) -> torch.Tensor:
 
 @torch.no_grad()
 def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8, skip_first: bool = True,
-                   desc: str = "teacher states") -> dict[int, list[torch.Tensor]]:
-    """Hidden states *entering* layer i for each i in ``points`` (i = L: entering the final norm).
+                   desc: str = "teacher states", mlp: list[int] = ()) -> dict:
+    """Hidden states *entering* layer i for each i in ``points`` (i = L: entering the final norm), and for each
+    i in ``mlp`` the output of layer i's MLP down projection (key ``("mlp", i)``: what a fold adapter maps).
 
-    Returns {i: [per-example (tokens, d) fp32 tensors on the model's device]}, masked tokens only.
+    Returns {key: [per-example (tokens, d) fp32 tensors on the model's device]}, masked tokens only.
     """
     n = arch.num_layers(model)
     dev = arch.input_device(model)
-    out: dict[int, list[torch.Tensor]] = {i: [] for i in points}
-    names = {i: f"resid_pre.{i}" if i < n else "resid_final" for i in points}
+    names = {i: f"resid_pre.{i}" if i < n else "resid_final" for i in points} | {("mlp", i): f"mlp_out.{i}"
+                                                                                for i in mlp}
+    out: dict = {key: [] for key in names}
     with arch.capture(model, list(names.values())) as caught:
         for s in progress(range(0, len(examples), batch), desc=desc, unit="batch"):
             idx = list(range(s, min(s + batch, len(examples))))
             ids, mask = _padded(examples, idx, pad, dev)
             passes.count("calibration", len(idx))
             arch.run_decoder(model, ids, mask)
-            keep = _loss_mask(mask, skip_first)
-            for i in points:
+            keep = loss_mask(mask, skip_first)
+            for key, name in names.items():
                 for r in range(len(idx)):
-                    out[i].append(caught[names[i]][r][keep[r]].float())
+                    out[key].append(caught[name][r][keep[r]].float())
     return out
 
 
-class _Frozen:
+def check_weights(weights: dict, allowed: tuple, what: str) -> dict:
+    """Objective weights {name: w >= 0, sum > 0} with names from ``allowed`` -> the dict with the zero terms left
+    out; raise naming the problem and the fix."""
+    unknown = sorted(set(weights) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; use one or more of {', '.join(allowed)} "
+                         "(a weighted sum: e.g. task=1,distill=0.5)")
+    bad = {k: w for k, w in weights.items() if not isinstance(w, int | float) or not math.isfinite(w) or w < 0}
+    if bad:
+        raise ValueError(f"{what} weights must be finite and >= 0, got {bad}")
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"{what} weights sum to 0 ({weights}): give at least one term a positive weight")
+    return {k: float(w) for k, w in weights.items() if w > 0}
+
+
+def hidden_loss(pred: torch.Tensor, target: torch.Tensor, weights: dict) -> torch.Tensor:
+    """Sum over tokens (rows) of the weighted hidden-state loss: ``mse`` is the mean squared error over the hidden
+    dimension, ``cosine`` is 1 - cos(pred, target)."""
+    total = pred.new_zeros(())
+    if weights.get("mse"):
+        total = total + weights["mse"] * (pred - target).pow(2).mean(-1).sum()
+    if weights.get("cosine"):
+        total = total + weights["cosine"] * (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)).sum()
+    return total
+
+
+class Frozen:
     """Freeze every parameter except ``trainable``; restore the requires_grad flags on exit."""
 
     def __init__(self, model, trainable):
@@ -380,22 +430,28 @@ def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg
     _load_state(adapters, best_state)
 
 
-def _local_stage(adapter: Adapter, x_tr, y_tr, x_va, y_va, cfg: TrainConfig, label: str, curve: list) -> None:
+def _local_stage(adapter: Adapter, tr: tuple, va: tuple, cfg: TrainConfig, label: str, curve: list) -> None:
+    """Fit one adapter on cached teacher states: ``tr``/``va`` = (inputs, targets, base); the prediction is
+    ``adapter(inputs)``, plus ``base`` for a fold adapter (the block's stream before its MLP output is added)."""
     gen = torch.Generator().manual_seed(cfg.seed)
 
-    def batches():
-        order = torch.randperm(len(x_tr), generator=gen).to(x_tr.device)
-        for s in range(0, len(order), cfg.token_batch):
-            b = order[s : s + cfg.token_batch]
-            yield lambda b=b: F.mse_loss(adapter(x_tr[b]), y_tr[b])
+    def loss(x, y, base, b=slice(None)):
+        pred = adapter(x[b]) + (base[b] if base is not None else 0)
+        return hidden_loss(pred, y[b], cfg.loss) / len(pred)
 
-    _fit([adapter], cfg.lr, cfg.stage1_epochs, batches, lambda: F.mse_loss(adapter(x_va), y_va).item(), cfg, curve,
-         "stage1", label, f"stage 1, gap {label}")
+    def batches():
+        order = torch.randperm(len(tr[0]), generator=gen).to(tr[0].device)
+        for s in range(0, len(order), cfg.token_batch):
+            yield lambda b=order[s : s + cfg.token_batch]: loss(*tr, b)
+
+    _fit([adapter], cfg.lr, cfg.stage1_epochs, batches, lambda: loss(*va).item(), cfg, curve, "stage1", label,
+         f"stage 1, gap {label}")
 
 
 def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int, skip_first: bool,
-              grad: bool = False, shared: bool = False):
-    """Mean squared error of ``model``'s pre-final-norm hidden states against ``targets`` (per-example tensors).
+              grad: bool = False, shared: bool = False, weights: dict | None = None):
+    """Mean squared error of ``model``'s pre-final-norm hidden states against ``targets`` (per-example tensors);
+    with ``weights``, that hidden-state objective (``hidden_loss``) instead.
 
     Returns a scalar tensor (with grad if ``grad``) averaged over all compared tokens. ``shared``: under
     torchrun each process runs its share (of the batches; with ``grad``, of the examples, in one batch) and
@@ -418,10 +474,10 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
             passes.count("backward", len(idx) if grad else 0)
             with torch.set_grad_enabled(grad), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
                 arch.run_decoder(model, ids, mask)
-            keep = _loss_mask(mask, skip_first)
+            keep = loss_mask(mask, skip_first)
             pred = caught["resid_final"][keep].float()
             tgt = torch.cat([targets[i] for i in idx])
-            total = total + F.mse_loss(pred, tgt, reduction="sum") / pred.shape[-1]
+            total = total + hidden_loss(pred, tgt, weights or {"mse": 1.0})
             count += len(pred)
     if shared and parallel.active():
         count = parallel.all_sum(count)
@@ -452,7 +508,8 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
     specs, adapters = compact.specs, compact.adapters()
     n = compact.n_base_layers
     points = sorted({s.prev + 1 for s in specs} | {s.next for s in specs} | {n})
-    teacher = teacher_states(base, examples, points, pad, skip_first=cfg.skip_first)
+    folds = [s.prev for s in specs if s.kind == "fold"] if arch.mlp_adds_to_stream(base) else []
+    teacher = teacher_states(base, examples, points, pad, skip_first=cfg.skip_first, mlp=folds)
     va, va_t = [examples[i] for i in val_idx], [teacher[n][i] for i in val_idx]
     energy = torch.cat(va_t).pow(2).mean().item()
     curve: list[dict] = []
@@ -471,16 +528,8 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
 
     checkpoint("drop")
     torch.manual_seed(cfg.seed)
-    with _Frozen(compact, [p for a in adapters for p in a.parameters()]):
-        for spec, adapter in progress(list(zip(specs, adapters, strict=True)), desc="stage 1", unit="adapter"):
-            if adapter.kind == "identity":
-                continue
-            x, y = teacher[spec.prev + 1], teacher[spec.next]
-            x_tr, y_tr = torch.cat([x[i] for i in tr_idx]), torch.cat([y[i] for i in tr_idx])
-            x_va, y_va = torch.cat([x[i] for i in val_idx]), torch.cat([y[i] for i in val_idx])
-            if cfg.init == "lstsq":
-                fit_lstsq(adapter, x_tr, y_tr)
-            _local_stage(adapter, x_tr, y_tr, x_va, y_va, cfg, spec.label, curve)
+    with Frozen(compact, [p for a in adapters for p in a.parameters()]):
+        _stage1(specs, adapters, teacher, tr_idx, val_idx, cfg, curve)
         checkpoint("stage1")
         if cfg.stage2_epochs and any(a.n_params() for a in adapters):
             _end_to_end(compact, examples, teacher[n], tr_idx, val_idx, adapters, cfg, pad, curve)
@@ -490,10 +539,29 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
     return out
 
 
+def _stage1(specs, adapters, teacher: dict, tr_idx, val_idx, cfg: TrainConfig, curve: list) -> None:
+    """Each adapter fitted on its own on the teacher's states (closed form first with init='lstsq'). A fold
+    adapter maps the teacher's MLP output of the block before its gap; where the block does not add that output
+    to the stream as is (Gemma3 normalizes it first) it is left to stage 2 and healing."""
+    for spec, adapter in progress(list(zip(specs, adapters, strict=True)), desc="stage 1", unit="adapter"):
+        if adapter.kind == "identity" or (adapter.kind == "fold" and ("mlp", spec.prev) not in teacher):
+            continue
+        x, y = teacher[spec.prev + 1], teacher[spec.next]
+        base = None
+        if adapter.kind == "fold":  # input: the MLP output m; the stream without it: h_out - m
+            x, base = teacher[("mlp", spec.prev)], [h - m for h, m in zip(x, teacher[("mlp", spec.prev)], strict=True)]
+        tr, va = ([torch.cat([t[i] for i in idx]) if t is not None else None for t in (x, y, base)]
+                  for idx in (tr_idx, val_idx))
+        if cfg.init == "lstsq":
+            fit_lstsq(adapter, tr[0], tr[1] - (tr[2] if tr[2] is not None else 0))
+        _local_stage(adapter, tuple(tr), tuple(va), cfg, spec.label, curve)
+
+
 def _step_mse(compact, examples, targets, pad, cfg: TrainConfig):
     """One stage-2 training step's MSE (with grad) over ``examples``."""
     passes.count("train")
-    return final_mse(compact, examples, targets, pad, len(examples), cfg.skip_first, grad=True, shared=True)
+    return final_mse(compact, examples, targets, pad, len(examples), cfg.skip_first, grad=True, shared=True,
+                     weights=cfg.loss)
 
 
 def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainConfig, pad, curve):
@@ -508,5 +576,6 @@ def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainC
             yield lambda b=b: _step_mse(compact, [tr[i] for i in b], [final[tr_idx[i]] for i in b], pad, cfg)
 
     _fit(adapters, cfg.stage2_lr, cfg.stage2_epochs, batches,
-         lambda: final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first, shared=True).item(), cfg, curve,
+         lambda: final_mse(compact, va, va_t, pad, cfg.sample_batch, cfg.skip_first, shared=True,
+                           weights=cfg.loss).item(), cfg, curve,
          "stage2", "all", "stage 2", desc="stage 2", shared=True)

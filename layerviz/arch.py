@@ -450,6 +450,31 @@ def validate_layers(layer_ids, n: int, allow_empty: bool = False) -> list[int]:
     return ids
 
 
+def mlp_out(layer: nn.Module) -> nn.Module:
+    """The MLP's output (down) projection of a decoder layer: where a fold adapter's map is folded (a Linear, or
+    a wrapper of one while LoRA is injected)."""
+    down = getattr(getattr(layer, "mlp", None), "down_proj", None)
+    if not isinstance(down, nn.Linear) and not isinstance(getattr(down, "base_layer", None), nn.Linear):
+        raise NotImplementedError(f"{type(layer).__name__}: no mlp.down_proj Linear that layerviz knows")
+    return down
+
+
+def mlp_adds_to_stream(model: nn.Module) -> bool:
+    """Whether a layer adds its down projection's output to the residual stream as is (Gemma3 normalizes it
+    first with post_feedforward_layernorm)."""
+    return family(model) != "gemma3"
+
+
+@contextmanager
+def map_output(module: nn.Module, fn):
+    """Temporarily replace ``module``'s output y by ``fn(y)`` (a forward hook, removed on exit)."""
+    handle = module.register_forward_hook(lambda _m, _a, out: fn(out))
+    try:
+        yield module
+    finally:
+        handle.remove()
+
+
 def attention_module(layer: nn.Module) -> nn.Module:
     """The self-attention block of a decoder layer."""
     attn = getattr(layer, "self_attn", None)
@@ -496,12 +521,14 @@ def _hook_point(model: nn.Module, name: str):
     kind, _, idx = name.partition(".")
     if kind == "resid_final" and not idx:
         return final_norm(model), "pre"
-    if kind in ("resid_pre", "resid_post", "attn_in") and idx.isdigit() and int(idx) < n:
+    if kind in ("resid_pre", "resid_post", "attn_in", "mlp_out") and idx.isdigit() and int(idx) < n:
         layer = layers(model)[int(idx)]
+        if kind == "mlp_out":
+            return mlp_out(layer), "post"
         if kind == "attn_in":
             return attention_module(layer), "attn"
         return layer, "pre" if kind == "resid_pre" else "post"
-    raise ValueError(f"unknown capture point {name!r}: use resid_pre.i, resid_post.i or attn_in.i with i in "
+    raise ValueError(f"unknown capture point {name!r}: use resid_pre.i, resid_post.i, attn_in.i or mlp_out.i with i in "
                      f"0..{n - 1}, or resid_final")
 
 
@@ -510,7 +537,7 @@ def capture(model: nn.Module, points: list[str], detach: bool = False, on=None):
     """Capture residual-stream states during forward passes (TransformerLens-style names).
 
     Points: ``resid_pre.i`` (the hidden state entering layer i), ``resid_post.i`` (leaving layer i),
-    ``resid_final`` (entering the final norm) and ``attn_in.i`` (layer i's attention module input, as
+    ``resid_final`` (entering the final norm), ``mlp_out.i`` (layer i's MLP down-projection output) and ``attn_in.i`` (layer i's attention module input, as
     ``(hidden_states, kwargs)``). Yields a dict that holds, per point, the state of the latest forward
     pass; with ``on``, each state is passed to ``on(name, state)`` as it is produced instead (streaming).
     ``detach`` cuts states from the autograd graph. Every hook is removed on exit, also after an exception.

@@ -19,7 +19,7 @@ CONFIG_COMMANDS = {
     "evaluate": ("layerviz.evaluate", "EvalConfig", "score a model's recommendations on fixed candidate lists"),
     "importance": ("layerviz.importance", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
     "select": ("layerviz.selection", "SelectConfig", "RQ2: choose layers with one strategy"),
-    "adapt": ("layerviz.compact", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
+    "adapt": ("layerviz.adapt", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
               "adapters, measure retention"),
     "bench": ("layerviz.bench", "BenchConfig", "RQ4: latency, throughput, peak memory of full vs compact models, "
               "and the FLOP bound"),
@@ -142,17 +142,32 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from layerviz.compact import run_adapt  # heavy: loaded when the command runs
+    from layerviz.adapt import run_adapt  # heavy: loaded when the command runs
 
-    res = run_adapt(_config(args), out=args.out, use_cache=not args.no_cache)
+    cfg = _config(args)
+    res = run_adapt(cfg, out=args.out, use_cache=not args.no_cache)
     s = res["summary"]
-    print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}")
+    print(f"\ncompact {s['model']}: kept {s['k']} of {s['n_layers']} layers {s['layers']}; objective {s['objective']}, "
+          f"healing {s['heal_mode']}; validation NDCG@10 {s['valid_ndcg@10']:.4f}")
     print(f"  adapters: {s['adapter_params']:,} parameters = {s['params_pct_of_base']:.3f}% of the base, "
           f"{s['params_pct_of_kept_layers']:.2f}% of the kept layers; {s['flops_pct']:.3f}% FLOPs per token")
     print(f"  full model NDCG@10 {s['full_ndcg@10']:.4f}, chance {s['chance_ndcg@10']:.4f}; "
           f"training {s['train_seconds']:.1f} s")
-    print(res["retention"].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if "control_ndcg@10" in s:
+        print(f"  control (the full model trained for as long): NDCG@10 {s['control_ndcg@10']:.4f}")
+    cols = ["stage", "ndcg@10", "retention", "retention_low", "retention_high", "retention_control", "top1",
+            "kendall_tau", "val_mse"]
+    print(res["retention"][[c for c in cols if c in res["retention"]]].to_string(index=False,
+                                                                                float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {res['folder']}")
+    if args.export:
+        from layerviz.compact import load_compact  # heavy: loaded when the command runs
+        from layerviz.models import load_model  # (as above)
+
+        base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        compact = load_compact(res["folder"] / "compact", base=base)
+        print(f"exported {compact.export_hf(args.export, tokenizer=tok)} (loads with "
+              "AutoModelForCausalLM.from_pretrained, no layerviz needed)")
     return 0
 
 
@@ -247,7 +262,10 @@ def _add_config_command(sub, name: str) -> None:
     finetune_out = [(["--out"], {"required": True, "help": "folder for the fine-tuned model (a plain HF folder)"}),
                     (["--overwrite"], {"action": "store_true", "help": "replace a non-empty --out"})]
     func, extra = {"evaluate": (_cmd_evaluate, [out]), "importance": (_cmd_importance, [out, no_cache]),
-                   "select": (_cmd_select, [out]), "adapt": (_cmd_adapt, [out, no_cache]),
+                   "select": (_cmd_select, [out]),
+                   "adapt": (_cmd_adapt, [out, no_cache, (["--export"], {"default": None, "help": (
+                       "also write the compact model as a plain HF checkpoint here (fold adapters folded into "
+                       "down_proj; adapters on the residual stream refuse)")})]),
                    "bench": (_cmd_bench, [out]), "finetune": (_cmd_finetune, finetune_out)}[name]
     _config_command(sub, name, func, extra)
 

@@ -8,39 +8,29 @@ layers; ``config.num_hidden_layers`` is k), so the scorers accept it unchanged.
 
 By default it shares the base model's weights (no copy; the base model itself is never
 modified). ``save``/``load_compact`` keep the layer list, the adapter specs and weights
-(safetensors) and a manifest naming the base model; ``export_hf`` writes a plain HF folder
-that transformers loads without layerviz (only when no adapters are used).
+(safetensors), the weights healing changed, and a manifest naming the base model; ``export_hf``
+writes a plain HF folder that transformers loads without layerviz (fold adapters folded into their
+block's down projection; adapters on the residual stream refuse). Training and measuring a compact
+model: ``layerviz.adapt``.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from layerviz import arch, metrics, store
-from layerviz.adapters import (
-    Adapter,
-    AdapterPolicy,
-    AdapterSpec,
-    TrainConfig,
-    plan,
-    train_adapters,
-)
-from layerviz.data import load
-from layerviz.errors import NonFiniteLossError
-from layerviz.evaluate import task_evaluator
-from layerviz.importance import build_calibration
-from layerviz.models import load_model
-from layerviz.settings import Settings
+from layerviz import arch, store
+from layerviz.adapters import Adapter, AdapterPolicy, AdapterSpec, plan
 
 FORMAT_VERSION = 1
 
@@ -48,23 +38,27 @@ FORMAT_VERSION = 1
 class KeptLayer(nn.Module):
     """A kept decoder layer run at position ``index``, behind the adapter of the gap before it.
 
-    The last kept layer also carries the tail adapter (``after``). Attributes the decoder
-    reads from its layers (``attention_type``, ``self_attn``, ...) fall through to the layer.
+    The last kept layer also carries the tail adapter (``after``); ``fold`` maps the layer's MLP output (the
+    fold adapter of the gap after it). Attributes the decoder reads from its layers (``attention_type``,
+    ``self_attn``, ...) fall through to the layer.
     """
 
-    def __init__(self, layer: nn.Module, index: int, before: Adapter, after: Adapter | None = None):
+    def __init__(self, layer: nn.Module, index: int, before: Adapter, after: Adapter | None = None,
+                 fold: Adapter | None = None):
         super().__init__()
         self.layer, self.before, self.index = layer, before, index
-        self.after = after
+        self.after, self.fold = after, fold
 
     @property
     def version(self) -> int:
         """Changes whenever an adapter weight changes (in-place updates bump tensor versions)."""
-        return sum(p._version for a in (self.before, self.after) if a is not None for p in a.parameters())
+        mods = (self.before, self.after, self.fold)
+        return sum(p._version for a in mods if a is not None for p in a.parameters())
 
     def forward(self, hidden_states, *args, **kwargs):
         h = self.before(hidden_states)
-        with arch.layer_index(arch.indexed_modules(self.layer), self.index):
+        with arch.layer_index(arch.indexed_modules(self.layer), self.index), (
+                arch.map_output(arch.mlp_out(self.layer), self.fold) if self.fold is not None else nullcontext()):
             out = self.layer(h, *args, **kwargs)
         if self.after is not None:
             out = (self.after(out[0]), *out[1:]) if isinstance(out, tuple) else self.after(out)
@@ -95,10 +89,12 @@ def fingerprint(model: nn.Module) -> str:
 class CompactLM(nn.Module):
     """k kept layers of a base model joined by adapters; behaves like a HF causal LM."""
 
-    def __init__(self, hf: nn.Module, layers: list[int], specs: list[AdapterSpec], base: dict):
+    def __init__(self, hf: nn.Module, layers: list[int], specs: list[AdapterSpec], base: dict,
+                 gaps: list[Adapter]):
         super().__init__()
         self.hf = hf
         self.kept_layers, self.specs, self.base = list(layers), list(specs), dict(base)
+        self.__dict__["_gaps"] = list(gaps)  # the same modules as the kept layers hold (not registered twice)
 
     # -- what layerviz.arch and the scorers read
     @property
@@ -133,9 +129,7 @@ class CompactLM(nn.Module):
 
     def adapters(self) -> list[Adapter]:
         """One adapter per gap, in the order of ``specs`` (the tail one last)."""
-        kept = list(arch.layers(self))
-        out = [k.before for k in kept]
-        return out + ([kept[-1].after] if kept[-1].after is not None else [])
+        return list(self.__dict__["_gaps"])
 
     def has_adapters(self) -> bool:
         return any(a.kind != "identity" for a in self.adapters())
@@ -164,6 +158,13 @@ class CompactLM(nn.Module):
                 "flops_pct": 100 * flops / compact_flops}
 
     # -- persistence
+    def healed_state(self) -> dict[str, torch.Tensor]:
+        """The weights healing changed (``base['healed']`` names the modules), adapters left out: what ``save``
+        keeps besides the adapters."""
+        prefixes = tuple(self.base.get("healed", []))
+        return {k: v.detach().clone().contiguous().cpu() for k, v in self.hf.state_dict().items()
+                if k.startswith(prefixes) and not any(f".{a}." in k for a in ("before", "after", "fold"))}
+
     def save(self, folder: str | Path, overwrite: bool = False) -> Path:
         """Write layers, adapter specs, adapter weights (safetensors) and a manifest naming the base."""
 
@@ -171,23 +172,36 @@ class CompactLM(nn.Module):
         weights = {f"{j}.{n}": t.detach().contiguous().cpu() for j, a in enumerate(self.adapters())
                    for n, t in a.state_dict().items()}
         store.atomic_write(folder / "adapters.safetensors", lambda tmp: save_file(weights, tmp))
+        if self.base.get("healed"):
+            healed = self.healed_state()
+            store.atomic_write(folder / "weights.safetensors", lambda tmp: save_file(healed, tmp))
         store.write_json(folder / "compact.json", {
             "format": FORMAT_VERSION, "layers": self.kept_layers, "n_base_layers": self.n_base_layers,
             "specs": [asdict(s) for s in self.specs], "base": self.base, "versions": store.versions()})
         return folder
 
     def export_hf(self, folder: str | Path, tokenizer=None, overwrite: bool = False) -> Path:
-        """Write a plain HF model folder (num_hidden_layers = k) that loads without layerviz."""
-        if self.has_adapters():
-            kinds = sorted({a.kind for a in self.adapters()} - {"identity"})
+        """Write a plain HF model folder (num_hidden_layers = k, kept layers renumbered, their attention types
+        kept) that loads without layerviz. Fold adapters are folded into their block's down projection (no
+        added parameters); an adapter on the residual stream has no standard form and refuses."""
+        stuck = [f"{s.label} ({s.kind}{'' if s.rank is None else f', rank {s.rank}'})"
+                 for s, a in zip(self.specs, self.adapters(), strict=True) if a.kind not in ("identity", "fold")]
+        if stuck:
             raise ValueError(
-                f"this compact model uses {', '.join(kinds)} adapters, which a plain transformers model "
-                "cannot represent: keep it with compact.save(folder) and load it with "
-                "layerviz.load_compact(folder, base=...), or build it with adapters='identity' "
-                "(plain layer dropping) to export it."
+                f"cannot export: the adapters of gaps {', '.join(stuck)} act on the residual stream, which no standard "
+                "decoder layer computes, so they cannot be folded into its weights. Build the compact model with "
+                "policy force='fold' (a linear map on the previous block's MLP output, folded into down_proj) or "
+                "'identity' (plain dropping) to export it; keep this one with compact.save(folder) and "
+                "layerviz.load_compact(folder, base=...)."
             )
         folder = _fresh_dir(folder, overwrite)
-        raw = [k.layer for k in arch.layers(self)]
+        raw = []
+        for kept in arch.layers(self):
+            layer = kept.layer
+            if kept.fold is not None:  # W_down <- T W_down on a copy: the shared base layer stays as it is
+                layer = copy.deepcopy(layer)
+                kept.fold.fold_into(arch.mlp_out(layer))
+            raw.append(layer)
         plain = arch.assemble(self.hf, raw, arch.layer_types(self), share=True)
         plain.config.architectures = [type(self.hf).__name__]
         plain.save_pretrained(folder)
@@ -219,6 +233,12 @@ def _resolve_specs(adapters, layers: list[int], n: int) -> list[AdapterSpec]:
     return specs
 
 
+def _gap_modules(kept: list[KeptLayer], specs: list[AdapterSpec]) -> list[Adapter]:
+    """Each gap's adapter where ``build_compact`` placed it (after a copy, the copies)."""
+    return [kept[j - 1].fold if s.kind == "fold" else kept[j].before if j < len(kept) else kept[-1].after
+            for j, s in enumerate(specs)]
+
+
 def build_compact(model: nn.Module, layers: list[int], adapters: AdapterPolicy | str | list | None = None,
                   share: bool = True, seed: int = 0) -> CompactLM:
     """Compact model keeping ``layers`` (ascending) of ``model``, joined by adapters.
@@ -236,16 +256,24 @@ def build_compact(model: nn.Module, layers: list[int], adapters: AdapterPolicy |
     d, dev = arch.hidden_size(model), arch.input_device(model)
     mods = [Adapter(s.kind, d, s.rank, device=dev, seed=seed + j) for j, s in enumerate(specs)]
     base_layers = arch.layers(model)
-    kept = [KeptLayer(base_layers[i], j, mods[j]) for j, i in enumerate(layers)]
-    if len(specs) > len(layers):
-        kept[-1].after = mods[-1]
+    kept = [KeptLayer(base_layers[i], j, Adapter("identity", d)) for j, i in enumerate(layers)]
+    for j, (spec, mod) in enumerate(zip(specs, mods, strict=True)):  # gap j lies before kept layer j (tail: after)
+        if spec.kind == "fold":  # on the MLP output of the kept block before the gap
+            if j == 0:
+                raise ValueError("a fold adapter needs a kept block before its gap; the gap before the first kept "
+                                 "layer cannot have one (use identity there, as policy force='fold' does)")
+            kept[j - 1].fold = mod
+        elif j < len(layers):
+            kept[j].before = mod
+        else:
+            kept[-1].after = mod
     types = arch.layer_types(model)
     hf = arch.assemble(model, kept, [types[i] for i in layers], share=share)
     base = {"source": getattr(model, "layerviz_source", None) or getattr(model.config, "_name_or_path", ""),
             "class": type(model).__name__, "family": arch.family(model), "n_layers": n,
             "n_params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-            "fingerprint": fingerprint(model)}
-    return CompactLM(hf, layers, specs, base)
+            "fingerprint": fingerprint(model), "shared": share}
+    return CompactLM(hf, layers, specs, base, _gap_modules(list(arch.layers(hf)), specs))
 
 
 def load_compact(folder: str | Path, base: nn.Module, share: bool = True) -> CompactLM:
@@ -264,141 +292,16 @@ def load_compact(folder: str | Path, base: nn.Module, share: bool = True) -> Com
             f"fingerprint {want.get('fingerprint')}); the base model given differs in {', '.join(diff)} "
             f"({have}). Load the same base model it was trained on."
         )
-    compact = build_compact(base, meta["layers"], [AdapterSpec(**s) for s in meta["specs"]], share=share)
+    healed = meta["base"].get("healed")
+    compact = build_compact(base, meta["layers"], [AdapterSpec(**s) for s in meta["specs"]],
+                            share=share and not healed)
+    if healed:  # healing changed these weights of the base: the compact model holds its own copy
+        got = load_file(str(folder / "weights.safetensors"), device=str(compact.device))
+        missing, unexpected = compact.hf.load_state_dict(got, strict=False)
+        if unexpected:
+            raise ValueError(f"{folder}/weights.safetensors holds weights this model lacks: {unexpected[:3]}")
+        compact.base["healed"] = healed
     weights = load_file(str(folder / "adapters.safetensors"), device=str(compact.device))
     for j, a in enumerate(compact.adapters()):
         a.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.split(".", 1)[0] == str(j)})
     return compact
-
-
-# ----------------------------------------------------------------------------- the study stage
-
-
-@dataclass
-class AdaptConfig(Settings):
-    """What decides an adapter run (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
-
-    layers: list[int] | None = None
-    """Kept layers (ascending); or give ``selection``."""
-    selection: str | None = None
-    """A selection.json from `layerviz select --out` (its ``layers``)."""
-    policy: dict = field(default_factory=dict)
-    """Overrides of AdapterPolicy (rank, force, linear_max_gap, boundary, embedding, tail)."""
-    train: dict = field(default_factory=dict)
-    """Overrides of TrainConfig (init, stage1_epochs, stage2_epochs, lr, reg, ...)."""
-    samples: int = 64
-    """Calibration prompts (validation targets of seeded users) for training; a share is held out."""
-    users: int = 100
-    """Test users for the NDCG@10 retention (1 + negatives candidates each)."""
-    calibration: str = "auto"
-    """Likelihood calibration of the retention NDCG: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-
-    def kept(self, n_layers: int) -> list[int]:
-        """The layer list from ``layers`` or ``selection`` (checked against the model)."""
-        if (self.layers is None) == (self.selection is None):
-            raise ValueError("give exactly one of layers (e.g. 0,3,7) or selection (a selection.json)")
-        if self.selection is not None:
-            path = Path(self.selection)
-            if path.is_dir():
-                path = path / "selection.json"
-            if not path.exists():
-                raise FileNotFoundError(f"no selection file {path}; write one with `layerviz select --out DIR`")
-            sel = json.loads(path.read_text())
-            if sel.get("n_layers") not in (None, n_layers):
-                raise ValueError(f"{path} selects from {sel['n_layers']} layers but the model has {n_layers}")
-            return arch.validate_layers(sel["layers"], n_layers)
-        return arch.validate_layers(self.layers, n_layers)
-
-
-class _Retention:
-    """``train_adapters``' on_stage callback: each stage's NDCG@5/@10 on the test users (or the caller's
-    ``given`` scores of that stage), with CIs and the retention against the full model -> ``rows``."""
-
-    def __init__(self, evaluator, compact, full: pd.DataFrame, given: dict, seed: int, report):
-        self.evaluator, self.compact, self.full, self.given, self.seed, self.report = (
-            evaluator, compact, full, given, seed, report)
-        self.rows: list[dict] = []
-        self.per_user = {f"full:{m}": full[m].to_numpy() for m in ("ndcg@5", "ndcg@10")}
-
-    def __call__(self, stage: str, mse: float, nmse: float, seconds: float) -> None:
-        got = self.given[stage] if stage in self.given else self.evaluator.metrics(self.compact)
-        row = {"stage": stage, "val_mse": mse, "val_nmse": nmse, "train_seconds": seconds}
-        for m in ("ndcg@5", "ndcg@10"):
-            self.per_user[f"{stage}:{m}"] = got[m].to_numpy()
-            mean, lo, hi = metrics.bootstrap_ci(got[m], seed=self.seed)
-            r, rlo, rhi = metrics.ratio_ci(got[m], self.full[m], seed=self.seed)
-            suffix = "" if m == "ndcg@10" else "@5"
-            row.update({m: mean, f"{m}_low": lo, f"{m}_high": hi, f"retention{suffix}": r,
-                        f"retention{suffix}_low": rlo, f"retention{suffix}_high": rhi})
-        self.rows.append(row)
-        if self.report:
-            self.report(f"  {stage:>6}: val MSE {mse:.4g} (relative {nmse:.3f}), NDCG@10 {row['ndcg@10']:.4f}, "
-                        f"retention {row['retention']:.3f} [{row['retention_low']:.3f}, {row['retention_high']:.3f}]")
-
-
-def _adapt(cfg: AdaptConfig, policy: AdapterPolicy, tcfg: TrainConfig, prep, model, tokenizer, folder: Path,
-           given: dict, report) -> tuple[dict, CompactLM]:
-    """The adapters trained on ``cfg``'s layers and measured (``run_adapt``'s work) -> (outputs, compact model).
-    A non-finite loss saves the last good adapters first, then raises."""
-    layers = cfg.kept(arch.num_layers(model))
-    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
-    evaluator, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "test", cfg.calibration)
-    full = given["full"] if "full" in given else evaluator.metrics(model)
-    compact = build_compact(model, layers, policy, seed=cfg.seed)
-    retention, error = _Retention(evaluator, compact, full, given, cfg.seed, report), None
-    try:
-        curve = train_adapters(compact, model, cal, tcfg, pad=tokenizer.pad_token_id, report=None,
-                               on_stage=retention)
-    except NonFiniteLossError as e:
-        error, curve = e, pd.DataFrame()
-    compact.save(folder / "compact", overwrite=True)
-    if error is not None:
-        raise NonFiniteLossError(f"{error} The last good adapters are saved in {folder / 'compact'}.") from error
-    full_mean, flo, fhi = metrics.bootstrap_ci(full["ndcg@10"], seed=cfg.seed)
-    summary = {"model": cfg.model, "layers": layers, "k": len(layers), "n_layers": compact.n_base_layers,
-               "full_ndcg@10": full_mean, "full_ndcg@10_low": flo, "full_ndcg@10_high": fhi,
-               "full_ndcg@5": float(full["ndcg@5"].mean()),
-               "chance_ndcg@10": metrics.chance(cfg.negatives + 1)["ndcg@10"],
-               "train_seconds": curve.attrs.get("train_seconds", float("nan")),
-               "calibration": evaluator.cfg.calibration, **compact.overhead()}
-    return {"summary": summary, "retention": pd.DataFrame(retention.rows), "curve": curve,
-            "placement": compact.placement(),
-            "per_user": pd.DataFrame({k: np.asarray(v) for k, v in retention.per_user.items()})}, compact
-
-
-def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, tokenizer=None, use_cache: bool = True,
-              report=print, measured: dict[str, pd.DataFrame] | None = None) -> dict:
-    """Build, train and evaluate a compact model; write it and its tables to ``out`` -> summary dict.
-
-    Retention (compact / full NDCG@10 on the test users, paired bootstrap CI) and the
-    validation MSE of the pre-norm final hidden state are measured before training (plain
-    layer dropping), after stage 1 and after stage 2. ``measured`` may hold the per-user ``ndcg@5`` and
-    ``ndcg@10`` of the full model ("full") and of plain dropping ("drop") that the caller already scored
-    on these test users with this calibration: they are used instead of scoring them again.
-    """
-    policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})  # bad input: now
-    prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
-    key = store.config_hash("adapt", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},
-                            prep.fingerprint, store.versions()["layerviz"])
-    folder = Path(out) if out else Path(cfg.results_dir) / "adapt" / f"{cfg.model.replace('/', '_')}-{key}"
-    made = {}
-
-    def compute(folder: Path) -> dict:
-        nonlocal model, tokenizer
-        if model is None:
-            model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-        outputs, made["compact"] = _adapt(cfg, policy, tcfg, prep, model, tokenizer, folder, measured or {}, report)
-        return outputs
-
-    out, was_cached = store.cached(folder, key, compute, use_cache, marker="manifest.json",
-                                   meta={"config": asdict(cfg), "seed": cfg.seed, "data_fingerprint": prep.fingerprint})
-    if was_cached and report:
-        report(f"adapt: loaded cached results from {folder}")
-    return {**out, "folder": folder, "compact": made.get("compact")}
-
-
-def load_adapt(folder: str | Path) -> dict:
-    """Read the tables of a finished adapter run (the compact model itself: load_compact)."""
-    folder = Path(folder)
-    files = json.loads((folder / "manifest.json").read_text())["files"]
-    return {**store.read_outputs(folder, files), "folder": folder, "compact": None}

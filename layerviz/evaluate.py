@@ -148,13 +148,16 @@ class TaskEvaluator:
     def __call__(self, model) -> np.ndarray:
         return self.metrics(model)["ndcg@10"].to_numpy()
 
-    def metrics(self, model) -> pd.DataFrame:
-        """Every ranking metric per user (rows in candidate order)."""
+    def scores(self, model) -> np.ndarray:
+        """Every user's candidate scores (users, candidates), in candidate order."""
         self.calls += 1
         part = parallel.shard(len(self.requests))  # all of them in one process
-        scores = parallel.gather(score(model, self.tokenizer, self.requests[part.start:part.stop], self.cfg,
-                                       desc="task eval"))
-        return metrics.per_user(metrics.pessimistic_ranks(np.stack(scores), self.pos))
+        return np.stack(parallel.gather(score(model, self.tokenizer, self.requests[part.start:part.stop], self.cfg,
+                                              desc="task eval")))
+
+    def metrics(self, model, scores: np.ndarray | None = None) -> pd.DataFrame:
+        """Every ranking metric per user (rows in candidate order), of ``model`` or of its given ``scores``."""
+        return metrics.per_user(metrics.pessimistic_ranks(self.scores(model) if scores is None else scores, self.pos))
 
 
 class FidelityEvaluator:

@@ -97,3 +97,17 @@ def ratio_ci(num: np.ndarray, den: np.ndarray, n_boot: int = 2000, seed: int = 0
     boot[~np.isfinite(boot)] = np.nan  # resamples whose denominator is 0
     a = (1 - level) / 2
     return float(ratio), float(np.nanquantile(boot, a)), float(np.nanquantile(boot, 1 - a))
+
+
+def agreement(reference: np.ndarray, scores: np.ndarray) -> pd.DataFrame:
+    """Per user, how a model's candidate scores agree with a reference model's on the same candidates:
+    ``top1`` (1 when both put the same candidate first) and ``kendall_tau`` (tau-b of the two score vectors)."""
+    from scipy.stats import kendalltau  # loaded when needed
+
+    ref, got = np.asarray(reference, dtype=float), np.asarray(scores, dtype=float)
+    if ref.shape != got.shape or ref.ndim != 2:
+        raise ValueError(f"agreement needs two (users, candidates) score arrays of one shape, got {ref.shape} and "
+                         f"{got.shape}")
+    taus = [kendalltau(a, b).statistic for a, b in zip(ref, got, strict=True)]
+    return pd.DataFrame({"top1": (ref.argmax(1) == got.argmax(1)).astype(float),
+                         "kendall_tau": np.nan_to_num(np.asarray(taus, dtype=float))})

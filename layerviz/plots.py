@@ -182,6 +182,31 @@ def training_curves(curve: pd.DataFrame, title: str = ""):
     return fig
 
 
+def retention_vs_k(table: pd.DataFrame, goal: float | None = 0.85, against: str = "retention", title: str = ""):
+    """RQ3: NDCG@10 retention (with its 95% CI) against k for plain dropping and each adapter variant, one panel per
+    selection; ``against``: 'retention' (the full model) or 'retention_control' (the full model trained as long)."""
+    sels = list(dict.fromkeys(table["selection"]))
+    with paper_style():
+        fig, axes = plt.subplots(1, len(sels), figsize=(4.4 * len(sels), 3.4), squeeze=False, sharey=True)
+        for ax, sel in zip(axes[0], sels, strict=True):
+            for j, (variant, g) in enumerate(table[table["selection"] == sel].groupby("variant", sort=False)):
+                g = g.sort_values("k")
+                err = [g[against] - g[f"{against}_low"], g[f"{against}_high"] - g[against]]
+                ax.errorbar(g["k"] + 0.08 * (j - 2), g[against], yerr=err, fmt="-o", ms=3.5, capsize=2,
+                            label=variant, color="#888888" if variant == "drop" else None)
+            if goal is not None:
+                ax.axhline(goal, color="#d62728", lw=0.8, ls="--")
+            ax.axhline(1.0, color="#444444", lw=0.6, ls=":")
+            ax.set_xlabel("k (kept layers)")
+            ax.set_title(f"{sel} selection")
+        axes[0][0].set_ylabel("NDCG@10 retention" + (" vs control" if against == "retention_control" else ""))
+        axes[0][-1].legend(fontsize=7)
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+    return fig
+
+
 def retention_bars(retention: pd.DataFrame, full: float, chance: float, title: str = ""):
     """NDCG@10 of the compact model before training, after stage 1 and after stage 2 (95% CIs)."""
     names = {"drop": "layer dropping\n(no training)", "stage1": "adapters,\nstage 1", "stage2": "adapters,\nstage 2"}

@@ -5,8 +5,8 @@ from dataclasses import asdict, fields
 import pytest
 
 from layerviz import cli
+from layerviz.adapt import AdaptConfig
 from layerviz.bench import BenchConfig
-from layerviz.compact import AdaptConfig
 from layerviz.evaluate import EvalConfig
 from layerviz.finetune import FinetuneConfig
 from layerviz.importance import ImportanceConfig

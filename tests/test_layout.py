@@ -51,7 +51,7 @@ TIERS = [
     ["evaluate"],
     ["adapters", "importance"],
     ["compact", "selection"],
-    ["bench", "finetune"],
+    ["adapt", "bench", "finetune", "heal"],
     ["notebook_params", "plots", "report", "widgets"],
     ["study"],
     ["__main__", "cli"],

@@ -34,7 +34,9 @@ NESTED = {
     "finetune": {"epochs": None, "max_steps": 2, "eval_every": 2, "eval_users": 3, "batch_size": 2,
                  "train_negatives": 3},  # sizes: steps, users, batch
     "importance": {"samples": 3, "ablation_users": 2},  # sizes
-    "adapters": {"samples": 4, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},  # sizes
+    "adapters": {"samples": 4, "train": {"stage1_epochs": 2, "stage2_epochs": 1}, "valid_users": 3,
+                 "heal": {"steps": 2, "eval_every": 2, "batch_size": 2}},  # sizes
+    "rq3": {"ks": [4]},  # sizes: one depth (every variant and both selections kept)
     "bench": {"runs": 1, "warmup": 0, "prefill_batch": 1, "seq_len": 8, "qps_queries": 1,
               "isolate": False},  # sizes; memory measured in-process (no worker processes)
 }

@@ -304,7 +304,7 @@ def test_notebooks_only_read_unless_told_to_compute(smoke_study, tmp_path):
 
 STAGE_KINDS = {"baselines", "finetune", "calibration-zeroshot", "zeroshot", "importance",
                "importance-zeroshot", "select", "evaluation", "adapters", "curves", "cold", "finetuned-full",
-               "transfer", "bench"}
+               "transfer", "bench", "heal_variants"}
 
 
 def _kind(name: str) -> str:
@@ -317,7 +317,12 @@ CHANGES = [
     ({"positive_threshold": 3.0}, STAGE_KINDS),
     ({"history_len": 4}, STAGE_KINDS),
     ({"item_noun": "gadgets"}, STAGE_KINDS),  # the prompts' wording: a data setting too
-    ({"eval_users": 5}, {"baselines", "zeroshot", "evaluation", "adapters", "cold", "finetuned-full", "transfer"}),
+    ({"eval_users": 5}, {"baselines", "zeroshot", "evaluation", "adapters", "cold", "finetuned-full", "transfer",
+                         "heal_variants"}),
+    ({"rq3": {"variants": {"mse": {"objective": "mse"}}, "ks": [2]}}, {"heal_variants"}),
+    ({"adapters": {"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1},
+                   "objective": "task", "valid_users": 3, "heal": {"steps": 2, "eval_every": 2, "batch_size": 2}}},
+     {"adapters", "cold", "transfer", "heal_variants"}),  # the variants start from the adapters section
     ({"select_users": 4}, {"select", "curves"}),
     ({"calibration_users": 4}, {"calibration-zeroshot"}),  # the fine-tuned model's is 'none': no stage
     ({"importance": {"samples": 4, "ablation_users": 2, "ablation_negatives": 4}},
@@ -357,3 +362,25 @@ def test_a_setting_reruns_exactly_the_stages_that_read_it(key_walk, tmp_path, ch
     after = keys(tmp_path / change.pop("results_dir", ""), **change)
     assert set(before) == set(after) and {_kind(n) for n in before} == STAGE_KINDS
     assert {_kind(n) for n in before if before[n] != after[n]} == reruns
+
+
+def test_rq3_compares_adapter_variants_with_a_control(smoke_study):
+    """The adapters stage heals (task + distill) with a control; the rq3 stage runs every variant at each k for both
+    selections, and its table picks one variant per selection and k by validation NDCG@10."""
+    res, a = smoke_study, smoke_study.config.domain_a
+    heal = res.adapters[(res.adapters.dataset == a)]
+    assert list(heal.stage) == ["drop", "stage1", "heal"] * len(res.models)
+    assert heal["retention_control"].notna().all() and heal["top1"].between(0, 1).all()
+    assert heal["kendall_tau"].between(-1, 1).all()
+    assert set(res.heal_curves.columns) >= {"step", "loss", "task", "distill", "valid_ndcg@10"}
+    t = res.tables["rq3"]
+    assert set(t.variant) == {"drop", "mse", "task+distill"} and set(t.selection) == {"primary", "first_k"}
+    picked = t[t.variant != "drop"].groupby(["model", "selection", "k"])["chosen"].sum()
+    assert (picked == 1).all()
+    first = t[(t.selection == "first_k") & (t.variant == "mse")]
+    assert all(list(r) == list(range(k)) for r, k in zip(first.layers, first.k, strict=True))
+    mse = t[t.variant == "mse"]
+    assert mse["retention_control"].isna().all() and (mse["vs_mse"] == 0).all()  # no healing: no control
+    cost = res.tables["hypotheses"]
+    assert {"adapters add <1% parameters", "adapters add <5% compute",
+            "adapter training takes 10-20% of the original's time"} <= set(cost.claim)

@@ -252,3 +252,22 @@ def test_hypotheses_table_runs_every_rule_in_order():
     assert list(h["evidence"][:2]) == ["ablation_loss", "fused"]
     # rising profiles; last_k = primary; nothing lost without the lower third; adapters = dropping; 4x and 90%
     assert list(h["verdict"]) == ["supported", "supported", "inconclusive", "supported", "inconclusive", "supported"]
+
+
+def test_adapter_cost_rows_against_the_plans_claims():
+    from types import SimpleNamespace
+
+    summary = pd.Series({"params_pct_of_base": 0.22, "adapter_params": 296064, "exportable": False, "flops_pct": 0.55,
+                         "prefill_time_added_pct": 7.5, "train_seconds": 10.0, "heal_seconds": 20.0})
+    res = SimpleNamespace(summary=lambda m: summary, finetune_seconds=lambda m: 200.0)
+    rows = pd.DataFrame(H.adapter_cost(res, "m1")).set_index("claim")
+    assert rows.loc["adapters add <1% parameters", "verdict"] == "supported"
+    assert rows.loc["adapters add <5% compute", "verdict"] == "contradicted"  # 7.5% measured
+    assert rows.loc["adapter training takes 10-20% of the original's time", "value"] == pytest.approx(15.0)
+    assert rows.loc["adapter training takes 10-20% of the original's time", "verdict"] == "supported"
+    folded_summary = summary.copy()
+    folded_summary["exportable"] = True
+    folded = pd.DataFrame(H.adapter_cost(SimpleNamespace(summary=lambda m: folded_summary,
+                                                         finetune_seconds=lambda m: None), "m1")).set_index("claim")
+    assert folded.loc["adapters add <1% parameters", "value"] == 0.0
+    assert folded.loc["adapter training takes 10-20% of the original's time", "verdict"] == "not tested"

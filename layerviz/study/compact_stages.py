@@ -4,15 +4,19 @@ cost."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from layerviz import arch, store
+from layerviz.adapt import AdaptConfig, control_config, run_adapt
 from layerviz.adapters import TrainConfig
 from layerviz.bench import BenchConfig, configurations, layers_for_k, run_bench, with_k
-from layerviz.compact import AdaptConfig, load_compact, run_adapt
+from layerviz.compact import load_compact
+from layerviz.heal import parse_objective
+from layerviz.progress import progress
 from layerviz.store import slug
 from layerviz.study.baseline_stages import metric_columns
 from layerviz.study.stage_base import Scored
@@ -35,47 +39,145 @@ class BenchStage:
     layers: list
 
 
+@dataclass
+class HealVariantsStage:
+    """RQ3's comparison: one adapter run (AdaptConfig as a dict) per variant, selection and k, with its labels."""
+
+    runs: list
+
+
+def merged(base: dict, over: dict) -> dict:
+    """``base`` with ``over`` on top, mappings (policy, train, heal) merged one level down."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = {**out.get(k, {}), **v} if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+VARIANT_SUMMARY = ("objective", "heal_mode", "valid_ndcg@10", "full_ndcg@10", "control_ndcg@10", "train_seconds",
+                   "heal_seconds", "adapter_params", "params_pct_of_base", "prefill_time_added_pct", "exportable")
+"""What the RQ3 comparison keeps of each run's summary."""
+
+
 class CompactStages:
     """Stages that ``Study`` inherits (they use ``StageBase``'s resources and ``stage``)."""
 
-    def adapt_config(self, spec: str, dataset: str, layers: list[int]) -> AdaptConfig:
+    def adapt_config(self, spec: str, dataset: str, layers: list[int], over: dict | None = None) -> AdaptConfig:
+        """The adapter run on ``layers``: the adapters section, with a variant's ``over``rides on top."""
         return AdaptConfig(**self.shared(self.label(spec), dataset), layers=layers, users=self.cfg.eval_users,
-                           calibration=self.calibration(spec, dataset)["choice"], **self.cfg.adapters)
+                           calibration=self.calibration(spec, dataset)["choice"],
+                           **merged(self.cfg.adapters, over or {}))
 
-    def adapters(self, spec: str, dataset: str, layers: list[int], measured: dict | None = None) -> dict:
-        """Adapters trained on ``layers``; retention against the full model on the test users.
-
-        ``measured`` ({"full": per-user metrics, "drop": per-user metrics of ``layers`` without adapters}),
-        when another stage has scored them on these very users and candidates, is reused instead of
-        scoring the same thing twice (the outputs are the same: the test in test_study checks it).
-        """
+    def adapters(self, spec: str, dataset: str, layers: list[int]) -> dict:
+        """Adapters trained on ``layers`` (and healed, as the adapters section says); retention against the full
+        model on the test users, agreement with its scores, and with healing the control."""
         acfg = self.adapt_config(spec, dataset, layers)
 
         def compute(folder):
             model, tok = self.model(spec)
-            res = run_adapt(acfg, out=folder / "adapt", model=model, tokenizer=tok, use_cache=False, report=None,
-                            measured=measured)
-            return {k: res[k] for k in ("summary", "retention", "curve", "placement", "per_user")}
+            res = run_adapt(acfg, out=folder / "adapt", model=model, tokenizer=tok, use_cache=False, report=None)
+            return {k: res[k] for k in ("summary", "retention", "curve", "placement", "per_user", "heal_curve")
+                    if k in res}
 
         return self.stage(f"{slug(spec)}/{slug(dataset)}/adapters", acfg, compute, dataset,
-                          lambda at: self.adapters_cost(at, spec, dataset, len(layers), len(measured or {})), spec,
+                          lambda at: self.adapters_cost(at, spec, dataset, len(layers), acfg), spec,
                           planned={"summary": {"layers": layers}})
 
-    def adapters_cost(self, at: tuple, spec: str, dataset: str, k: int, measured: int) -> None:
-        """Teacher states; validation at drop, stage 1, stage 2 and around each epoch; stage 2's training; the test
-        scoring of what ``measured`` (how many of full, drop) another stage did not score already."""
+    def adapters_cost(self, at: tuple, spec: str, dataset: str, k: int, acfg: AdaptConfig, full: bool = True) -> None:
+        """Teacher states; validation at drop, stage 1, stage 2 and around each epoch; stage 2's training; with
+        healing, its steps, validations and the control; the test scoring of the full model and each step."""
         p, n, c = self.planner, self.planner.shape(spec).n, self.cfg
-        t = TrainConfig(**c.adapters.get("train", {}))
-        m, tokens, target = p.data[dataset].calibration(c.adapters.get("samples", AdaptConfig.samples))
+        t, healing = TrainConfig(**acfg.train), acfg.healing()
+        m, tokens, target = p.data[dataset].calibration(acfg.samples)
         val = max(1, int(round(m * t.val_fraction)))
-        train, e2 = m - val, t.stage2_epochs
+        train, e2 = m - val, 0 if healing else t.stage2_epochs
         exact = e2 <= t.patience  # early stopping needs `patience` epochs without progress
-        p.prompts(at, "calibration", m, tokens, target)
-        p.prompts(at, "calibration", val * (3 + (1 + e2 if e2 else 0)) + train * e2, tokens, target, k, exact)
+        p.prompts(at, "calibration", m + (val if healing else 0), tokens, target)
+        checks = 2 + (1 if e2 else 0) + (1 if healing else 0)
+        p.prompts(at, "calibration", val * (checks + (1 + e2 if e2 else 0)) + train * e2, tokens, target, k, exact)
         p.prompts(at, "backward", train * e2, tokens, target, k, exact, factor=2.0)
         p.add(at, "train", e2 * math.ceil(train / t.sample_batch), exact=exact)
-        sizes = [n] * (measured < 1) + [k] * (measured < 2) + [k] * (2 if e2 else 1)
-        p.scoring(at, p.data[dataset].users("test", c.eval_users, c.negatives), sizes, p.priors(False))
+        test = p.data[dataset].users("test", c.eval_users, c.negatives)
+        p.scoring(at, test, [n] * full + [k, k] + [k] * (1 if e2 or healing else 0), p.priors(False))
+        if not healing:  # the final model's validation NDCG@10 (healing measured it already)
+            p.scoring(at, p.data[dataset].users("valid", acfg.valid_users, c.negatives), [k], p.priors(False))
+        if healing:
+            self.heal_cost(at, dataset, acfg, [k])
+            control = (spec, dataset, acfg.users, acfg.valid_users, json.dumps(control_config(acfg).__dict__, sort_keys=True))
+            if acfg.control and "task" in parse_objective(acfg.objective) and control not in p.shared_work:
+                p.shared_work.add(control)  # computed once, then read from results_dir/adapt-control
+                self.heal_cost(at, dataset, acfg, [n])
+                p.scoring(at, test, [n], p.priors(False))
+
+    def heal_cost(self, at: tuple, dataset: str, acfg: AdaptConfig, size: list[int]) -> None:
+        """Healing (or the control's training) of a model of ``size`` layers: its steps and validations."""
+        p, h = self.planner, acfg.heal_config()
+        exact = h.max_seconds is None and h.patience is None
+        evals = 1 + sum(1 for s in range(1, h.steps + 1) if s % h.eval_every == 0 or s == h.steps)
+        u = p.data[dataset].users("valid", acfg.valid_users, self.cfg.negatives)
+        p.scoring(at, u, size * evals, p.priors(False), exact=exact)
+        examples = h.steps * h.batch_size
+        one = p.shape(at[0]).forward(u.prefix_tokens, 0, size[0]) + (1 + h.train_negatives) * p.shape(at[0]).forward(
+            u.title_tokens, u.title_tokens, size[0])
+        tokens = examples * (u.prefix_tokens + (1 + h.train_negatives) * u.title_tokens)
+        p.add(at, "train", h.steps, examples * one, tokens, exact)
+        p.add(at, "backward", examples, 2 * examples * one, tokens, exact)
+
+    def layers_at(self, spec: str, selection: str, k: int) -> list[int] | None:
+        """The kept layers of ``selection`` ('primary': the primary strategy, 'first_k') at ``k``: the primary
+        strategy's own selection at its k, a step of its trace at a smaller k, None where it has none."""
+        if selection == "first_k":
+            return list(range(k))
+        sel = self.selection(spec, self.cfg.domain_a, self.cfg.primary)
+        if len(sel["selection"]["layers"]) == k or sel.get("trace") is None:
+            return list(sel["selection"]["layers"]) if len(sel["selection"]["layers"]) == k else list(range(k))
+        steps = [list(t) for t in sel["trace"]["layers"] if len(t) == k]
+        return steps[-1] if steps else None
+
+    def heal_runs(self, spec: str) -> list[dict]:
+        """Every (variant, selection, k) adapter run that RQ3's comparison makes for ``spec`` (``rq3`` section)."""
+        r, a = self.cfg.rq3, self.cfg.domain_a
+        runs = []
+        for k in r.get("ks") or [self.k(spec)]:
+            for selection in r.get("selections", ["primary", "first_k"]):
+                layers = self.layers_at(spec, selection, k)
+                if layers is None:
+                    continue
+                runs += [{"variant": name, "selection": selection, "k": k, "layers": [int(i) for i in layers],
+                          "adapt": self.adapt_config(spec, a, layers, over)} for name, over in r["variants"].items()]
+        return runs
+
+    def heal_variants(self, spec: str) -> dict:
+        """RQ3: every adapter variant (objective, healing) on the primary selection and first_k at each k of the
+        rq3 section, on domain A's test users: retention (against the full model and the control), agreement,
+        and the validation NDCG@10 that picks a variant."""
+        runs, a = self.heal_runs(spec), self.cfg.domain_a
+        config = HealVariantsStage([{**{k: v for k, v in r.items() if k != "adapt"}, "adapt": asdict(r["adapt"])}
+                                    for r in runs])
+
+        def compute(folder):
+            model, tok = self.model(spec)
+            full = self.evaluator(spec, a, "test", self.cfg.eval_users)[0].scores(model)
+            rows, summaries, per_user = [], [], {}
+            for r in progress(runs, desc="RQ3 variants", unit="run"):
+                res = run_adapt(r["adapt"], out=folder / f"{r['selection']}-k{r['k']}-{slug(r['variant'])}", model=model,
+                                tokenizer=tok, report=None, full_scores=full, save=False)
+                tags = {"variant": r["variant"], "selection": r["selection"], "k": r["k"]}
+                rows.append(res["retention"].assign(**tags))
+                final = res["retention"]["stage"].iloc[-1]
+                for stage in ("drop", final):  # per user: the paired comparisons of the RQ3 table
+                    per_user[f"{r['selection']}|{r['k']}|{r['variant']}|{stage}"] = res["per_user"][f"{stage}:ndcg@10"]
+                summaries.append({**tags, "layers": r["layers"], **{c: res["summary"].get(c) for c in VARIANT_SUMMARY}})
+            return {"retention": pd.concat(rows, ignore_index=True), "summary": pd.DataFrame(summaries),
+                    "per_user": pd.DataFrame(per_user)}
+
+        def cost(at):  # the full model's test scores once, then every run
+            p, c = self.planner, self.cfg
+            p.scoring(at, p.data[a].users("test", c.eval_users, c.negatives), [p.shape(spec).n], p.priors(False))
+            for r in runs:
+                self.adapters_cost(at, spec, a, len(r["layers"]), r["adapt"], full=False)
+
+        return self.stage(f"{slug(spec)}/{slug(a)}/heal_variants", config, compute, a, cost, spec)
 
     def adapt_folder(self, spec: str, dataset: str):
         """The compact model the adapters stage of ``spec`` on ``dataset`` saved."""

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import yaml
 
+from layerviz.adapt import AdaptConfig
 from layerviz.adapters import AdapterPolicy, TrainConfig
 from layerviz.bench import BenchConfig
-from layerviz.compact import AdaptConfig
 from layerviz.data import PrepConfig
 from layerviz.data.bundled import BUNDLED, NAMED, known
 from layerviz.evaluate import CALIBRATIONS
 from layerviz.finetune import FinetuneConfig
+from layerviz.heal import HealConfig, parse_objective
 from layerviz.importance import DIRECTION, ImportanceConfig, check_fusion_weights
 from layerviz.models import PRESETS
 from layerviz.sasrec import SASRecConfig
@@ -90,7 +91,11 @@ class StudyConfig:
     importance: dict = field(default_factory=dict)
     """Overrides of ImportanceConfig (samples, ablation, ablation_users, ...)."""
     adapters: dict = field(default_factory=dict)
-    """Overrides of AdaptConfig: samples, policy {...}, train {...}."""
+    """Overrides of AdaptConfig: samples, policy {...}, train {...}, objective, heal {...}, valid_users, control."""
+    rq3: dict = field(default_factory=dict)
+    """RQ3's comparison of adapter variants (empty: none): ``variants`` {name: overrides of the adapters section
+    (objective, heal, policy, train)}, ``models`` (default: the first), ``ks`` (default: the primary's k) and
+    ``selections`` (primary, first_k)."""
     bench: dict = field(default_factory=dict)
     """Overrides of BenchConfig (keep, runs, ...)."""
     seed: int = Settings.seed
@@ -216,6 +221,7 @@ class StudyConfig:
             bad("jobs", f"{self.jobs} processes share the CPU cores; with device {self.device!r} use jobs: 1 "
                         "(several GPUs: torchrun)")
         self._check_sections(bad)
+        self._check_rq3(bad)
 
 
 # ----------------------------------------------------------------------------- cached stages
@@ -224,7 +230,8 @@ class StudyConfig:
     def _check_sections(self, bad) -> None:
         """The importance, bench and adapters sections: known settings with valid values."""
         for key, cls, allowed in (("importance", ImportanceConfig, None), ("bench", BenchConfig, None),
-                                  ("adapters", AdaptConfig, {"samples", "policy", "train"})):
+                                  ("adapters", AdaptConfig, {"samples", "policy", "train", "objective", "heal",
+                                                              "valid_users", "control"})):
             section = getattr(self, key)
             if not isinstance(section, dict):
                 bad(key, "must be a mapping")
@@ -235,9 +242,39 @@ class StudyConfig:
         try:
             AdapterPolicy(**self.adapters.get("policy", {}))
             TrainConfig(**self.adapters.get("train", {}))
+            HealConfig(**self.adapters.get("heal", {}))
+            parse_objective(self.adapters.get("objective", "mse"))
             BenchConfig(**self.bench)
         except (TypeError, ValueError) as e:
             bad("adapters/bench", str(e))
+
+    def _check_rq3(self, bad) -> None:
+        """The rq3 section: known keys, models of the study, variants that are valid adapter settings."""
+        r = self.rq3
+        if not isinstance(r, dict):
+            bad("rq3", "must be a mapping (variants, models, ks, selections)")
+        for k in set(r) - {"variants", "models", "ks", "selections"}:
+            bad(f"rq3.{k}", "unknown setting; known: ks, models, selections, variants")
+        if r and not isinstance(r.get("variants"), dict):
+            bad("rq3.variants", "give {name: {objective: ..., heal: {...}}, ...}")
+        for m in r.get("models", []):
+            if m not in self.models:
+                bad(f"rq3.models.{m}", f"not one of models ({', '.join(self.models)})")
+        for s in r.get("selections", []):
+            if s not in ("primary", "first_k"):
+                bad(f"rq3.selections.{s}", "use primary or first_k")
+        for name, over in (r.get("variants") or {}).items():
+            try:
+                sec = {**self.adapters, **over}
+                AdapterPolicy(**sec.get("policy", {}))
+                HealConfig(**sec.get("heal", {}))
+                parse_objective(sec.get("objective", "mse"))
+            except (TypeError, ValueError) as e:
+                bad(f"rq3.variants.{name}", str(e))
+
+    def rq3_models(self) -> list[str]:
+        """The models RQ3's comparison runs on (none without variants)."""
+        return list(self.rq3.get("models") or self.models[:1]) if self.rq3.get("variants") else []
 
     def _check_finetune(self, bad) -> None:
         """The finetune section: known settings, per-model overrides of models in the study, valid values."""
@@ -286,7 +323,10 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
                finetune={"max_steps": 2, "eval_every": 2, "eval_users": 3, "batch_size": 2,
                          "train_negatives": 3},
                importance={"samples": 3, "ablation_users": 2, "ablation_negatives": 4},
-               adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1}},
+               adapters={"samples": 4, "policy": {"rank": 4}, "train": {"stage1_epochs": 2, "stage2_epochs": 1},
+                         "objective": "task+distill", "valid_users": 3,
+                         "heal": {"steps": 2, "eval_every": 2, "batch_size": 2, "train_negatives": 3}},
+               rq3={"variants": {"mse": {"objective": "mse"}, "task+distill": {}}, "ks": [2, 4]},
                sasrec={"max_epochs": 2, "eval_every": 1, "valid_users": 20, "hidden": 8, "max_len": 10},
                bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
                       "isolate": False},

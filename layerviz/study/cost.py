@@ -35,6 +35,7 @@ class Planner:
         tok = bundled_tokenizer()
         self.data = {d: Data(cfg, d, tok) for d in dict.fromkeys([cfg.domain_a, cfg.domain_b])}
         self.shapes: dict[str, Shape] = {}
+        self.shared_work: set = set()  # work that stages share through a cache of its own (the adapters' control)
 
     def shape(self, spec: str) -> Shape:
         if spec not in self.shapes:

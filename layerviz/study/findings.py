@@ -11,6 +11,7 @@ import pandas as pd
 from layerviz import metrics
 from layerviz.data import BUNDLED, NAMED
 from layerviz.study.result import StudyResult, cold_set
+from layerviz.study.rq3 import rq3_sentence
 from layerviz.study.tables import relation
 
 
@@ -73,6 +74,27 @@ def cold_start(res: StudyResult) -> str:
     return "\n".join(out) + "\n"
 
 
+def compact_section(res: StudyResult) -> str:
+    """The compact recommender's steps (plain dropping, stage 1, stage 2 or healing) per model and dataset, and
+    RQ3's comparison of adapter variants with what the validation users picked."""
+    cols = ["model", "dataset", "stage", "ndcg@10", "retention", "retention_low", "retention_high",
+            "retention_control", "retention_control_low", "retention_control_high", "top1", "kendall_tau", "val_mse"]
+    a = res.adapters
+    out = ["## The compact recommender (adapters stage; retention against the full model and, with healing, "
+           f"against the control: the full model trained for as long; test users, n={res.config.eval_users})\n",
+           a[[c for c in cols if c in a]].to_markdown(index=False, floatfmt=".3f") + "\n"]
+    t = res.tables.get("rq3")
+    if t is not None and len(t):
+        show = [c for c in ("model", "selection", "k", "variant", "objective", "heal_mode", "ndcg@10", "retention",
+                            "retention_low", "retention_high", "retention_control", "top1", "kendall_tau",
+                            "valid_ndcg@10", "chosen", "vs_mse", "vs_mse_low", "vs_mse_high") if c in t]
+        out += ["## RQ3: adapter objectives and healing (domain A test users; `chosen`: the validation users' pick)\n",
+                t[show].to_markdown(index=False, floatfmt=".3f") + "\n"]
+        out += [f"- {m}: " + rq3_sentence(g).replace("\n", "\n- " + m + ": ") for m, g in t.groupby("model")]
+        out.append("")
+    return "\n".join(out)
+
+
 def markdown(res: StudyResult) -> str:
     """The whole findings page."""
     cfg, parts = res.config, []
@@ -105,6 +127,7 @@ def markdown(res: StudyResult) -> str:
     parts.append("## Compact models without adapters (domain A, NDCG@10 retention against the full model)\n\n"
                  + v[["model", "variant", "k", "ndcg@10", "retention", "retention_low", "retention_high"]]
                  .to_markdown(index=False, floatfmt=".3f") + "\n")
+    parts.append(compact_section(res))
     h = res.tables["headline"]
     parts.append("## Headline: k = round(L/4) with adapters\n\n" + h.to_markdown(index=False, floatfmt=".2f") + "\n")
     hy = res.tables["hypotheses"]

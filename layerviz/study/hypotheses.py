@@ -79,6 +79,31 @@ def adapters_help(res: StudyResult, m: str) -> list[dict]:
                  f"layers {list(res.summary(m)['layers'])}")]
 
 
+def adapter_cost(res: StudyResult, m: str) -> list[dict]:
+    """The plan's cost claims for the adapters: parameters +<1%, compute +<5% (measured prefill time against plain
+    dropping), training time 10-20% of the original's (adapter training and healing over the fine-tuning time)."""
+    s, ft = res.summary(m), res.finetune_seconds(m)
+    if "params_pct_of_base" not in s:  # a result without adapter costs
+        return []
+    params = 0.0 if s.get("exportable", False) else s["params_pct_of_base"]
+    rows = [_row(m, "adapters add <1% parameters", "added parameters, % of the base model"
+                 + (" (folded into down_proj: none)" if s.get("exportable", False) else ""), params, np.nan, np.nan,
+                 "supported" if params < 1 else "contradicted", f"{int(s['adapter_params']):,} in memory, "
+                 f"{s['params_pct_of_base']:.3f}% of the base"),
+            _row(m, "adapters add <5% compute", "prefill time added by the adapters, % (median of interleaved runs)",
+                 s.get("prefill_time_added_pct", np.nan), np.nan, np.nan,
+                 "not tested" if np.isnan(s.get("prefill_time_added_pct", np.nan)) else
+                 "supported" if s["prefill_time_added_pct"] < 5 else "contradicted",
+                 f"FLOPs +{s['flops_pct']:.2f}% per token")]
+    share = 100 * (s["train_seconds"] + s.get("heal_seconds", 0.0)) / ft if ft else np.nan
+    rows.append(_row(m, "adapter training takes 10-20% of the original's time",
+                     "adapter training + healing time, % of the recommender's fine-tuning time", share, np.nan, np.nan,
+                     "not tested" if np.isnan(share) else "supported" if 10 <= share <= 20 else "contradicted",
+                     f"{s['train_seconds']:.0f} s + {s.get('heal_seconds', 0.0):.0f} s healing"
+                     + (f" against {ft:.0f} s fine-tuning" if ft else "; no fine-tuning in this study")))
+    return rows
+
+
 def speed_verdict(speedup: float, retention_low: float, retention_high: float) -> str:
     """'4x with ~90% kept': supported when the speedup is within 10% of 4x and the retention CI lies in
     [RETENTION_FLOOR, ...] while reaching RETENTION_CLAIM; contradicted when the speedup falls short or the
@@ -134,7 +159,8 @@ def generalizes(res: StudyResult) -> list[dict]:
             for _, c in cross_model(res).iterrows()]
 
 
-PER_MODEL = (upper_by_importance, upper_by_selection, lower_droppable, adapters_help, speed_and_retention)
+PER_MODEL = (upper_by_importance, upper_by_selection, lower_droppable, adapters_help, speed_and_retention,
+             adapter_cost)
 """The per-model rules, in the table's order."""
 
 

@@ -72,6 +72,15 @@ class StudyResult:
     """dataset, user (position in the candidate lists), user_id, positive, slice (head/torso/tail/cold)."""
     sasrec: pd.DataFrame = field(default_factory=pd.DataFrame)
     """dataset, epochs, best_epoch, valid_ndcg@10, seconds, stopped, ...: SASRec's training, per dataset."""
+    heal_variants: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """model, variant, selection, k, stage, ndcg@10, retention (+ CI), retention_control (+ CI), top1, kendall_tau,
+    val_mse, and the run's summary (objective, heal_mode, valid_ndcg@10, layers, ...): RQ3's comparison."""
+    heal_variants_per_user: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """model, user, selection, k, variant, stage, ndcg@10: test NDCG@10 per user of each variant's final stage and
+    of plain dropping (RQ3's paired comparisons)."""
+    heal_curves: pd.DataFrame = field(default_factory=pd.DataFrame)
+    """model, dataset, step, seconds, loss, task/distill/mse/cosine terms, valid_ndcg@10: the adapters stage's
+    healing."""
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
     """The study's tables (headline, thirds, variants, cross_model, cross_domain, hypotheses, finetune)."""
 
@@ -128,6 +137,12 @@ class StudyResult:
         """The adapter run's summary (layers, k, n_layers, full_ndcg@10, overheads, ...)."""
         return self.rows("adapter_summary", model, dataset).iloc[0]
 
+    def finetune_seconds(self, model: str) -> float | None:
+        """How long fine-tuning the recommender took (None when the study does not fine-tune)."""
+        ft = self.finetune
+        row = ft[ft["model"] == model] if len(ft) and "model" in ft else ft.iloc[0:0]
+        return float(row["seconds"].iloc[0]) if len(row) else None
+
     def chance(self, metric: str = "ndcg@10") -> float:
         """Expected ``metric`` of a random ranking of 1 + negatives candidates."""
         return metrics.chance(self.config.negatives + 1)[metric]
@@ -159,7 +174,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 def _per_user(cfg: StudyConfig, model: str, r: dict) -> list[pd.DataFrame]:
     a, b = cfg.domain_a, cfg.domain_b
-    adapter_stages = {s: f"adapters:{s}" for s in ("drop", "stage1", "stage2")}
+    adapter_stages = {s: f"adapters:{s}" for s in ("drop", "stage1", "stage2", "heal", "control")}
     sources = [(a, r["evaluation"]["per_user"], None), (a, r["adapters"]["per_user"], adapter_stages)]
     for d, z in r.get("zeroshot", {}).items():
         sources.append((d, z["per_user"], None))
@@ -184,7 +199,7 @@ def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
     """Every stage's outputs (per model, as the runner gathered them) -> one ``StudyResult``."""
     a, b = cfg.domain_a, cfg.domain_b
     tuned = FINE_TUNED if cfg.finetune else ZERO_SHOT
-    pu, var, imp, val, sel, tr, cur, ad, summ, pl, adc, bench, cal, ft, ftc = ([] for _ in range(15))
+    pu, var, imp, val, sel, tr, cur, ad, summ, pl, adc, bench, cal, ft, ftc, hv, hvu, hc = ([] for _ in range(18))
     for m, r in stage_out.items():
         pu += _per_user(cfg, m, r)
         var.append(_tagged(r["evaluation"]["variants"], model=m, dataset=a))
@@ -203,13 +218,7 @@ def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
                     "evaluations": doc["evaluations"]}]))
                 tr.append(_tagged(s["trace"], model=m, dataset=d, strategy=strategy))
         cur.append(_tagged(r["curves"]["curves"], model=m, dataset=a))
-        for d, key in ((a, "adapters"), (b, "b_adapters")):
-            if key in r:
-                x = r[key]
-                ad.append(_tagged(x["retention"], model=m, dataset=d))
-                summ.append(pd.DataFrame([{**x["summary"], "model": m, "dataset": d}]))
-                pl.append(_tagged(x["placement"], model=m, dataset=d))
-                adc.append(_tagged(x["curve"], model=m, dataset=d))
+        _adapter_frames(r, m, a, b, ad, summ, pl, adc, hc, hv, hvu)
         bench.append(_tagged(r["bench"]["bench"].rename(columns={"model": "source"}), model=m))
         for d, c in r["calibration"].items():
             cal.append(pd.DataFrame([{"model": m, "dataset": d, "base": tuned, "choice": c["choice"],
@@ -233,7 +242,35 @@ def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
         _concat(ad, ["model", "dataset", "stage"]), _concat(summ, ["model", "dataset"]),
         _concat(pl, ["model", "dataset", "gap"]), _concat(adc, ["model", "dataset", "stage"]),
         _concat(bench, ["model", "config", "k"]), _concat(cal, ["model", "dataset", "base", "choice"]),
-        _concat(ft, ["model"]), _concat(ftc, ["model", "step"]), users, sas)
+        _concat(ft, ["model"]), _concat(ftc, ["model", "step"]), users, sas,
+        _concat(hv, ["model", "variant", "selection", "k", "stage"]),
+        _concat(hvu, ["model", "user", "selection", "k", "variant", "stage", "ndcg@10"]),
+        _concat(hc, ["model", "dataset", "step"]))
+
+
+def _adapter_frames(r: dict, m: str, a: str, b: str, ad, summ, pl, adc, hc, hv, hvu) -> None:
+    """One model's adapters stages (both domains) and RQ3 variants, appended to the collect lists."""
+    for d, key in ((a, "adapters"), (b, "b_adapters")):
+        if key in r:
+            x = r[key]
+            ad.append(_tagged(x["retention"], model=m, dataset=d))
+            summ.append(pd.DataFrame([{**x["summary"], "model": m, "dataset": d}]))
+            pl.append(_tagged(x["placement"], model=m, dataset=d))
+            adc.append(_tagged(x["curve"], model=m, dataset=d))
+            if "heal_curve" in x:
+                hc.append(_tagged(x["heal_curve"], model=m, dataset=d))
+    if "heal_variants" in r:
+        hv.append(_tagged(r["heal_variants"]["retention"].merge(
+            r["heal_variants"]["summary"], on=["variant", "selection", "k"]), model=m))
+        hvu.append(_variants_long(r["heal_variants"]["per_user"], m))
+
+
+def _variants_long(frame: pd.DataFrame, model: str) -> pd.DataFrame:
+    """RQ3's per-user frame (columns 'selection|k|variant|stage') -> long rows."""
+    rows = [pd.DataFrame({"model": model, "user": np.arange(len(frame)), "selection": sel, "k": int(k),
+                          "variant": variant, "stage": stage, "ndcg@10": frame[col].to_numpy(dtype=float)})
+            for col in frame.columns for sel, k, variant, stage in [col.split("|")]]
+    return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
 def _reference(stage_out: dict[str, dict]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -2,8 +2,7 @@
 
 Per dataset: SASRec and the test positives' slices (model-free, computed once). Per model on domain A:
 fine-tuning (if configured) and the zero-shot side, importance, every selection strategy, the test
-evaluation (full model, popularity, plain-dropping variants), adapters on the primary selection (reusing
-the evaluation's full-model and plain-dropping scores), RQ2 curves, with cold_items the cold-start test
+evaluation (full model, popularity, plain-dropping variants), adapters on the primary selection, RQ2 curves, with cold_items the cold-start test
 set, calibration records; per cross-domain model, on domain B: B's own selection and adapters and A's
 selection evaluated on B; then bench. The stage outputs are collected into a ``StudyResult`` and the
 tables (and findings.md) are written next to the stages.
@@ -28,6 +27,7 @@ from layerviz.study.cost import CPU_TFLOPS, Planner
 from layerviz.study.findings import markdown
 from layerviz.study.hypotheses import hypotheses
 from layerviz.study.result import FINE_TUNED, StudyResult, collect
+from layerviz.study.rq3 import rq3_table
 from layerviz.study.stages import Study
 from layerviz.study.tables import (
     cold_table,
@@ -39,11 +39,6 @@ from layerviz.study.tables import (
     thirds_table,
     variants_table,
 )
-
-
-def _ndcg(frame: pd.DataFrame, variant: str) -> pd.DataFrame:
-    """The ndcg@5/@10 columns of one variant of a per-user frame, as the adapters stage wants them."""
-    return pd.DataFrame({m: frame[f"{variant}:{m}"] for m in ("ndcg@5", "ndcg@10")})
 
 
 def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = True) -> dict:
@@ -60,10 +55,10 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
     r["selections"] = {s: study.selection(spec, a, s) for s in cfg.strategies}
     primary = r["selections"][cfg.primary]["selection"]["layers"]
     r["evaluation"] = study.evaluation(spec)
-    pu = r["evaluation"]["per_user"]  # the same test users and candidates as the adapters stage: scored once
-    r["adapters"] = study.adapters(spec, a, primary, {"full": _ndcg(pu, "full"),
-                                                      "drop": _ndcg(pu, f"select:{cfg.primary}")})
+    r["adapters"] = study.adapters(spec, a, primary)
     r["curves"] = study.curves(spec, a)
+    if spec in cfg.rq3_models():
+        r["heal_variants"] = study.heal_variants(spec)
     if cfg.cold_items:
         r["cold"] = study.cold(spec, primary)
     r["calibration"] = {d: study.calibration(spec, d) for d in ([a, b] if cross_domain_model else [a])}
@@ -72,8 +67,7 @@ def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = T
         r["b_selection"] = study.selection(spec, b, cfg.primary)
         if study.finetuning:
             r["tuned_b"] = study.tuned_on(spec, b)
-        measured = {"full": _ndcg(r["tuned_b"]["per_user"], "full")} if study.finetuning else None
-        r["b_adapters"] = study.adapters(spec, b, r["b_selection"]["selection"]["layers"], measured)
+        r["b_adapters"] = study.adapters(spec, b, r["b_selection"]["selection"]["layers"])
         r["transfer"] = study.transfer(spec, primary)
     if bench:
         r["bench"] = study.bench(spec, primary)
@@ -110,6 +104,8 @@ def all_tables(res: StudyResult) -> dict[str, pd.DataFrame]:
     tables["slices"] = slices_table(res)
     if res.config.cold_items:
         tables["cold"] = cold_table(res)
+    if len(res.heal_variants):
+        tables["rq3"] = rq3_table(res)
     return tables
 
 

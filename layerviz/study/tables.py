@@ -272,3 +272,4 @@ def importance_shift(res: StudyResult, criteria=("fused", "ablation_loss")) -> p
                          "layers": len(a)})
     return pd.DataFrame(rows, columns=["model", "criterion", "spearman", "ci_low", "ci_high", "layers"])
 
+

@@ -1,0 +1,339 @@
+"""RQ3: heal a compact recommender with the task's own loss, by distillation, or both.
+
+After the adapters are fitted to hidden states (``layerviz.adapters``), ``heal`` trains on the recommender's
+training windows (the fine-tuning data, ``finetune.training_windows``) with a weighted objective:
+
+* ``task``: the ``rank`` objective of fine-tuning, softmax cross-entropy over the compact model's likelihood
+  scores of the positive and sampled negatives, the history shared through the KV cache;
+* ``distill``: KL(teacher || student) between the full model's and the compact model's softmax over the same
+  candidates at temperature T (times T^2, as Hinton et al.);
+* ``mse``, ``cosine``: the final pre-norm hidden state of the history prompt against the full model's.
+
+What trains (``mode``): the adapters only (``adapters``), also LoRA on the kept layers (``lora``, through peft,
+merged afterwards), or also the last kept layers, the final norm and the LM head (``last``, as "Reassessing
+layer pruning" does). The budget is in steps or seconds; the validation users' NDCG@10 is measured at step 0
+and every ``eval_every`` steps, and the best state is kept (step 0 included). The same function trains the full
+model for as long on the same data and objective: the fair control of a healed compact model.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from layerviz import arch, passes
+from layerviz.adapters import HIDDEN_LOSSES, Frozen, check_weights, hidden_loss, loss_mask
+from layerviz.compact import CompactLM, fingerprint
+from layerviz.errors import NonFiniteLossError
+from layerviz.finetune import LLAMA_LIKE_TARGETS, Schedule, linear_names, training_windows
+from layerviz.progress import progress
+from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right
+
+OBJECTIVES = (*HIDDEN_LOSSES, "task", "distill")
+MODES = ("adapters", "lora", "last")
+
+
+def parse_objective(objective: str | dict) -> dict[str, float]:
+    """'task+distill', 'task=1,distill=0.5', 'mse' or {'task': 1, 'distill': 0.5} -> checked weights."""
+    if isinstance(objective, str):
+        weights = {}
+        for part in objective.replace("+", ",").split(","):
+            name, _, w = part.strip().partition("=")
+            try:
+                weights[name.strip()] = float(w) if w else 1.0
+            except ValueError:
+                raise ValueError(f"objective weight {w!r} of {name!r} is not a number (e.g. task=1,distill=0.5)") from None
+        objective = weights
+    return check_weights(dict(objective), OBJECTIVES, "adapter objective")
+
+
+def objective_label(weights: dict) -> str:
+    """'task+distill', 'task+0.5*distill': how tables name an objective."""
+    return "+".join(k if w == 1 else f"{w:g}*{k}" for k, w in weights.items())
+
+
+@dataclass
+class HealConfig:
+    """How a compact model is healed on the training windows (``adapters: {heal: {...}}`` in a study)."""
+
+    mode: str = "adapters"
+    """What trains: 'adapters' (only), 'lora' (also LoRA on the kept layers) or 'last' (also the last kept
+    layers, the final norm and the LM head)."""
+    steps: int = 30
+    """Optimizer steps (the budget; ``max_seconds`` may end it sooner)."""
+    max_seconds: float | None = None
+    """Stop after this many seconds (validation included); None: steps only."""
+    lr: float = 1e-3
+    """AdamW learning rate (adapters, LoRA; the 'last' weights get lr / 10)."""
+    batch_size: int = 4
+    """Training windows per step."""
+    train_negatives: int = 7
+    """Sampled negatives per window (task and distill rank 1 + these)."""
+    temperature: float = 2.0
+    """Distillation temperature T."""
+    eval_every: int = 10
+    """Validation NDCG@10 every this many steps (and at the end)."""
+    patience: int | None = None
+    """Stop after this many validations without improvement (None: run the budget)."""
+    lora_r: int = 8
+    """LoRA rank (mode 'lora')."""
+    lora_alpha: int = 16
+    """LoRA alpha (scale alpha / r)."""
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LIKE_TARGETS))
+    """Linear modules of the kept layers that LoRA adapts."""
+    last_layers: int = 2
+    """Mode 'last': how many of the last kept layers train."""
+    clip: float = 1.0
+    """Gradient-norm clipping."""
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown heal mode {self.mode!r}; use one of {', '.join(MODES)}")
+        for name in ("steps", "batch_size", "train_negatives", "eval_every", "lora_r", "last_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"heal {name}={getattr(self, name)!r}: give a positive integer")
+        if not self.temperature > 0:
+            raise ValueError(f"heal temperature must be > 0, got {self.temperature}")
+
+
+def check_teacher(teacher, student, tokenizer, teacher_tokenizer=None) -> None:
+    """A distillation teacher must be the compact model's own base, read with the same tokenizer."""
+    want = student.base["fingerprint"] if isinstance(student, CompactLM) else fingerprint(student)
+    have = fingerprint(teacher)
+    if have != want:
+        raise ValueError(f"the distillation teacher (fingerprint {have}) is not the model the compact model was built "
+                         f"from (fingerprint {want}): distil from that very model")
+    if teacher_tokenizer is not None and teacher_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ValueError("the distillation teacher's tokenizer differs from the compact model's: the candidate "
+                         "scores would not be comparable; use the tokenizer the base model was loaded with")
+
+
+def trainable(student, cfg: HealConfig) -> tuple[object, list, list, list[str]]:
+    """Set ``student`` up for healing -> (the model to train, the parameters trained at ``lr`` (adapters, LoRA),
+    those trained at lr / 10 (mode 'last': pretrained weights), the weight-name prefixes healing changes). LoRA and 'last' need weights of their own: a compact model must have been built with
+    share=False; a full model (the control) is deep-copied here."""
+    if isinstance(student, CompactLM) and cfg.mode != "adapters" and student.base.get("shared", True):
+        raise ValueError(f"heal mode {cfg.mode!r} changes the kept layers: build the compact model with share=False "
+                         "so that the base model's weights stay as they are")
+    if not isinstance(student, CompactLM) and cfg.mode == "adapters":
+        raise ValueError("a full model has no adapters to heal: train it with heal mode 'lora' or 'last'")
+    model = student if isinstance(student, CompactLM) else copy.deepcopy(student)
+    params = [p for a in model.adapters() for p in a.parameters()] if isinstance(model, CompactLM) else []
+    hf = model.hf if isinstance(model, CompactLM) else model
+    if cfg.mode == "lora":
+        return model, params + _inject_lora(hf, cfg), [], ["model.layers."]
+    if cfg.mode == "last":
+        n = arch.num_layers(hf)
+        keep = list(range(max(0, n - cfg.last_layers), n))
+        mods = [arch.layers(hf)[i] for i in keep] + [arch.final_norm(hf), arch.lm_head(hf)]
+        extra = [p for m in mods for n_, p in m.named_parameters() if not _is_adapter(n_)]
+        return model, params, extra, [f"model.layers.{i}." for i in keep] + ["model.norm.", "lm_head."]
+    return model, params, [], []
+
+
+def _is_adapter(name: str) -> bool:
+    return any(part in ("before", "after", "fold") for part in name.split("."))
+
+
+def _inject_lora(hf, cfg: HealConfig) -> list[torch.nn.Parameter]:
+    """LoRA (peft) injected in place into the kept layers' ``target_modules`` -> the LoRA parameters."""
+    from peft import LoraConfig, inject_adapter_in_model  # heavy import, needed only here
+
+    available = linear_names(hf)
+    missing = [t for t in cfg.target_modules if t not in available]
+    if missing:
+        raise ValueError(f"heal: LoRA target modules {missing} are not in the kept layers ({type(hf).__name__}); "
+                         f"available: {', '.join(available)}")
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=list(cfg.target_modules), bias="none")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # LoRA A matrices are random: seeded
+        inject_adapter_in_model(lcfg, hf)
+    lora = [p for n, p in hf.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.float()
+    return lora
+
+
+def merge_lora(model) -> None:
+    """Fold every injected LoRA into its base Linear and put the plain Linear back (what merge_and_unload does)."""
+    from peft.tuners.lora import LoraLayer  # heavy import, needed only here
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], mod.get_base_layer())
+
+
+# ----------------------------------------------------------------------------- the objective
+
+
+class Batches:
+    """The training windows' examples of each step (``finetune.Schedule``: a pure function of seed and step) and
+    their titles and prompts."""
+
+    def __init__(self, prep, tokenizer, cfg: HealConfig, history_len: int, max_title_tokens: int, seed: int):
+        self.windows = training_windows(prep, history_len)
+        self.schedule = Schedule(prep, self.windows, SimpleNamespace(
+            seed=seed, batch_size=cfg.batch_size, grad_accum=1, train_negatives=cfg.train_negatives))
+        self.titles = prep.titles()
+        self.text = Prompt(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=max_title_tokens))
+
+    def step(self, step: int) -> tuple[list[list[str]], list[list[str]]]:
+        """(histories, candidates with the positive first) of one step, as titles."""
+        ex, t = self.schedule.examples(step), self.titles
+        return ([[t[i] for i in e["history"]] for e in ex],
+                [[t[e["target"]], *[t[i] for i in e["negatives"]]] for e in ex])
+
+
+def _final_states(model, text: Prompt, histories: list[list[str]]) -> torch.Tensor:
+    """The pre-final-norm hidden states of the history prompts' tokens (the first left out), rows concatenated."""
+    dev = arch.input_device(model)
+    ids, mask = pad_right([text.likelihood_prefix(h) for h in histories], text.tok.pad_token_id, dev)
+    with arch.capture(model, ["resid_final"]) as caught:
+        arch.run_decoder(model, ids, mask)
+    return caught["resid_final"][loss_mask(mask, True)].float()
+
+
+def heal_loss(model, teacher, text: Prompt, histories, candidates, weights: dict, temperature: float
+              ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The weighted objective of one batch -> (loss with grad, each term's value)."""
+    terms: dict[str, torch.Tensor] = {}
+    if "task" in weights or "distill" in weights:
+        s = batched_prefix_scores(model, text, histories, candidates)
+        if "task" in weights:
+            terms["task"] = F.cross_entropy(s, torch.zeros(len(s), dtype=torch.long, device=s.device))
+        if "distill" in weights:
+            with torch.no_grad():
+                t = batched_prefix_scores(teacher, text, histories, candidates).float()
+            terms["distill"] = F.kl_div(F.log_softmax(s.float() / temperature, -1), F.log_softmax(t / temperature, -1),
+                                        log_target=True, reduction="batchmean") * temperature ** 2
+    hidden = {k: w for k, w in weights.items() if k in HIDDEN_LOSSES}
+    if hidden:
+        pred = _final_states(model, text, histories)
+        with torch.no_grad():
+            target = _final_states(teacher, text, histories)
+        for k in hidden:
+            terms[k] = hidden_loss(pred, target, {k: 1.0}) / len(pred)
+    loss = sum(weights[k] * v for k, v in terms.items())
+    return loss, {k: float(v.detach()) for k, v in terms.items()}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _snapshot(params) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in params]
+
+
+def _restore(params, state) -> None:
+    with torch.no_grad():
+        for p, s in zip(params, state, strict=True):
+            p.copy_(s)
+
+
+def _optimizer(fast: list, slow: list, cfg: HealConfig) -> torch.optim.Optimizer:
+    """AdamW: adapters and LoRA at ``lr``, the pretrained weights of mode 'last' at lr / 10."""
+    groups = [{"params": fast, "lr": cfg.lr}, {"params": slow, "lr": cfg.lr / 10}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
+
+
+class _Loop:
+    """The healing loop: steps within the budget, validation every ``eval_every`` steps, the best state kept."""
+
+    def __init__(self, model, fast: list, slow: list, loss_of, validate, cfg: HealConfig, report):
+        self.model, self.params, self.loss_of, self.validate = model, fast + slow, loss_of, validate
+        self.cfg, self.report, self.opt = cfg, report, _optimizer(fast, slow, cfg)
+        self.rows: list[dict] = []
+        self.best, self.best_step, self.bad, self.stopped, self.state = -np.inf, 0, 0, "budget done", None
+
+    def evaluate(self, step: int) -> bool:
+        """Validation NDCG@10 on the last row; a better one is the new best state -> whether to stop early."""
+        val = self.rows[-1]["valid_ndcg@10"] = float(np.mean(self.validate(self.model)))
+        if self.state is None or val > self.best:  # step 0 is the first best state, whatever its score
+            self.best, self.best_step, self.state, self.bad = val, step, _snapshot(self.params), 0
+        else:
+            self.bad += 1
+        return self.cfg.patience is not None and self.bad >= self.cfg.patience
+
+    def step(self, step: int) -> None:
+        passes.count("train")
+        passes.count("backward", self.cfg.batch_size)
+        loss, terms = self.loss_of(step - 1)
+        if not torch.isfinite(loss):
+            _restore(self.params, self.state)
+            raise NonFiniteLossError(
+                f"non-finite healing loss ({float(loss.detach())}) at step {step}; the best state so far (step "
+                f"{self.best_step}, validation NDCG@10 {self.best:.4f}) was restored. Lower heal lr (now "
+                f"{self.cfg.lr:g}) or the distillation temperature.")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
+        self.opt.step()
+        self.rows.append({"step": step, "seconds": time.perf_counter() - self.t0, "loss": float(loss.detach()),
+                          **terms, "valid_ndcg@10": np.nan})
+
+    def run(self) -> pd.DataFrame:
+        cfg = self.cfg
+        self.t0 = time.perf_counter()
+        self.rows.append({"step": 0, "seconds": 0.0, "loss": np.nan, "valid_ndcg@10": np.nan})
+        self.evaluate(0)
+        for step in progress(range(1, cfg.steps + 1), desc="heal", unit="step"):
+            if cfg.max_seconds is not None and time.perf_counter() - self.t0 >= cfg.max_seconds:
+                self.stopped = f"time budget ({cfg.max_seconds:g} s)"
+                break
+            self.step(step)
+            if (step % cfg.eval_every == 0 or step == cfg.steps) and self.evaluate(step):
+                self.stopped = f"early stop: {cfg.patience} validations without improvement"
+                break
+        if np.isnan(self.rows[-1]["valid_ndcg@10"]):
+            self.evaluate(self.rows[-1]["step"])
+        _restore(self.params, self.state)
+        curve = pd.DataFrame(self.rows)
+        curve.attrs.update(best_step=self.best_step, stopped=self.stopped, seconds=time.perf_counter() - self.t0,
+                           valid_ndcg=self.best)
+        if self.report:
+            self.report(f"heal: {self.rows[-1]['step']} steps ({self.stopped}) in {curve.attrs['seconds']:.0f} s; "
+                        f"validation NDCG@10 {self.rows[0]['valid_ndcg@10']:.4f} -> {self.best:.4f} (best step "
+                        f"{self.best_step})")
+        return curve
+
+
+def heal(student, prep, tokenizer, objective: str | dict, cfg: HealConfig, validate, teacher=None, *,
+         history_len: int, max_title_tokens: int, seed: int = 0, report=None) -> tuple[object, pd.DataFrame]:
+    """Heal ``student`` (a CompactLM, or a full model: the control) -> (the healed model, its curve).
+
+    ``validate(model)`` returns the validation users' NDCG@10 (per user); the best state by its mean is kept.
+    The curve has one row per step: step, seconds, loss, each objective term, valid_ndcg@10 (where measured);
+    ``curve.attrs`` holds best_step, stopped, seconds and valid_ndcg. LoRA is merged into the weights at the end.
+    A compact model comes back itself (``base['healed']`` names the weights healing changed); a full model
+    comes back as a trained copy (the given one is never modified).
+    """
+    weights = parse_objective(objective)
+    if set(weights) - {"task"}:
+        if teacher is None:
+            raise ValueError(f"objective {objective_label(weights)} compares with the full model: pass it as teacher")
+        check_teacher(teacher, student, tokenizer)
+    batches = Batches(prep, tokenizer, cfg, history_len, max_title_tokens, seed)
+    model, fast, slow, prefixes = trainable(student, cfg)
+    model.eval()
+
+    def loss_of(step: int):
+        return heal_loss(model, teacher, batches.text, *batches.step(step), weights, cfg.temperature)
+
+    with Frozen(model, fast + slow):
+        curve = _Loop(model, fast, slow, loss_of, validate, cfg, report).run()
+    hf = model.hf if isinstance(model, CompactLM) else model
+    if cfg.mode == "lora":
+        merge_lora(hf)
+    if isinstance(model, CompactLM) and prefixes:
+        model.base["healed"] = prefixes
+    return model, curve

@@ -190,7 +190,9 @@ def retention_vs_k(table: pd.DataFrame, goal: float | None = 0.85, against: str 
         fig, axes = plt.subplots(1, len(sels), figsize=(4.4 * len(sels), 3.4), squeeze=False, sharey=True)
         for ax, sel in zip(axes[0], sels, strict=True):
             for j, (variant, g) in enumerate(table[table["selection"] == sel].groupby("variant", sort=False)):
-                g = g.sort_values("k")
+                g = g.dropna(subset=[against]).sort_values("k")
+                if not len(g):  # no value against this reference (no healing: no control)
+                    continue
                 err = [g[against] - g[f"{against}_low"], g[f"{against}_high"] - g[against]]
                 ax.errorbar(g["k"] + 0.08 * (j - 2), g[against], yerr=err, fmt="-o", ms=3.5, capsize=2,
                             label=variant, color="#888888" if variant == "drop" else None)
@@ -198,6 +200,7 @@ def retention_vs_k(table: pd.DataFrame, goal: float | None = 0.85, against: str 
                 ax.axhline(goal, color="#d62728", lw=0.8, ls="--")
             ax.axhline(1.0, color="#444444", lw=0.6, ls=":")
             ax.set_xlabel("k (kept layers)")
+            ax.set_xticks(sorted(table.loc[table["selection"] == sel, "k"].unique()))
             ax.set_title(f"{sel} selection")
         axes[0][0].set_ylabel("NDCG@10 retention" + (" vs control" if against == "retention_control" else ""))
         axes[0][-1].legend(fontsize=7)

@@ -45,14 +45,6 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _validate_mean(demo, tok, users=3):
-    from layerviz.data import CandidateConfig, build_candidates
-    from layerviz.evaluate import TaskEvaluator
-
-    cands = build_candidates(demo, CandidateConfig(4, "uniform", users, "valid", 0))
-    return TaskEvaluator(demo, cands, tok, split="valid", max_title_tokens=8, calibration="none")
-
-
 # ----------------------------------------------------------------------------- objectives
 
 
@@ -350,3 +342,36 @@ def test_healed_and_folded_compact_exports_with_identical_scores(llama, demo, tm
         expected = compact(ids).logits
     logits, _ = _load_plain_logits(tmp_path / "plain", ids, tmp_path)
     assert np.allclose(logits, expected.numpy(), atol=1e-4)
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(llama):
+    from layerviz.heal import check_teacher
+
+    model, tok = llama
+    compact = build_compact(model, [0, 4, 31])
+    other = load_model("tiny-gemma3", device="cpu")[1]  # another vocabulary
+    check_teacher(model, compact, tok, tok)  # the same one passes
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        check_teacher(model, compact, tok, other)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
+def test_real_models_export_folded_checkpoints_with_the_same_scores(preset, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from layerviz.scoring import Request, ScoringConfig, score
+    from tests.conftest import _load
+
+    model, tok = _load(preset)
+    n = arch.num_layers(model)
+    keep = [0, 1, n // 3, n // 2 + 1, n - 1]
+    compact = build_compact(model, keep, "fold")
+    _perturb(compact, scale=0.01)
+    compact.export_hf(tmp_path / "plain", tokenizer=tok)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain", torch_dtype=torch.float32).eval()
+    assert plain.config.num_hidden_layers == len(keep)
+    assert arch.layer_types(plain) == [arch.layer_types(model)[i] for i in keep]
+    reqs = [Request(["Toy Story (1995)", "Heat (1995)"], ["Casino (1995)", "Babe (1995)", "Jumanji (1995)"])]
+    cfg = ScoringConfig(max_title_tokens=8, calibration="none")
+    np.testing.assert_allclose(score(plain, tok, reqs, cfg)[0], score(compact, tok, reqs, cfg)[0], atol=1e-4)

@@ -176,3 +176,26 @@ def test_heatmap_rank_scaling_is_not_flattened_by_one_extreme_layer():
     assert sorted(np.asarray(rank[row]).round(6)) == pytest.approx(np.linspace(0, 1, 10))
     with pytest.raises(ValueError, match="unknown scale"):
         plots.importance_heatmap(imp, scale="log")
+
+
+def test_retention_vs_k_draws_each_variant_with_values_and_skips_the_rest():
+    import pandas as pd
+
+    from layerviz import plots
+
+    rows = []
+    for sel in ("primary", "first_k"):
+        for k in (4, 7):
+            for v, r, c in (("drop", 0.5, None), ("mse", 0.6, None), ("task+distill", 0.7, 0.75)):
+                rows.append({"selection": sel, "k": k, "variant": v, "retention": r, "retention_low": r - 0.1,
+                             "retention_high": r + 0.1, "retention_control": c,
+                             "retention_control_low": None if c is None else c - 0.1,
+                             "retention_control_high": None if c is None else c + 0.1})
+    table = pd.DataFrame(rows).astype({"retention_control": float, "retention_control_low": float,
+                                       "retention_control_high": float})
+    fig = plots.retention_vs_k(table, title="t")
+    assert [len(ax.get_legend_handles_labels()[1]) for ax in fig.axes] == [3, 3]
+    assert [ax.get_title() for ax in fig.axes] == ["primary selection", "first_k selection"]
+    fig = plots.retention_vs_k(table, against="retention_control")
+    assert fig.axes[-1].get_legend_handles_labels()[1] == ["task+distill"]  # no control without healing
+    assert list(fig.axes[0].get_xticks()) == [4, 7]

@@ -186,6 +186,8 @@ def retention_vs_k(table: pd.DataFrame, goal: float | None = 0.85, against: str 
     """RQ3: NDCG@10 retention (with its 95% CI) against k for plain dropping and each adapter variant, one panel per
     selection; ``against``: 'retention' (the full model) or 'retention_control' (the full model trained as long)."""
     sels = list(dict.fromkeys(table["selection"]))
+    if against not in table:  # no variant healed: nothing to show against the control
+        table = table.assign(**{against: np.nan, f"{against}_low": np.nan, f"{against}_high": np.nan})
     with paper_style():
         fig, axes = plt.subplots(1, len(sels), figsize=(4.4 * len(sels), 3.4), squeeze=False, sharey=True)
         for ax, sel in zip(axes[0], sels, strict=True):

@@ -144,7 +144,8 @@ class CompactStages:
                 if layers is None:
                     continue
                 runs += [{"variant": name, "selection": selection, "k": k, "layers": [int(i) for i in layers],
-                          "adapt": self.adapt_config(spec, a, layers, over)} for name, over in r["variants"].items()]
+                          "adapt": self.adapt_config(spec, a, layers, over)}
+                         for name, over in sorted(r["variants"].items())]  # a mapping's order is not part of the key
         return runs
 
     def heal_variants(self, spec: str) -> dict:

@@ -13,7 +13,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip -qq --disable-pip-version-check
 STAMP  := $(VENV)/.layerviz-installed
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-serve clean
 
 install: $(STAMP)
 
@@ -47,6 +47,12 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_scoring.py
+
+# serving under open-loop load, full against compact (needs `make demo`'s models; ~20 min; Locust cross-check)
+bench-serve: $(STAMP)
+	$(PIP) install -e ".[bench]"
+	$(PY) benchmarks/bench_serve.py --json docs/serve_bench.json --markdown docs/serve_bench.md \
+		--figure docs/serve_latency.png
 
 clean:
 	rm -rf $(VENV) results reports

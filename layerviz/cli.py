@@ -25,6 +25,8 @@ CONFIG_COMMANDS = {
               "and the FLOP bound"),
     "finetune": ("layerviz.finetune", "FinetuneConfig", "fine-tune the LLM recommender (LoRA or full) on the "
                  "training split"),
+    "serve": ("layerviz.serve", "ServeConfig", "serve a full or compact recommender over HTTP (POST /rank, "
+              "/health, /metrics, /docs) with dynamic batching"),
 }
 OTHER_COMMANDS = {
     "models": "list model presets: layers, width, parameters, offline?",
@@ -165,9 +167,14 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
         from layerviz.models import load_model  # (as above)
 
         base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
+        from layerviz.serve import RECORD, record_for  # (as above)
+        from layerviz.store import write_json  # (as above)
+
         compact = load_compact(res["folder"] / "compact", base=base)
-        print(f"exported {compact.export_hf(args.export, tokenizer=tok)} (loads with "
-              "AutoModelForCausalLM.from_pretrained, no layerviz needed)")
+        folder = compact.export_hf(args.export, tokenizer=tok)
+        write_json(folder / RECORD, {**record_for(cfg), "calibration": s["calibration"]})  # how `serve` scores it
+        print(f"exported {folder} (loads with AutoModelForCausalLM.from_pretrained, no layerviz needed; "
+              f"`layerviz serve --model {folder}` serves it)")
     return 0
 
 
@@ -180,6 +187,13 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     print(df[[c for c in cols if c in df]].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     if args.out:
         print(f"wrote {args.out}/bench.csv, bench.parquet")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from layerviz.serve import serve  # heavy: loaded when the command runs
+
+    serve(_config(args))
     return 0
 
 
@@ -266,7 +280,8 @@ def _add_config_command(sub, name: str) -> None:
                    "adapt": (_cmd_adapt, [out, no_cache, (["--export"], {"default": None, "help": (
                        "also write the compact model as a plain HF checkpoint here (fold adapters folded into "
                        "down_proj; adapters on the residual stream refuse)")})]),
-                   "bench": (_cmd_bench, [out]), "finetune": (_cmd_finetune, finetune_out)}[name]
+                   "bench": (_cmd_bench, [out]), "finetune": (_cmd_finetune, finetune_out),
+                   "serve": (_cmd_serve, [])}[name]
     _config_command(sub, name, func, extra)
 
 

@@ -28,8 +28,11 @@ DEVICE = None
 TFLOPS = None
 """05_efficiency: throughput of the cost plan's time (None: measured for CPU; on a GPU give it)."""
 
+SERVE_BENCH = "../docs/serve_bench.json"
+"""05_efficiency: the serving load test's JSON (`benchmarks/bench_serve.py --json`)."""
+
 __all__ = ["COMPUTE", "CONFIG", "DATASET", "DEVICE", "FIGURES_DIR", "MODEL", "MODELS", "OVERRIDES", "RESULTS_DIR",
-           "SMOKE", "TFLOPS", "USE_CACHE"]
+           "SERVE_BENCH", "SMOKE", "TFLOPS", "USE_CACHE"]
 
 
 def with_defaults(given: dict) -> dict:

@@ -578,6 +578,31 @@ def protocol_funnel(stats: dict[str, pd.DataFrame], title: str = ""):
     return fig
 
 
+def serve_latency(points: pd.DataFrame, objective_ms: float, max_rate: dict | None = None, title: str = ""):
+    """Open-loop load test: p50 (dashed) and p99 (solid) latency against the offered rate, one colour per served
+    configuration, the p99 objective, and each one's maximum rate under it (a dotted line); shed or failed
+    points are drawn hollow. ``points``: one row per (config, offered_rate) (benchmarks/bench_serve.py)."""
+    with paper_style():
+        fig, ax = plt.subplots(figsize=(6.2, 3.8))
+        for i, (name, g) in enumerate(points.groupby("config", sort=False)):
+            g = g.sort_values("offered_rate")
+            bad = (g["shed"] + g["errors"] + g["timeouts"]) > 0.01 * g["requests"]
+            ax.plot(g["offered_rate"], g["p99_ms"], "-", color=f"C{i}", lw=1.4, label=f"{name} p99")
+            ax.plot(g["offered_rate"], g["p50_ms"], "--", color=f"C{i}", lw=1, label=f"{name} p50")
+            ax.scatter(g["offered_rate"], g["p99_ms"], s=18, color=np.where(bad, "white", f"C{i}"),
+                       edgecolors=f"C{i}", zorder=3)
+            if max_rate and max_rate.get(name, 0) > 0:
+                ax.axvline(max_rate[name], color=f"C{i}", ls=":", lw=1)
+        ax.axhline(objective_ms, color="black", lw=0.8)
+        ax.annotate(f"p99 objective {objective_ms:.0f} ms", (ax.get_xlim()[0], objective_ms), xytext=(4, 3),
+                    textcoords="offset points", fontsize=8)
+        ax.set(xlabel="offered rate (requests/s, Poisson)", ylabel="latency from scheduled send (ms)", yscale="log",
+               title=title or "Latency under open-loop load")
+        ax.legend(frameon=False, fontsize=7, ncol=2)
+        fig.tight_layout()
+    return fig
+
+
 def publish(fig, name: str, figures_dir: str | Path = "figures"):
     """Save ``fig`` (PDF+PNG) and release pyplot's reference, so a notebook shows it once via display()."""
     save(fig, name, figures_dir)

@@ -44,14 +44,14 @@ def test_study_files_are_small():
     assert big == []
 
 TIERS = [
-    ["arch", "depth", "errors", "metrics", "parallel", "passes", "progress"],
+    ["arch", "batching", "depth", "errors", "loadtest", "metrics", "parallel", "passes", "progress"],
     ["models", "store"],
     ["data"],
     ["sasrec", "scoring", "settings"],
     ["evaluate"],
     ["adapters", "importance"],
     ["compact", "selection"],
-    ["adapt", "bench", "finetune", "heal"],
+    ["adapt", "bench", "finetune", "heal", "serve"],
     ["notebook_params", "plots", "report", "widgets"],
     ["study"],
     ["__main__", "cli"],

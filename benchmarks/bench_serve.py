@@ -50,11 +50,11 @@ from layerviz.compact import build_compact, load_compact
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import requests_for
 from layerviz.importance import build_calibration
-from layerviz.loadtest import closed_loop, run_point, summarize
+from layerviz.loadtest import closed_loop, failed, run_point, summarize
 from layerviz.models import load_model
 from layerviz.scoring import Request, ScoringConfig, score
-from layerviz.serve import RECORD, recorded
-from layerviz.settings import SHARED, Settings
+from layerviz.serve import RECORD, ServeConfig, recorded, recorded_settings, scoring_config
+from layerviz.settings import Settings
 
 DEMO = Path("results/demo-study/smollm2-135m/ml-1m")
 
@@ -99,30 +99,24 @@ class Server:
         return rc
 
 
-def payloads(model: str, users: int, seed: int) -> tuple[list[dict], dict]:
+def payloads(prep, settings: Settings, users: int, seed: int) -> list[dict]:
     """Real test users' (history, candidates) under the model's recorded protocol, seeded."""
-    rec = recorded(model, None)
-    settings = Settings(**{k: v for k, v in rec.items() if k in SHARED})
-    prep = load(settings.dataset, config=settings.prep_config(), report=None)
     cands, _ = candidates_for(prep, CandidateConfig(settings.negatives, "uniform", users, "test", seed),
                               settings.candidates_dir)
-    reqs = requests_for(prep, cands, "test")
-    return [{"history": r.history, "candidates": r.candidates} for r in reqs], rec
+    return [{"history": r.history, "candidates": r.candidates} for r in requests_for(prep, cands, "test")]
 
 
-def time_bounds(model_dir: str, compact_dir: str, bodies: list[dict], rec: dict, rounds: int = 5) -> dict:
-    """Speedup bounds of the compact model's k: bench.time_bound (prefill, measured LM-head time) and the same
-    idea on this workload: a 1-layer model's scoring time gives the fixed cost, the rest is split over equal layers."""
-    model, tok = load_model(model_dir, device="cpu")
-    k, n = len(load_compact(compact_dir, base=model).kept_layers), model.config.num_hidden_layers
+def time_bounds(model, tok, k: int, bodies: list[dict], scoring: ScoringConfig, rounds: int = 5) -> dict:
+    """Speedup bounds of keeping k layers: bench.time_bound (prefill, measured LM-head time) and the same idea on
+    this workload: a 1-layer model's scoring time gives the fixed cost, the rest is split over equal layers."""
+    n = model.config.num_hidden_layers
     one = build_compact(model, [n - 1])
-    sc = ScoringConfig("likelihood", "movies", rec.get("max_title_tokens", 32), calibration="none")
     reqs = [Request(b["history"], b["candidates"]) for b in bodies[:8]]
     t = {"full": [], "one": []}
     for r in range(rounds + 1):
         for name, m in (("full", model), ("one", one)):
             t0 = time.perf_counter()
-            score(m, tok, reqs, sc)
+            score(m, tok, reqs, scoring)
             if r:
                 t[name].append(time.perf_counter() - t0)
     full, first = float(np.median(t["full"])), float(np.median(t["one"]))
@@ -133,12 +127,8 @@ def time_bounds(model_dir: str, compact_dir: str, bodies: list[dict], rec: dict,
             "prefill_time_bound": bench.time_bound(pre["prefill_ms"], pre["head_ms"], n, k)}
 
 
-def folded_export(model_dir: str, compact_dir: str, rec: dict, out: Path) -> Path:
-    """The compact model's kept layers with fold adapters fitted in closed form, exported as a plain checkpoint."""
-    model, tok = load_model(model_dir, device="cpu")
-    layers = load_compact(compact_dir, base=model).kept_layers
-    settings = Settings(**{k: v for k, v in rec.items() if k in SHARED})
-    prep = load(settings.dataset, config=settings.prep_config(), report=None)
+def folded_export(model, tok, layers: list[int], prep, settings: Settings, rec: dict, out: Path) -> Path:
+    """The kept layers with fold adapters fitted in closed form, exported as a plain checkpoint."""
     compact = build_compact(model, layers, "fold")
     cal = build_calibration(prep, tok, 24, "valid", "likelihood", settings.max_title_tokens, settings.seed)
     train_adapters(compact, model, cal, TrainConfig(init="lstsq", stage1_epochs=0, stage2_epochs=0),
@@ -152,7 +142,7 @@ def folded_export(model_dir: str, compact_dir: str, rec: dict, out: Path) -> Pat
 
 
 def passes(s: dict, objective_ms: float) -> bool:
-    return s["p99_ms"] <= objective_ms and s["shed"] + s["errors"] + s["timeouts"] <= 0.01 * s["requests"]
+    return s["p99_ms"] <= objective_ms and not failed(s)
 
 
 class Sweep:
@@ -367,14 +357,20 @@ def main() -> None:
     os.environ["LAYERVIZ_PROGRESS"] = "0"
     model, compact = _paths(args)
     torch.manual_seed(args.seed)
-    bodies, rec = payloads(model, args.users, args.seed)
-    bounds = time_bounds(model, compact, bodies, rec)
+    rec = recorded(model, None)
+    settings = recorded_settings(rec)
+    prep = load(settings.dataset, config=settings.prep_config(), report=None)
+    bodies = payloads(prep, settings, args.users, args.seed)
+    full, tok = load_model(model, device="cpu")
+    layers = load_compact(compact, base=full).kept_layers
+    bounds = time_bounds(full, tok, len(layers), bodies, scoring_config(ServeConfig(), rec, prep.domain))
     print(f"time bounds of k = {bounds['k']} of {bounds['n_layers']}: {bounds}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     flags = {"full": ["--model", model], "full-b1": ["--model", model, "--max-batch", "1"],
              "compact": ["--model", model, "--compact", compact]}
     if not args.no_folded:
-        flags["folded"] = ["--model", str(folded_export(model, compact, rec, work / "folded"))]
+        flags["folded"] = ["--model", str(folded_export(full, tok, layers, prep, settings, rec, work / "folded"))]
+    del full  # the servers load their own
     flags = {n: f + ([] if "--max-batch" in f else ["--max-batch", str(args.max_batch)]) for n, f in flags.items()}
     servers = {n: Server(n, f, work / f"{n}.log") for n, f in flags.items()}
     try:

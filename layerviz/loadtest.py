@@ -82,6 +82,11 @@ def summarize(rows: pd.DataFrame, rate: float) -> dict:
             "lag_p99_ms": float(np.percentile(rows["lag"], 99) * 1e3) if len(rows) else np.nan}
 
 
+def failed(s):
+    """More than 1% of the requests shed, failed or timed out (a summary dict, or a frame of them row-wise)."""
+    return (s["shed"] + s["errors"] + s["timeouts"]) > 0.01 * s["requests"]
+
+
 def closed_loop(url: str, payloads: list[dict], n: int, timeout: float = 30.0,
                 transport: httpx.AsyncBaseTransport | None = None) -> pd.DataFrame:
     """One request at a time (each sent when the previous one is answered): the unloaded latency."""

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from layerviz.depth import THIRD_EDGES, depth, profile_on_grid
+from layerviz.loadtest import failed
 
 PALETTE = "colorblind"
 CMAP = "cividis"  # perceptually uniform and colour-blind safe
@@ -586,7 +587,7 @@ def serve_latency(points: pd.DataFrame, objective_ms: float, max_rate: dict | No
         fig, ax = plt.subplots(figsize=(6.2, 3.8))
         for i, (name, g) in enumerate(points.groupby("config", sort=False)):
             g = g.sort_values("offered_rate")
-            bad = (g["shed"] + g["errors"] + g["timeouts"]) > 0.01 * g["requests"]
+            bad = failed(g)
             ax.plot(g["offered_rate"], g["p99_ms"], "-", color=f"C{i}", lw=1.4, label=f"{name} p99")
             ax.plot(g["offered_rate"], g["p50_ms"], "--", color=f"C{i}", lw=1, label=f"{name} p50")
             ax.scatter(g["offered_rate"], g["p99_ms"], s=18, color=np.where(bad, "white", f"C{i}"),

@@ -117,8 +117,7 @@ def recorded(model: str | None, compact: str | None) -> dict:
             summary = _json(Path(compact).parent / "summary.json") or {}
             return {"scorer": "likelihood", **run["config"], "calibration": summary.get("calibration"),
                     "source": str(Path(compact).parent / "manifest.json")}
-        meta = _json(Path(compact) / "compact.json") or {}
-        model = model or meta.get("base", {}).get("source")
+        model = model or compact_base(compact)
     if model is None or not Path(model).is_dir():
         return {}
     if (rec := _json(Path(model) / RECORD)) is not None:
@@ -131,6 +130,11 @@ def recorded(model: str | None, compact: str | None) -> dict:
     return {}
 
 
+def compact_base(compact: str) -> str | None:
+    """The base model a compact folder records (its source), or None."""
+    return ((_json(Path(compact) / "compact.json") or {}).get("base") or {}).get("source")
+
+
 def record_for(config) -> dict:
     """The record ``recorded`` reads back, from a run's config (an AdaptConfig or any Settings)."""
     keys = set(SHARED) | {"scorer", "calibration"}
@@ -138,7 +142,8 @@ def record_for(config) -> dict:
             **{f.name: getattr(config, f.name) for f in fields(config) if f.name in keys}}
 
 
-def _settings(rec: dict) -> Settings:
+def recorded_settings(rec: dict) -> Settings:
+    """The shared settings (protocol, candidates, seed) of a record; defaults where it has none."""
     return Settings(**{k: v for k, v in rec.items() if k in SHARED})
 
 
@@ -198,9 +203,8 @@ def scoring_config(cfg: ServeConfig, rec: dict, domain: str | None) -> ScoringCo
 
 def load_recommender(cfg: ServeConfig, report=print) -> Recommender:
     """Load the model (and compact model), its recorded scoring, and the stored users' dataset."""
-    rec, spec = recorded(cfg.model, cfg.compact), cfg.model
-    if spec is None and cfg.compact is not None:
-        spec = (_json(Path(cfg.compact) / "compact.json") or {}).get("base", {}).get("source")
+    rec = recorded(cfg.model, cfg.compact)
+    spec = cfg.model or (compact_base(cfg.compact) if cfg.compact is not None else None)
     if not spec:
         raise ValueError("give --model (a preset, hub id or folder), or a --compact folder that records its base")
     model, tok = load_model(spec, device=cfg.device, dtype=cfg.dtype)
@@ -209,15 +213,14 @@ def load_recommender(cfg: ServeConfig, report=print) -> Recommender:
         model = load_compact(cfg.compact, base=model)
         name = f"{name} compact ({len(model.kept_layers)} of {model.n_base_layers} layers)"
     dataset = cfg.dataset if cfg.dataset is not None else rec.get("dataset")
+    settings = recorded_settings({**rec, "dataset": dataset, "results_dir": cfg.results_dir})
     prep = cands = None
     if dataset and dataset != "none":
-        settings = _settings({**rec, "dataset": dataset, "results_dir": cfg.results_dir})
         prep = load(dataset, config=settings.prep_config(), report=None)
         cands, _ = candidates_for(prep, CandidateConfig(settings.negatives, "uniform", None, "test", settings.seed),
                                   settings.candidates_dir)
     scoring = scoring_config(cfg, rec, None if prep is None else prep.domain)
     if scoring.calibration == "auto":
-        settings = _settings({**rec, "dataset": dataset, "results_dir": cfg.results_dir})
         scoring.calibration, choice = calibration_to_use(model, tok, prep, calibration_config(
             "auto", cfg.calibration_users, settings.negatives, settings.seed, scoring.max_title_tokens,
             cfg.results_dir, scoring.scorer), report=report)

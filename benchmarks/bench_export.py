@@ -1,7 +1,7 @@
 """A folded, exported compact model against the in-memory compact model: prefill time and candidate ranks.
 
 The compact model keeps k layers of a real model joined by fold adapters (ReplaceMe's linear map on the MLP output
-of the block before each gap), fitted in closed form on calibration prompts; ``export_hf`` folds them into
+of the block before each gap), fitted in closed form on probe prompts; ``export_hf`` folds them into
 ``down_proj`` and writes a plain HF checkpoint, which ``AutoModelForCausalLM.from_pretrained`` loads here without
 layerviz. Both score the same test users' candidates (ranks compared) and time the same prefills, interleaved
 round by round in this one process (median and IQR over rounds). Prints a table and writes --json.
@@ -21,11 +21,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerviz import arch
-from layerviz.adapters import TrainConfig, train_adapters
-from layerviz.compact import build_compact
+from layerviz.compression.adapters import AdapterTrainConfig, train_adapters
+from layerviz.compression.compact import build_compact
 from layerviz.data import CandidateConfig, PrepConfig, build_candidates, load
+from layerviz.data.prompts import build_probes
 from layerviz.evaluate import TaskEvaluator
-from layerviz.importance import build_calibration
 from layerviz.models import load_model
 from layerviz.scoring import pad_right
 
@@ -55,8 +55,8 @@ def main() -> None:
     prep = load(args.dataset, config=PrepConfig(history_len=5), report=None)
     layers = [int(i) for i in args.layers.split(",")]
     compact = build_compact(model, layers, "fold")
-    cal = build_calibration(prep, tok, 24, "valid", "likelihood", 12, 0)
-    train_adapters(compact, model, cal, TrainConfig(init="lstsq", stage1_epochs=0, stage2_epochs=0),
+    cal = build_probes(prep, tok, 24, "valid", "likelihood", 12, 0)
+    train_adapters(compact, model, cal, AdapterTrainConfig(init="lstsq", stage1_epochs=0, stage2_epochs=0),
                    pad=tok.pad_token_id, report=None)
     with tempfile.TemporaryDirectory() as tmp:
         compact.export_hf(tmp, tokenizer=tok)

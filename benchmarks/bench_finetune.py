@@ -24,16 +24,17 @@ import numpy as np
 
 def _setup(args):
     from layerviz import data, load_model
-    from layerviz.finetune import FinetuneConfig, Schedule, prepare_trainable, training_windows
-    from layerviz.scoring import Prompt, ScoringConfig
+    from layerviz.data.prompts import Prompt, PromptConfig
+    from layerviz.finetune import FinetuneConfig, prepare_trainable
+    from layerviz.training import Schedule, training_windows
 
     model, tok = load_model(args.model, device="cpu")
     prep = data.load(args.dataset, config=data.PrepConfig(history_len=args.history_len), report=None)
     cfg = FinetuneConfig(model=args.model, train_negatives=args.negatives, history_len=args.history_len,
                          batch_size=args.examples, max_title_tokens=args.max_title_tokens)
-    _, inner, params = prepare_trainable(model, cfg)
-    sched = Schedule(prep, training_windows(prep, args.history_len), cfg)
-    text = Prompt(tok, ScoringConfig(domain=prep.domain, max_title_tokens=args.max_title_tokens))
+    inner, _, params = prepare_trainable(model, cfg)
+    sched = Schedule(prep, training_windows(prep, args.history_len), cfg.seed, cfg.batch_size, cfg.train_negatives)
+    text = Prompt(tok, PromptConfig(prep.domain, args.max_title_tokens))
     return cfg, inner, params, prep.titles(), sched, text
 
 
@@ -45,7 +46,7 @@ def _args(titles, examples):
 
 def _peak_mb(variant: str, args) -> float:
     """Peak RSS growth (MB) of one round of ``variant`` in this fresh process, over the RSS after set-up."""
-    from layerviz.finetune import rank_loss, rank_loss_naive
+    from layerviz.training import rank_loss, rank_loss_naive
 
     _, inner, _, titles, sched, text = _setup(args)
     fn = rank_loss if variant == "shared" else rank_loss_naive
@@ -73,7 +74,7 @@ def _peak_mb(variant: str, args) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="demo-electronics")
+    ap.add_argument("--dataset", default="synthetic-electronics")
     ap.add_argument("--examples", type=int, default=4, help="examples per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--negatives", type=int, default=7)
@@ -84,25 +85,9 @@ def main() -> None:
 
     import torch
 
-    from layerviz import data, load_model
-    from layerviz.finetune import (
-        FinetuneConfig,
-        Schedule,
-        prepare_trainable,
-        rank_loss,
-        rank_loss_naive,
-        training_windows,
-    )
-    from layerviz.scoring import Prompt, ScoringConfig
+    from layerviz.training import rank_loss, rank_loss_naive
 
-    model, tok = load_model(args.model, device="cpu")
-    prep = data.load(args.dataset, config=data.PrepConfig(history_len=args.history_len), report=None)
-    cfg = FinetuneConfig(model=args.model, train_negatives=args.negatives, history_len=args.history_len,
-                         batch_size=args.examples, max_title_tokens=args.max_title_tokens)
-    _, inner, params = prepare_trainable(model, cfg)
-    titles = prep.titles()
-    sched = Schedule(prep, training_windows(prep, args.history_len), cfg)
-    text = Prompt(tok, ScoringConfig(domain=prep.domain, max_title_tokens=args.max_title_tokens))
+    cfg, inner, params, titles, sched, text = _setup(args)
 
     def run(fn, examples) -> tuple[float, list[float]]:
         t0 = time.perf_counter()

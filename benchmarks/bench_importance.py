@@ -3,7 +3,7 @@
 Each method runs in its own subprocess over the same calibration batches, so peak RSS
 (CPU) or torch.cuda.max_memory_allocated (CUDA) of one cannot contaminate another.
   plain : forward + backward of the same loss, nothing extra (gradients kept, as usual)
-  single: layerviz.importance.hook_pass, every criterion in one pass
+  single: layerviz.compression.importance.hook_pass, every criterion in one pass
   naive : output_attentions=True + output_hidden_states=True (eager attention), gradients
           kept and squared afterwards
 
@@ -25,12 +25,13 @@ def worker(method: str, model_name: str, samples: int, history: int) -> dict:
     import torch
 
     from layerviz import arch, data, load_model
-    from layerviz import importance as imp
+    from layerviz.compression import importance as imp
+    from layerviz.data.prompts import build_probes
 
     model, tok = load_model(model_name)
     dev = arch.input_device(model)
-    prep = data.load("demo", config=data.PrepConfig(history_len=history), report=None)
-    cal = imp.build_calibration(prep, tok, n=samples)
+    prep = data.load("synthetic-electronics", config=data.PrepConfig(history_len=history), report=None)
+    cal = build_probes(prep, tok, n=samples)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -44,7 +45,7 @@ def worker(method: str, model_name: str, samples: int, history: int) -> dict:
         for layer in arch.layers(model):
             layer.requires_grad_(True)
         for i in range(len(cal.examples)):
-            exs, ids, mask, _ = imp.calibration_batch(cal, [i], 0, dev)
+            exs, ids, mask, _ = imp.probe_batch(cal, [i], 0, dev)
             if method == "plain":
                 imp.per_sample_loss(model, cal, exs, ids, mask).mean().backward()
             else:
@@ -82,7 +83,7 @@ def main() -> None:
         rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
     dev = rows["plain"]["device"]
     mem = "peak RSS" if dev == "cpu" else "max_memory_allocated"
-    print(f"{args.model} on {dev}, {args.samples} calibration samples (batch 1), history {args.history_len}")
+    print(f"{args.model} on {dev}, {args.samples} probe prompts (batch 1), history {args.history_len}")
     print(f"{'method':<8}{'wall s':>9}{'x plain':>9}{mem + ' MB':>22}{'x plain':>9}{'above load MB':>15}{'x plain':>9}")
     p = rows["plain"]
     for m, r in rows.items():

@@ -70,7 +70,7 @@ def launch(n: int, args, out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="demo-electronics")
+    ap.add_argument("--dataset", default="synthetic-electronics")
     ap.add_argument("--users", type=int, default=40)
     ap.add_argument("--negatives", type=int, default=19)
     ap.add_argument("--history-len", type=int, default=5)

@@ -184,7 +184,7 @@ def head(model, args) -> list[dict]:
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--dataset", default="demo-movies", help="demo-movies: the bundled data with 20-title histories")
+    ap.add_argument("--dataset", default="synthetic-movies", help="synthetic-movies: the bundled data with 20-title histories")
     ap.add_argument("--users", type=int, default=2, help="test users per setting (bf16: use more, e.g. 40)")
     ap.add_argument("--histories", type=int, nargs="+", default=[5, 10, 20])
     ap.add_argument("--candidates", type=int, nargs="+", default=[20, 100], help="list lengths: 20 is 1+19")

@@ -30,14 +30,14 @@ def main() -> None:
     from pathlib import Path
 
     from layerviz import arch, load_model
-    from layerviz import selection as sel
+    from layerviz.compression import selection as sel
+    from layerviz.compression.importance import ImportanceConfig, build_probes, run_importance
     from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
     from layerviz.evaluate import FidelityEvaluator, TaskEvaluator
-    from layerviz.importance import ImportanceConfig, build_calibration, run_importance
 
     model, tok = load_model(args.model, device="cpu")
     L = arch.num_layers(model)
-    prep = load("demo", config=PrepConfig(history_len=args.history_len), report=None)
+    prep = load("synthetic-electronics", config=PrepConfig(history_len=args.history_len), report=None)
     cdir = Path(args.results_dir) / "candidates"
     cands, _ = candidates_for(prep, CandidateConfig(19, "uniform", args.users, "valid", 0), cdir)
     tcands, _ = candidates_for(prep, CandidateConfig(19, "uniform", args.task_users, "valid", 0), cdir)
@@ -49,7 +49,7 @@ def main() -> None:
     imp = run_importance(ImportanceConfig(model=args.model, samples=args.importance_samples, ablation=False,
                                           history_len=args.history_len, results_dir=args.results_dir),
                          model, tok, report=None).table
-    cal = build_calibration(prep, tok, 16)
+    cal = build_probes(prep, tok, 16)
     full_task = float(np.mean(task(model)))
     print(f"{args.model}: L={L}, k={args.k}, evaluator={args.evaluator} ({args.users} users), "
           f"task NDCG@10 on {args.task_users} validation users (1+19); full model {full_task:.4f}")

@@ -6,7 +6,7 @@ Each configuration runs as its own `layerviz serve` process on 127.0.0.1:
   compact   k = L/4 kept layers with their trained adapters (`layerviz adapt` output)
   folded    the same kept layers with fold adapters (closed form), exported as a plain HF checkpoint
 Requests are real test users' histories and 1 + negatives candidates (the model's recorded protocol). Load is
-open-loop (layerviz.loadtest): Poisson arrivals at each offered rate, latency timed from the scheduled send, so
+open-loop (layerviz.serving.loadtest): Poisson arrivals at each offered rate, latency timed from the scheduled send, so
 queueing counts. The sweep is interleaved: at each step every configuration still standing runs once, at the step's
 multiple of its own unloaded rate, with the same arrival schedule (scaled). A point passes when p99 <= the objective (2 x the full model's unloaded p99) and at most
 1% of requests fail or are shed; a configuration leaves the sweep after two failing points, and each one's
@@ -45,15 +45,21 @@ import psutil
 import torch
 
 from layerviz import bench, plots, store
-from layerviz.adapters import TrainConfig, train_adapters
-from layerviz.compact import build_compact, load_compact
+from layerviz.compression.adapters import AdapterTrainConfig, train_adapters
+from layerviz.compression.compact import build_compact, load_compact
 from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.data.prompts import build_probes
 from layerviz.evaluate import requests_for
-from layerviz.importance import build_calibration
-from layerviz.loadtest import closed_loop, failed, run_point, summarize
 from layerviz.models import load_model
 from layerviz.scoring import Request, ScoringConfig, score
-from layerviz.serve import RECORD, ServeConfig, recorded, recorded_settings, scoring_config
+from layerviz.serving.loadtest import closed_loop, failed, run_point, summarize
+from layerviz.serving.serve import (
+    RECORD,
+    ServeConfig,
+    recorded_settings,
+    scoring_config,
+    scoring_record,
+)
 from layerviz.settings import Settings
 
 DEMO = Path("results/demo-study/smollm2-135m/ml-1m")
@@ -130,8 +136,8 @@ def time_bounds(model, tok, k: int, bodies: list[dict], scoring: ScoringConfig, 
 def folded_export(model, tok, layers: list[int], prep, settings: Settings, rec: dict, out: Path) -> Path:
     """The kept layers with fold adapters fitted in closed form, exported as a plain checkpoint."""
     compact = build_compact(model, layers, "fold")
-    cal = build_calibration(prep, tok, 24, "valid", "likelihood", settings.max_title_tokens, settings.seed)
-    train_adapters(compact, model, cal, TrainConfig(init="lstsq", stage1_epochs=0, stage2_epochs=0),
+    cal = build_probes(prep, tok, 24, "valid", "likelihood", settings.max_title_tokens, settings.seed)
+    train_adapters(compact, model, cal, AdapterTrainConfig(init="lstsq", stage1_epochs=0, stage2_epochs=0),
                    pad=tok.pad_token_id, report=None)
     folder = compact.export_hf(out, tokenizer=tok, overwrite=True)
     store.write_json(folder / RECORD, {k: v for k, v in rec.items() if k != "source"})
@@ -357,7 +363,7 @@ def main() -> None:
     os.environ["LAYERVIZ_PROGRESS"] = "0"
     model, compact = _paths(args)
     torch.manual_seed(args.seed)
-    rec = recorded(model, None)
+    rec = scoring_record(model, None)
     settings = recorded_settings(rec)
     prep = load(settings.dataset, config=settings.prep_config(), report=None)
     bodies = payloads(prep, settings, args.users, args.seed)
@@ -420,7 +426,7 @@ def render(result: dict) -> str:
              "its answer: their arrivals are spread evenly, not Poisson, and a slow answer delays the next send. "
              "Its percentiles are timed from the actual send. Where the two differ, the difference is the queueing "
              "that Poisson bursts cause and that a closed loop does not see.", "",
-             table(pd.DataFrame([{"tool": "layerviz.loadtest (open-loop)", **{k: loc["layerviz"][k] for k in (
+             table(pd.DataFrame([{"tool": "layerviz.serving.loadtest (open-loop)", **{k: loc["layerviz"][k] for k in (
                  "offered_rate", "requests", "achieved_rate", "p50_ms", "p95_ms", "p99_ms")}},
                  {"tool": "locust (constant_throughput users)", **{k: loc["locust"].get(k) for k in (
                      "offered_rate", "requests", "achieved_rate", "p50_ms", "p95_ms", "p99_ms")}}])), "",

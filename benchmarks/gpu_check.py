@@ -2,14 +2,14 @@
 
 The models are built from their configs with random bf16 weights and their true depths (32 and 36
 layers; nothing is downloaded). The tokenizer is the bundled SmolLM2 one (its ids fit both vocabularies),
-the data the bundled demo electronics set. For each model it measures, side by side in one process:
+the data the bundled synthetic electronics set. For each model it measures, side by side in one process:
 
 * ``prefill``: the full model against the compact model at k = L/4 (evenly spaced layers; without and
   with the default rank-64 adapters), interleaved A B C A B C ... after a warm-up; the median per-round
   speedup next to the FLOP bound (``layerviz.bench.flop_bound``). Goal: >= 3.5x for LLaMA-3-8B's shape
   at k = 8 without adapters.
 * ``importance``: one ``importance.hook_pass`` (every criterion) against a plain forward+backward of the
-  same loss over the same calibration prompts (time and peak memory; goals <= 1.5x and <= 1.2x).
+  same loss over the same probe prompts (time and peak memory; goals <= 1.5x and <= 1.2x).
 * ``scoring``: users per second of ``scoring.score`` at 1+99 candidates.
 * ``adapter step``: one training step of the compact model's adapters (MSE to the full model's final
   states, backward, AdamW).
@@ -97,9 +97,9 @@ def check_prefill(name, model, tok, prep, args, device) -> list[dict]:
     """Full vs compact (k = L/4, evenly spaced layers; without and with rank-64 adapters) prefill,
     interleaved A B C A B C ...; median per-round speedups next to their FLOP bounds."""
     from layerviz import arch
-    from layerviz.adapters import AdapterPolicy
     from layerviz.bench import adapter_flops, flop_bound, layer_costs
-    from layerviz.compact import build_compact
+    from layerviz.compression.adapters import AdapterPolicy
+    from layerviz.compression.compact import build_compact
 
     n, d = arch.num_layers(model), arch.hidden_size(model)
     layers = compact_layers(n)
@@ -130,9 +130,10 @@ def check_prefill(name, model, tok, prep, args, device) -> list[dict]:
 def check_importance(name, model, tok, prep, args, device) -> list[dict]:
     """One hook pass (every criterion) against a plain forward+backward of the same loss and prompts."""
     from layerviz import arch
-    from layerviz import importance as imp
+    from layerviz.compression import importance as imp
+    from layerviz.data.prompts import build_probes
 
-    cal = imp.build_calibration(prep, tok, n=args.samples, seed=0)
+    cal = build_probes(prep, tok, n=args.samples, seed=0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
 
     def plain():
@@ -142,7 +143,7 @@ def check_importance(name, model, tok, prep, args, device) -> list[dict]:
         arch.layers(model).requires_grad_(True)
         try:
             for i in range(len(cal.examples)):
-                exs, ids, mask, _ = imp.calibration_batch(cal, [i], pad, device)
+                exs, ids, mask, _ = imp.probe_batch(cal, [i], pad, device)
                 imp.per_sample_loss(model, cal, exs, ids, mask).mean().backward()
             model.zero_grad(set_to_none=True)
         finally:
@@ -183,9 +184,9 @@ def check_scoring(name, model, tok, prep, args, device) -> list[dict]:
 def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
     """One AdamW step of the compact model's adapters on the MSE to the full model's final states."""
     from layerviz import arch
-    from layerviz import importance as imp
-    from layerviz.adapters import AdapterPolicy, final_mse, teacher_states
-    from layerviz.compact import build_compact
+    from layerviz.compression.adapters import AdapterPolicy, final_mse, teacher_states
+    from layerviz.compression.compact import build_compact
+    from layerviz.data.prompts import build_probes
 
     n = arch.num_layers(model)
     layers = compact_layers(n)
@@ -195,7 +196,7 @@ def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    cal = imp.build_calibration(prep, tok, n=args.samples, seed=0)
+    cal = build_probes(prep, tok, n=args.samples, seed=0)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     with torch.no_grad():
         target = teacher_states(model, cal.examples, [n], pad)[n]
@@ -216,20 +217,15 @@ def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
 
 def check_lora_step(name, model, tok, prep, args, device) -> list[dict]:
     """One LoRA (r = 16) fine-tuning step of the rank objective (shared history, 1+7 candidates)."""
-    from layerviz.finetune import (
-        FinetuneConfig,
-        Schedule,
-        batch_loss,
-        prepare_trainable,
-        training_windows,
-    )
-    from layerviz.scoring import Prompt, ScoringConfig
+    from layerviz.data.prompts import Prompt, PromptConfig
+    from layerviz.finetune import FinetuneConfig, prepare_trainable
+    from layerviz.training import Schedule, batch_loss, training_windows
 
     cfg = FinetuneConfig(model=name, objective="rank", batch_size=args.lora_batch, train_negatives=7,
                          history_len=args.history_len, max_title_tokens=args.max_title_tokens)
-    _, inner, params = prepare_trainable(model, cfg)
-    sched = Schedule(prep, training_windows(prep, args.history_len), cfg)
-    text = Prompt(tok, ScoringConfig(domain=prep.domain, max_title_tokens=args.max_title_tokens))
+    inner, _, params = prepare_trainable(model, cfg)
+    sched = Schedule(prep, training_windows(prep, args.history_len), cfg.seed, cfg.batch_size, cfg.train_negatives)
+    text = Prompt(tok, PromptConfig(prep.domain, args.max_title_tokens))
     titles = prep.titles()
     opt = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
@@ -261,7 +257,7 @@ def main(argv=None) -> pd.DataFrame:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4, help="prompts per prefill")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--samples", type=int, default=8, help="calibration prompts (importance, adapters)")
+    ap.add_argument("--samples", type=int, default=8, help="probe prompts (importance, adapters)")
     ap.add_argument("--users", type=int, default=16, help="users scored at 1+99")
     ap.add_argument("--lora-batch", type=int, default=4)
     ap.add_argument("--history-len", type=int, default=20)
@@ -279,7 +275,7 @@ def main(argv=None) -> pd.DataFrame:
     from layerviz.models import bundled_tokenizer
 
     tok = bundled_tokenizer()
-    prep = data.load("demo-electronics", config=data.PrepConfig(history_len=args.history_len), report=None)
+    prep = data.load("synthetic-electronics", config=data.PrepConfig(history_len=args.history_len), report=None)
     rows, t_start = [], time.perf_counter()
     for preset in SHAPES[args.shapes]:
         t0 = time.perf_counter()

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 
 from layerviz import arch, passes, store
-from layerviz.adapters import Adapter, AdapterPolicy, plan
-from layerviz.compact import build_compact
+from layerviz.compression.adapters import Adapter, AdapterPolicy, place_adapters
+from layerviz.compression.compact import build_compact
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import requests_for
 from layerviz.models import load_model, resolve_device
@@ -106,7 +106,7 @@ def flop_bound(costs: dict, layers: list[int], context: int, adapter_flops: floa
 def adapter_flops(layers: list[int], n_layers: int, hidden: int, rank: int | None) -> float:
     """FLOPs per token of the default policy's adapters for a selection (no model needed)."""
     return float(sum(Adapter(s.kind, hidden, s.rank, device="meta").flops_per_token()
-                     for s in plan(layers, n_layers, AdapterPolicy(rank=rank))))
+                     for s in place_adapters(layers, n_layers, AdapterPolicy(rank=rank))))
 
 
 def layers_for_k(k: int, n_layers: int, selection: list[int] | None = None) -> list[int]:
@@ -125,8 +125,8 @@ def layers_for_k(k: int, n_layers: int, selection: list[int] | None = None) -> l
 class BenchConfig(Settings):
     """What the efficiency benchmark measures (shared by `layerviz bench`, `layerviz run` and notebooks)."""
 
-    keep: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
-    """Values of k to measure (those >= L are skipped, and those whose FLOP bound is below ``min_bound``)."""
+    ks: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
+    """The k (kept layers) to measure (those >= L are skipped, and those whose FLOP bound is below ``min_bound``)."""
     min_bound: float = 1.0
     """Skip a k (other than the selection's) whose FLOP bound is below this: a speedup that can be at most
     a few percent cannot be told from 1 within a prefill's IQR (demo: Gemma-3-270M's k = 16 of 18, 1.04x)."""
@@ -158,7 +158,7 @@ class BenchConfig(Settings):
 def with_k(cfg: BenchConfig, k: int) -> BenchConfig:
     """``cfg`` that also measures k (with adapters too, where any k is measured with them)."""
     adapter_k = None if cfg.adapter_k is None else sorted(set(cfg.adapter_k) | {k})
-    return replace(cfg, keep=sorted(set(cfg.keep) | {k}), adapter_k=adapter_k)
+    return replace(cfg, ks=sorted(set(cfg.ks) | {k}), adapter_k=adapter_k)
 
 
 def _reset_peak(device: torch.device) -> bool:
@@ -297,7 +297,7 @@ def configurations(n_layers: int, cfg: BenchConfig, selection: list[int] | None,
     """The full model, then every k < L (with a FLOP bound of at least ``cfg.min_bound``, given ``costs``; the
     selection's k always) without and (optionally) with adapters."""
     out = [{"name": "full", "k": n_layers, "layers": None, "adapters": False}]
-    for k in sorted(set(cfg.keep)):
+    for k in sorted(set(cfg.ks)):
         if k >= n_layers:
             continue
         layers = layers_for_k(k, n_layers, selection)

@@ -17,22 +17,22 @@ import yaml
 # dataclass: only that command's module is imported, and only when that command is given.
 CONFIG_COMMANDS = {
     "evaluate": ("layerviz.evaluate", "EvalConfig", "score a model's recommendations on fixed candidate lists"),
-    "importance": ("layerviz.importance", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
-    "select": ("layerviz.selection", "SelectConfig", "RQ2: choose layers with one strategy"),
-    "adapt": ("layerviz.adapt", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
+    "importance": ("layerviz.compression.importance", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
+    "select": ("layerviz.compression.selection", "SelectConfig", "RQ2: choose layers with one strategy"),
+    "adapt": ("layerviz.compression.retention", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
               "adapters, measure retention"),
     "bench": ("layerviz.bench", "BenchConfig", "RQ4: latency, throughput, peak memory of full vs compact models, "
               "and the FLOP bound"),
     "finetune": ("layerviz.finetune", "FinetuneConfig", "fine-tune the LLM recommender (LoRA or full) on the "
                  "training split"),
-    "serve": ("layerviz.serve", "ServeConfig", "serve a full or compact recommender over HTTP (POST /rank, "
+    "serve": ("layerviz.serving.serve", "ServeConfig", "serve a full or compact recommender over HTTP (POST /rank, "
               "/health, /metrics, /docs) with dynamic batching"),
 }
 OTHER_COMMANDS = {
     "models": "list model presets: layers, width, parameters, offline?",
     "run": "run (or resume) a whole study from a YAML config, e.g. configs/demo.yaml",
     "report": "execute every notebook with papermill into reports/ and regenerate figures/",
-    "data": "datasets: list, download, demo, stats",
+    "data": "datasets: list, download, synthetic, stats",
 }
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -44,9 +44,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from layerviz.evaluate import run  # heavy: loaded when the command runs
+    from layerviz.evaluate import run_evaluate  # heavy: loaded when the command runs
 
-    run(_config(args), out=args.out)
+    run_evaluate(_config(args), out=args.out)
     return 0
 
 
@@ -58,11 +58,11 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_data_demo(args: argparse.Namespace) -> int:
-    from layerviz.data.bundled import demo_dir  # heavy: loaded when the command runs
-    from layerviz.data.demo import generate  # heavy: loaded when the command runs
+def _cmd_data_synthetic(args: argparse.Namespace) -> int:
+    from layerviz.data.bundled import synthetic_dir  # heavy: loaded when the command runs
+    from layerviz.data.synthetic import generate  # heavy: loaded when the command runs
 
-    print(generate(args.out or demo_dir()))
+    print(generate(args.out or synthetic_dir()))
     return 0
 
 
@@ -88,11 +88,14 @@ def _cmd_importance(args: argparse.Namespace) -> int:
 
     import pandas as pd  # heavy: loaded when the command runs
 
-    from layerviz.importance import run_importance, wide  # heavy: loaded when the command runs
+    from layerviz.compression.importance import (  # heavy: loaded when the command runs
+        layers_by_criterion,
+        run_importance,
+    )
 
     cfg = _config(args)
     res = run_importance(cfg, use_cache=not args.no_cache)
-    table = wide(res.table, "normalized")
+    table = layers_by_criterion(res.table, "normalized")
     cols = [c for c in ["fisher_sum", "attn_entropy", "attn_item_mass", "block_influence", "angular_distance",
                         "norm_ratio", "kurtosis", "ablation_ndcg", "ablation_loss", "fused"] if c in table]
     pd.set_option("display.width", 200)
@@ -104,7 +107,7 @@ def _cmd_importance(args: argparse.Namespace) -> int:
         v["spearman"] = v.apply(lambda r: f"{r.spearman:+.2f} [{r.ci_low:+.2f}, {r.ci_high:+.2f}]", axis=1)
         print(v.pivot(index="criterion", columns="ground_truth", values="spearman").to_string())
     if res.fusion_weights:
-        how = ("fitted on the calibration examples; its loss-ablation validity is cross-fitted"
+        how = ("fitted on the probe prompts; its loss-ablation validity is cross-fitted"
                if cfg.fusion_weights == "fit" else "fixed")
         print("\nfused = " + " + ".join(f"{w:g}*{c}" for c, w in res.fusion_weights.items()) + f" ({how})")
     print(f"\nwrote {res.folder}/importance.parquet, validity.parquet, per_sample.npz, fusion.json, manifest.json")
@@ -126,7 +129,7 @@ def _fusion_arg(text: str):
 
 def _cmd_select(args: argparse.Namespace) -> int:
     from layerviz import store  # heavy: loaded when the command runs
-    from layerviz.selection import run_select  # heavy: loaded when the command runs
+    from layerviz.compression.selection import run_select  # heavy: loaded when the command runs
 
     cfg = _config(args)
     s, ctx = run_select(cfg)
@@ -144,7 +147,7 @@ def _cmd_select(args: argparse.Namespace) -> int:
 
 
 def _cmd_adapt(args: argparse.Namespace) -> int:
-    from layerviz.adapt import run_adapt  # heavy: loaded when the command runs
+    from layerviz.compression.retention import run_adapt  # heavy: loaded when the command runs
 
     cfg = _config(args)
     res = run_adapt(cfg, out=args.out, use_cache=not args.no_cache)
@@ -163,11 +166,11 @@ def _cmd_adapt(args: argparse.Namespace) -> int:
                                                                                 float_format=lambda v: f"{v:.4f}"))
     print(f"wrote {res['folder']}")
     if args.export:
-        from layerviz.compact import load_compact  # heavy: loaded when the command runs
+        from layerviz.compression.compact import load_compact  # heavy: loaded when the command runs
         from layerviz.models import load_model  # (as above)
 
         base, tok = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-        from layerviz.serve import RECORD, record_for  # (as above)
+        from layerviz.serving.serve import RECORD, record_for  # (as above)
         from layerviz.store import write_json  # (as above)
 
         compact = load_compact(res["folder"] / "compact", base=base)
@@ -191,7 +194,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from layerviz.serve import serve  # heavy: loaded when the command runs
+    from layerviz.serving.serve import serve  # heavy: loaded when the command runs
 
     serve(_config(args))
     return 0
@@ -392,9 +395,9 @@ def _add_data(sub) -> None:
     d.add_argument("name", help="ml-100k | ml-1m | amazon2023-electronics")
     d.add_argument("--dest", default="data/raw")
     d.set_defaults(func=_cmd_data_download)
-    g = dsub.add_parser("demo", help="(re)generate the bundled synthetic demo data")
+    g = dsub.add_parser("synthetic", help="(re)generate the SYNTHETIC test datasets")
     g.add_argument("--out", default=None)
-    g.set_defaults(func=_cmd_data_demo)
+    g.set_defaults(func=_cmd_data_synthetic)
     s = dsub.add_parser("stats", help="read a dataset and print statistics after each protocol step")
     s.add_argument("dataset")
     s.add_argument("--format", default="auto")

@@ -2,5 +2,5 @@
 
 
 class NonFiniteLossError(RuntimeError):
-    """A training or calibration loss became NaN/inf. The message names where (step, batch, layer) and where the
+    """A training or probe loss became NaN/inf. The message names where (step, batch, layer) and where the
     last good state is: fine-tuning saves it to its checkpoint, adapters are reset to it."""

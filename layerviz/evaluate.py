@@ -13,10 +13,10 @@ import torch
 from layerviz import arch, metrics, parallel
 from layerviz.data import CandidateConfig, Prepared, candidates_for, load
 from layerviz.data.prepare import SLICES
+from layerviz.data.prompts import Prompt
 from layerviz.models import load_model
 from layerviz.sasrec import SASRecConfig, candidate_scores, train_sasrec
 from layerviz.scoring import (
-    Prompt,
     Request,
     ScoringConfig,
     embed_items,
@@ -75,7 +75,7 @@ def measure_calibrations(model, tokenizer, prep: Prepared, cfg: EvalConfig) -> d
     """Pick 'none' or 'pmi' by NDCG@10 on validation users -> {choice, valid_ndcg@10: {none, pmi}, users}.
 
     Never decided on one dataset for all: on real MovieLens-100K 'pmi' loses 0.10 NDCG@10, on the
-    synthetic demo titles it wins. Both calibrations come from one pass (pmi = raw - title prior);
+    synthetic titles it wins. Both calibrations come from one pass (pmi = raw - title prior);
     a tie keeps 'none'.
     """
     cands, _ = candidates_for(prep, CandidateConfig(cfg.negatives, cfg.sampler, cfg.calibration_users, "valid",
@@ -288,7 +288,7 @@ def metrics_table(results: dict[str, dict], names=("ndcg@5", "ndcg@10", "mrr", "
     return pd.DataFrame(rows).T
 
 
-def run(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> dict:
+def run_evaluate(cfg: EvalConfig, out: str | Path | None = None, model=None, tokenizer=None, report=print) -> dict:
     """Evaluate one model on one dataset; writes metrics.json, ranks.parquet, manifest.json to ``out``."""
     if cfg.full_ranking and cfg.scorer != "embedding":
         raise ValueError("full_ranking needs scorer='embedding' (the others score candidate lists only)")

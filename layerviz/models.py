@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from layerviz import arch
+from layerviz.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +163,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 # ----------------------------------------------------------------------------- cache
-
-
-def cache_root() -> Path:
-    """User cache folder: $LAYERVIZ_CACHE, else $XDG_CACHE_HOME/layerviz, else ~/.cache/layerviz."""
-    if os.environ.get("LAYERVIZ_CACHE"):
-        return Path(os.environ["LAYERVIZ_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "layerviz"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -544,3 +537,39 @@ def presets_table():
             "offline": offline_status(p),
         })
     return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+FINETUNE_MANIFEST = "layerviz_finetune.json"
+"""What a fine-tuned model folder records: its base's fingerprint, its config, summary and curves."""
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Identity of a base model: its shapes plus a dtype-robust sample of every weight (16 hex)."""
+    cfg = arch.text_config(model)
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size")
+    h = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
+    for name, p in model.named_parameters():
+        h.update(f"{name}{tuple(p.shape)}".encode())
+        if not p.is_meta:  # 2 significant digits survive fp32 -> bf16
+            h.update(" ".join(f"{v:.2g}" for v in p.detach().flatten()[:8].float().tolist()).encode())
+    return h.hexdigest()[:16]
+
+
+def read_finetune_manifest(folder: str | Path) -> dict:
+    """The manifest of a fine-tuned model folder (raises if the folder is not one)."""
+    path = Path(folder) / FINETUNE_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a layerviz fine-tuned model folder (no {FINETUNE_MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def check_base(folder: str | Path, base) -> None:
+    """Refuse to reuse a fine-tuned folder whose recorded base differs from ``base``."""
+    want, have = read_finetune_manifest(folder)["base_fingerprint"], fingerprint(base)
+    if want != have:
+        raise ValueError(f"{folder} was fine-tuned from another base model (fingerprint {want}, this base {have}). "
+                         "Fine-tune again (--overwrite) or load the base it was made from.")

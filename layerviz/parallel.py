@@ -8,7 +8,7 @@ Launched by the ecosystem's engines, never by layerviz itself::
 
 Both set RANK / WORLD_SIZE / MASTER_ADDR; ``init()`` (called by the CLI) joins the process group (gloo
 on CPU, NCCL on CUDA). What is split: the users of every evaluation (``TaskEvaluator``: test metrics,
-calibration choices, ablations, subset evaluations), and the calibration prompts of the importance pass
+PMI-calibration choices, ablations, subset evaluations), and the probe prompts of the importance pass
 (per-sample rows, summed across processes). Each process computes its contiguous share; the results are
 gathered in rank order, so every process holds the same full result. Rank 0 alone writes results and
 caches (``store.cached``); the others compute into a private folder and wait at a barrier. In one process

@@ -6,9 +6,9 @@ A pass is one sequence through the model, however it is batched: batching change
 - ``prefix``: a user's history prompt (once per user and scoring; the candidates run behind it);
 - ``candidate``: one candidate title scored behind a history;
 - ``prior``: one title scored behind an empty history (the ``pmi`` calibration's prior, once per title and model);
-- ``calibration``: a calibration prompt through the whole model (importance pass, teacher states, adapter
+- ``probe``: a probe prompt through the whole model (importance pass, teacher states, adapter
   validation, angular distances);
-- ``ablation``: a calibration prompt with one layer skipped (the loss ablation);
+- ``ablation``: a probe prompt with one layer skipped (the loss ablation);
 - ``backward``: a prompt back-propagated (Fisher, fine-tuning and adapter training examples);
 - ``subset``: a layer subset evaluated on the validation users (its prefixes and candidates count above);
 - ``train``: an optimizer step through the model (fine-tuning, adapter stage 2);
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections import Counter
 from contextlib import contextmanager
 
-KINDS = ("prefix", "candidate", "prior", "calibration", "ablation", "backward", "subset", "train", "prefill")
+KINDS = ("prefix", "candidate", "prior", "probe", "ablation", "backward", "subset", "train", "prefill")
 # the same in every process under torchrun (each process runs every step on its share of the examples)
 PER_RUN = ("subset", "train")
 

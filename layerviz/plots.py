@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from layerviz.depth import THIRD_EDGES, depth, profile_on_grid
-from layerviz.loadtest import failed
+from layerviz.serving.loadtest import failed
 
 PALETTE = "colorblind"
 CMAP = "cividis"  # perceptually uniform and colour-blind safe
@@ -100,7 +100,7 @@ def validity_bars(validity: pd.DataFrame, title: str = ""):
 
 
 def ablation_curve(table: pd.DataFrame, title: str = ""):
-    """Per-layer effect of skipping that one layer: NDCG@10 drop and calibration-loss rise."""
+    """Per-layer effect of skipping that one layer: NDCG@10 drop and probe-loss rise."""
     with paper_style():
         fig, ax1 = plt.subplots(figsize=(7, 3.2))
         lines = []

@@ -205,7 +205,7 @@ def study_folder(cfg: ReportConfig, overrides: dict | None = None) -> Path | Non
         return None
     config = Path(cfg.notebooks) / params["CONFIG"]  # CONFIG is relative to the notebooks
     raw = yaml.safe_load(config.read_text()) if config.exists() else {}
-    return Path(cfg.results_dir) / (raw or {}).get("name", "demo")
+    return Path(cfg.results_dir) / (raw or {}).get("name", "study")
 
 
 def write_results_doc(folder: Path, out: str | Path) -> Path | None:

@@ -12,7 +12,6 @@ as a training negative: an ID model knows nothing of it, which is the point of t
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch import nn
 
 from layerviz import metrics
 from layerviz.data import CandidateConfig, Prepared, candidates_for
-from layerviz.progress import progress
+from layerviz.training import BestState, Loop
 
 
 @dataclass
@@ -133,7 +132,7 @@ def candidate_scores(trained: Trained, prep: Prepared, cands: pd.DataFrame, spli
     return out
 
 
-def _epoch(model, opt, rows, pool, cfg, gen) -> float:
+def _epoch(model, loop: Loop, rows, pool, cfg, gen, epoch: int) -> float:
     """One pass over the users in seeded batches: BCE of each next item against one sampled negative."""
     model.train()
     order, total, n = torch.randperm(len(rows), generator=gen), 0.0, 0
@@ -146,16 +145,21 @@ def _epoch(model, opt, rows, pool, cfg, gen) -> float:
         lp, ln = (h * model.items(pos)).sum(-1), (h * model.items(neg)).sum(-1)
         mask = pos > 0
         loss = (nn.functional.softplus(-lp[mask]).sum() + nn.functional.softplus(ln[mask]).sum()) / mask.sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        loop.step(loss, f"epoch {epoch}, users {start}-{start + len(batch) - 1}")
         total, n = total + loss.item() * len(batch), n + len(batch)
     return total / max(1, n)
 
 
+def validation_ndcg(trained: Trained, prep: Prepared, cands: pd.DataFrame) -> float:
+    """Mean NDCG@10 of the validation users on their candidate lists (pessimistic ranks)."""
+    scores = np.stack(candidate_scores(trained, prep, cands, "valid"))
+    return float(metrics.per_user(metrics.pessimistic_ranks(scores, cands["pos_index"].to_numpy()))["ndcg@10"].mean())
+
+
 def train_sasrec(prep: Prepared, cfg: SASRecConfig | None = None, candidates_dir: str = "results/candidates",
                  report=print) -> Trained:
-    """Train on the training split; keep the weights of the best validation NDCG@10 (early stopping)."""
+    """Train on the training split; keep the weights of the best validation NDCG@10 (``training.Loop``: the
+    untrained state at epoch 0 included, early stopping after ``patience`` validations without improvement)."""
     cfg = cfg or SASRecConfig()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -163,44 +167,23 @@ def train_sasrec(prep: Prepared, cfg: SASRecConfig | None = None, candidates_dir
     rows = [r for r in _training_rows(prep, codes) if len(r) > 1]
     pool = torch.tensor([codes[i] for i in prep.items.loc[prep.items["popularity"] > 0, "item_id"]])
     model = SASRec(len(codes), cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
     vc, _ = candidates_for(prep, CandidateConfig(cfg.negatives, "uniform", cfg.valid_users, "valid", cfg.seed),
                            candidates_dir)
     trained = Trained(model, codes, {}, pd.DataFrame())
-    best, best_state, since, curve, t0, stopped = -1.0, None, 0, [], time.perf_counter(), "max_epochs"
-    bar = progress(total=cfg.max_epochs, desc="SASRec epochs")
-    for epoch in range(1, cfg.max_epochs + 1):
-        loss = _epoch(model, opt, rows, pool, cfg, gen)
-        bar.update(1)
-        row = {"epoch": epoch, "train_loss": loss, "seconds": time.perf_counter() - t0, "valid_ndcg@10": np.nan}
-        if epoch % cfg.eval_every == 0:
-            scores = np.stack(candidate_scores(trained, prep, vc, "valid"))
-            row["valid_ndcg@10"] = ndcg = float(metrics.per_user(
-                metrics.pessimistic_ranks(scores, vc["pos_index"].to_numpy()))["ndcg@10"].mean())
-            if ndcg > best:
-                best, since, best_state = ndcg, 0, {k: v.clone() for k, v in model.state_dict().items()}
-                row["best"] = True
-            else:
-                since += 1
-        curve.append(row)
-        if since >= cfg.patience:
-            stopped = "early stopping"
-            break
-        if cfg.max_seconds is not None and time.perf_counter() - t0 > cfg.max_seconds:
-            stopped = "max_seconds"
-            break
-    bar.close()
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    best = BestState(list(model.parameters()), patience=cfg.patience, at="epoch")
+    loop = Loop(best, torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98)),
+                lambda: validation_ndcg(trained, prep, vc), what="SASRec training", hint=f"Lower lr (now {cfg.lr:g}).")
+    loop.start({"train_loss": np.nan, "seconds": 0.0})
+    stopped = loop.run(range(1, cfg.max_epochs + 1),
+                       lambda e: {"train_loss": _epoch(model, loop, rows, pool, cfg, gen, e), "seconds": loop.elapsed()},
+                       eval_every=cfg.eval_every, last=cfg.max_epochs, max_seconds=cfg.max_seconds,
+                       desc="SASRec epochs", unit="epoch", done="max_epochs")
+    trained.curve = loop.finish()
     model.eval()
-    curve = pd.DataFrame(curve)
-    best_epoch = int(curve.loc[curve["valid_ndcg@10"].idxmax(), "epoch"]) if curve["valid_ndcg@10"].notna().any() \
-        else int(curve["epoch"].iloc[-1])
-    trained.record = {"config": asdict(cfg), "epochs": int(curve["epoch"].iloc[-1]), "best_epoch": best_epoch,
-                      "valid_ndcg@10": best, "valid_users": len(vc), "train_users": len(rows), "stopped": stopped,
-                      "seconds": time.perf_counter() - t0, "items": len(codes)}
-    trained.curve = curve
+    trained.record = {"config": asdict(cfg), "epochs": int(trained.curve["epoch"].iloc[-1]), "best_epoch": best.at,
+                      "valid_ndcg@10": best.value, "valid_users": len(vc), "train_users": len(rows), "stopped": stopped,
+                      "seconds": loop.elapsed(), "items": len(codes)}
     if report:
-        report(f"SASRec: {trained.record['epochs']} epochs ({stopped}), best validation NDCG@10 {best:.4f} at epoch "
-               f"{best_epoch}, {trained.record['seconds']:.0f}s")
+        report(f"SASRec: {trained.record['epochs']} epochs ({stopped}), best validation NDCG@10 {best.value:.4f} at "
+               f"epoch {best.at}, {trained.record['seconds']:.0f}s")
     return trained

@@ -34,37 +34,12 @@ import torch
 import torch.nn.functional as F
 
 from layerviz import arch, passes
+from layerviz.data.prompts import Prompt, yes_no_ids
 from layerviz.progress import progress
 
 log = logging.getLogger(__name__)
 
 SCORERS = ("likelihood", "yesno", "embedding")
-
-PROMPTS = {
-    "products": dict(
-        header="A customer bought these products, oldest first:",
-        question="Will the customer buy this product next? Answer Yes or No.",
-    ),
-    "movies": dict(
-        header="A user watched and liked these movies, oldest first:",
-        question="Will the user like this movie next? Answer Yes or No.",
-    ),
-}
-"""The two wordings measured since the start; every other item noun gets ``prompt_text``'s generic one."""
-
-
-def prompt_text(noun: str) -> dict[str, str]:
-    """Header and yes/no question for items called ``noun`` ('games', or 'game/games' with its singular)."""
-    if noun in PROMPTS:
-        return PROMPTS[noun]
-    one, _, many = noun.partition("/")
-    if not many:
-        many, one = one, one[:-1] if one.endswith("s") and len(one) > 1 else one
-    if not one.strip() or not many.strip():
-        raise ValueError(f"item noun {noun!r}: give a plural such as 'games', or 'singular/plural'")
-    return dict(header=f"A user liked these {many}, oldest first:",
-                question=f"Will the user like this {one} next? Answer Yes or No.")
-
 
 @dataclass
 class ScoringConfig:
@@ -95,74 +70,6 @@ class Request:
 
     history: list[str]
     candidates: list[str]
-
-
-class Prompt:
-    """The one prompt builder: header, history, candidate and answer templates per domain.
-
-    Scoring, importance calibration and fine-tuning all build their token ids here, so a
-    prompt string is never written twice. Title and template tokenization is memoized (titles truncated).
-    """
-
-    def __init__(self, tokenizer, cfg: ScoringConfig):
-        self.tok, self.cfg, self.p = tokenizer, cfg, prompt_text(cfg.domain)
-        self._ids: dict[str, list[int]] = {}
-        self._literal: dict[tuple[str, bool], list[int]] = {}
-
-    def title_ids(self, title: str) -> list[int]:
-        """Token ids of ' ' + title, cut to max_title_tokens; an empty title is read as ' ?'."""
-        if title not in self._ids:
-            ids = self.tok(" " + title, add_special_tokens=False).input_ids[: self.cfg.max_title_tokens]
-            self._ids[title] = ids or self.tok(" ?", add_special_tokens=False).input_ids
-        return self._ids[title]
-
-    def prefix_segments(self, history: list[str], tail: str) -> tuple[list[int], list[bool]]:
-        """Prompt ids built segment by segment, and which of them are item-title tokens.
-
-        header (with BOS where the model has one), then '\n-' + title ids per history item,
-        then ``tail``. Segment-wise tokenization keeps titles identical wherever they appear.
-        """
-        ids = self.ids(self.p["header"], special=True)
-        is_item = [False] * len(ids)
-        dash = self.ids("\n-")
-        for t in history:
-            title = self.title_ids(t)
-            ids += dash + title
-            is_item += [False] * len(dash) + [True] * len(title)
-        if tail:
-            end = self.ids(tail)
-            ids += end
-            is_item += [False] * len(end)
-        return ids, is_item
-
-    def prefix_ids(self, history: list[str], tail: str) -> list[int]:
-        return self.prefix_segments(history, tail)[0]
-
-    def ids(self, text: str, special: bool = False) -> list[int]:
-        """Token ids of a template string (``special``: with the model's BOS), memoized; a fresh list."""
-        if (text, special) not in self._literal:
-            self._literal[text, special] = self.tok(text, add_special_tokens=special).input_ids
-        return list(self._literal[text, special])
-
-    def likelihood_prefix(self, history: list[str]) -> list[int]:
-        """The history prompt that a candidate title continues (likelihood scorer)."""
-        return self.prefix_ids(history, "\n-")
-
-    def yesno_prefix(self, history: list[str]) -> list[int]:
-        """The history part of the yes/no prompt (shared by all of a user's candidates)."""
-        return self.prefix_ids(history, "\n")
-
-    def yesno_suffix(self, title: str) -> list[int]:
-        """Candidate line, question and answer cue after the yes/no prefix; the answer is read at its end."""
-        return self.ids("Candidate:") + self.title_ids(title) + self.ids(f"\n{self.p['question']}\nAnswer:")
-
-    def prefix(self, history: list[str], scorer: str) -> list[int]:
-        """The part of a ``scorer`` prompt shared by all of a user's candidates."""
-        return self.likelihood_prefix(history) if scorer == "likelihood" else self.yesno_prefix(history)
-
-    def block(self, title: str, scorer: str) -> list[int]:
-        """One candidate's part of a ``scorer`` prompt, after the shared prefix."""
-        return self.title_ids(title) if scorer == "likelihood" else self.yesno_suffix(title)
 
 
 def _device(model) -> torch.device:
@@ -454,16 +361,6 @@ def _score_request(model, text: Prompt, req: Request, batch: int, scorer: str) -
 
 def _likelihood(model, text: Prompt, req: Request, batch: int) -> np.ndarray:
     return _score_request(model, text, req, batch, "likelihood")
-
-
-def yes_no_ids(tokenizer) -> tuple[int, int]:
-    """First token of ' Yes' and of ' No' (they must differ)."""
-    yes = tokenizer(" Yes", add_special_tokens=False).input_ids[0]
-    no = tokenizer(" No", add_special_tokens=False).input_ids[0]
-    if yes == no:
-        raise ValueError("the tokenizer maps ' Yes' and ' No' to the same first token; "
-                         "the yesno scorer cannot be used with it")
-    return yes, no
 
 
 def _embed(model, seqs: list[list[int]], pad: int) -> torch.Tensor:

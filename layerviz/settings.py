@@ -22,9 +22,9 @@ class Settings:
 
     model: str = "smollm2-135m"
     """Model preset (`layerviz models`), hub id, local folder or .gguf file."""
-    dataset: str = "demo"
-    """A real dataset name (ml-100k, ml-1m: `layerviz data list`), a synthetic one (demo, demo-electronics,
-    demo-movies), a folder of official or RecBole atomic files, or a file."""
+    dataset: str = "synthetic-electronics"
+    """A real dataset name (ml-100k, ml-1m: `layerviz data list`), a SYNTHETIC one (synthetic-electronics,
+    synthetic-movies: for tests), a folder of official or RecBole atomic files, or a file."""
     format: str = "auto"
     """Dataset format (auto: detected from the files; recbole for atomic files)."""
     title_field: str | None = None

@@ -12,9 +12,9 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from layerviz.compression.selection import FIXED, fixed_layers, importance_order
 from layerviz.depth import depth as normalized_depth
 from layerviz.plots import CRITERIA_ORDER, criteria_matrix
-from layerviz.selection import FIXED, fixed_layers, importance_order
 
 COLORSCALE = "Cividis"  # colour-blind safe, as the static figures
 

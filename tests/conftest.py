@@ -1,10 +1,14 @@
+import copy
 import functools
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from layerviz import load_model
+
+os.environ.pop("LAYERVIZ_SYNTHETIC_DIR", None)  # every test (and subprocess) reads the one default folder
 
 TINY = ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"]
 TINY_LAYERS = {"tiny-llama3": 32, "tiny-qwen3": 36, "tiny-gemma3": 18}
@@ -20,6 +24,27 @@ def tiny(request):
     """(preset name, model, tokenizer) for every tiny family; the model is shared, do not mutate it."""
     model, tok = _load(request.param)
     return request.param, model, tok
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """(tiny-llama3, tokenizer), shared by every test: do not mutate it (``fresh_llama`` gives a copy)."""
+    return _load("tiny-llama3")
+
+
+@pytest.fixture()
+def fresh_llama(tiny_llama):
+    """A fresh copy of tiny-llama3 (a deep copy of the cached one) and its tokenizer: this test may change it."""
+    return copy.deepcopy(tiny_llama[0]), tiny_llama[1]
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """The SYNTHETIC electronics data under the unit tests' protocol (history 3), prepared once per run; the
+    generated files live in the default folder (data/synthetic in a checkout), written once."""
+    from layerviz.data import PrepConfig, load
+
+    return load("synthetic-electronics", config=PrepConfig(history_len=3), report=None)
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +81,7 @@ def smoke_run(tmp_path_factory):
     root = cfg.folder
     done = sorted(str(p.parent.relative_to(root)) for p in root.rglob("done.json"))
     assert real is compact_stages.run_adapt
-    (root / "tiny-gemma3/demo-electronics/adapters/adapt/partial.json").unlink()  # only the fake left this
+    (root / "tiny-gemma3/synthetic-electronics/adapters/adapt/partial.json").unlink()  # only the fake left this
     s = study.Study(cfg, report=None)
     return done, s, study.run(s)
 

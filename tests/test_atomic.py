@@ -20,7 +20,7 @@ from layerviz.data import (
 from layerviz.data import bundled as bundled_mod
 from layerviz.data.formats import detect_format
 from layerviz.data.read import read_dataset
-from layerviz.finetune import training_windows
+from layerviz.training import training_windows
 
 INTER = "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
 ITEM = "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"

@@ -50,14 +50,14 @@ def test_layers_for_k():
 
 
 def test_configurations_cover_full_and_each_k_with_and_without_adapters():
-    cfgs = bench.configurations(18, bench.BenchConfig(keep=[4, 8, 18, 30]), selection=None)
+    cfgs = bench.configurations(18, bench.BenchConfig(ks=[4, 8, 18, 30]), selection=None)
     assert [c["name"] for c in cfgs] == ["full", "k4", "k4+adapters", "k8", "k8+adapters"]
 
 
 def test_a_k_whose_bound_is_below_min_bound_is_skipped_unless_it_is_the_selection(tiny_llama):
     costs = bench.layer_costs(tiny_llama[0])
     n = len(costs["layer_params"])
-    cfg = bench.BenchConfig(keep=[2, n - 1], adapters=False, seq_len=16)
+    cfg = bench.BenchConfig(ks=[2, n - 1], adapters=False, seq_len=16)
     near = bench.flop_bound(costs, bench.layers_for_k(n - 1, n), 16)
     assert 1 < near < bench.flop_bound(costs, bench.layers_for_k(2, n), 16)
     cfg.min_bound = near + 1e-6  # k = n - 1 falls just below it
@@ -133,8 +133,8 @@ def test_time_bound_is_what_saving_the_dropped_layers_time_would_give():
 
 
 def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
-    cfg = bench.BenchConfig(model="tiny-gemma3", keep=[4], runs=3, warmup=0, seq_len=16, prefill_batch=2,
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
+    cfg = bench.BenchConfig(model="tiny-gemma3", ks=[4], runs=3, warmup=0, seq_len=16, prefill_batch=2,
                             qps_queries=1, isolate=False, device="cpu", results_dir=str(tmp_path / "results"))
     df = bench.run_bench(cfg, out=tmp_path / "out", report=None)
     assert list(df["config"]) == ["full", "k4", "k4+adapters"]
@@ -149,8 +149,8 @@ def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
 
 def test_peak_memory_worker_runs_in_its_own_process(tmp_path, monkeypatch):
     """The CPU path: one subprocess per configuration, peak RSS read from the kernel."""
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
-    cfg = bench.BenchConfig(model="tiny-llama3", keep=[2], adapters=False, runs=1, warmup=0, seq_len=8,
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
+    cfg = bench.BenchConfig(model="tiny-llama3", ks=[2], adapters=False, runs=1, warmup=0, seq_len=8,
                             prefill_batch=1, qps_queries=1, device="cpu",
                             results_dir=str(tmp_path / "results"))
     df = bench.run_bench(cfg, report=None)

@@ -5,12 +5,12 @@ from dataclasses import asdict, fields
 import pytest
 
 from layerviz import cli
-from layerviz.adapt import AdaptConfig
 from layerviz.bench import BenchConfig
+from layerviz.compression.importance import ImportanceConfig
+from layerviz.compression.retention import AdaptConfig
+from layerviz.compression.selection import SelectConfig
 from layerviz.evaluate import EvalConfig
 from layerviz.finetune import FinetuneConfig
-from layerviz.importance import ImportanceConfig
-from layerviz.selection import SelectConfig
 from layerviz.settings import SHARED, Settings, field_docs
 from layerviz.study.config import StudyConfig
 
@@ -51,18 +51,18 @@ def test_flags_parse_into_the_config():
     assert cfg.train == {"stage1_epochs": 2}
     assert _parse(["importance", "--no-ablation", "--fusion-weights", "fisher_sum=1,block_influence=2"]) == \
         ImportanceConfig(ablation=False, fusion_weights={"fisher_sum": 1.0, "block_influence": 2.0})
-    assert _parse(["bench", "--keep", "4", "8", "--no-adapters"]).keep == [4, 8]
+    assert _parse(["bench", "--ks", "4", "8", "--no-adapters"]).ks == [4, 8]
     assert _parse(["finetune", "--target-modules", "q_proj,v_proj", "--full", "--out", "x"]).target_modules == [
         "q_proj", "v_proj"]
 
 
 def test_bad_flags_are_refused_naming_them(capsys):
-    with pytest.raises(ValueError, match="--keep: '4,x' must be ints"):
-        _parse(["bench", "--keep", "4,x"])
+    with pytest.raises(ValueError, match="--ks: '4,x' must be ints"):
+        _parse(["bench", "--ks", "4,x"])
     with pytest.raises(SystemExit):
         _parse(["adapt", "--policy", "[1, 2]"])
     assert "give a mapping" in capsys.readouterr().err
-    assert cli.main(["bench", "--keep", "4,x"]) == 2
+    assert cli.main(["bench", "--ks", "4,x"]) == 2
 
 
 def test_help_loads_no_heavy_module():

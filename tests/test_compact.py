@@ -1,30 +1,21 @@
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
 from layerviz import arch, load_model
-from layerviz.adapters import (
+from layerviz.compression.adapters import (
     Adapter,
     AdapterPolicy,
-    TrainConfig,
+    AdapterTrainConfig,
     fit_lstsq,
-    plan,
+    place_adapters,
     train_adapters,
 )
-from layerviz.compact import build_compact, load_compact
+from layerviz.compression.compact import build_compact, load_compact
 from layerviz.errors import NonFiniteLossError
 from layerviz.scoring import Request, ScoringConfig, score
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from layerviz.data import PrepConfig, load
-
-    os.environ.setdefault("LAYERVIZ_DEMO_DIR", str(tmp_path_factory.mktemp("demo")))
-    return load("demo", config=PrepConfig(history_len=5), report=None)
 
 
 def _ids(tok):
@@ -72,7 +63,7 @@ def test_at_init_compact_equals_plain_layer_dropping(tiny, rank):
 
 
 def test_policy_choices_and_reasons():
-    specs = {s.label: s for s in plan([0, 2, 8, 11, 12, 16, 29], 30)}
+    specs = {s.label: s for s in place_adapters([0, 2, 8, 11, 12, 16, 29], 30)}
     assert specs["emb→0"].kind == "identity"
     assert specs["0→2"].kind == "linear" and "1 <= 3" in specs["0→2"].reason
     assert specs["2→8"].kind == "residual" and specs["2→8"].skipped == 5
@@ -81,12 +72,12 @@ def test_policy_choices_and_reasons():
     assert specs["12→16"].kind == "linear" and specs["12→16"].skipped == 3
     assert specs["16→29"].kind == "mlp" and "middle/upper" in specs["16→29"].reason
     assert specs["29→norm"].kind == "identity"
-    first = plan([4, 5], 30)
+    first = place_adapters([4, 5], 30)
     assert first[0].kind == "mlp" and "embedding" in first[0].reason
     assert first[-1].label == "5→norm" and first[-1].skipped == 24
-    assert [s.kind for s in plan([4, 5], 30, AdapterPolicy(force="linear"))] == ["linear", "identity", "linear"]
-    assert len(plan([4, 5], 30, AdapterPolicy(tail=False))) == 2
-    assert {s.rank for s in plan([0, 5], 30, AdapterPolicy(rank=16)) if s.kind != "identity"} == {16}
+    assert [s.kind for s in place_adapters([4, 5], 30, AdapterPolicy(force="linear"))] == ["linear", "identity", "linear"]
+    assert len(place_adapters([4, 5], 30, AdapterPolicy(tail=False))) == 2
+    assert {s.rank for s in place_adapters([0, 5], 30, AdapterPolicy(rank=16)) if s.kind != "identity"} == {16}
 
 
 @pytest.mark.parametrize("bad,msg", [([], "empty"), ([3, 1], "ascending"), ([1, 1], "duplicated"),
@@ -149,21 +140,16 @@ def test_least_squares_bridge_recovers_a_linear_map():
     assert ((m(x) - target) ** 2).mean() < 0.5 * before
 
 
-@pytest.fixture()
-def fresh_llama():
-    return load_model("tiny-llama3", device="cpu")
-
-
-def test_training_lowers_validation_mse_and_leaves_the_base_bit_identical(fresh_llama, demo):
-    from layerviz.importance import build_calibration
+def test_training_lowers_validation_mse_and_leaves_the_base_bit_identical(fresh_llama, synthetic):
+    from layerviz.data.prompts import build_probes
 
     model, tok = fresh_llama
     before = _state(model)
     flags = [p.requires_grad for p in model.parameters()]
     compact = build_compact(model, [0, 1, 5, 12, 20, 31], AdapterPolicy(rank=8))
-    cal = build_calibration(demo, tok, n=8)
+    cal = build_probes(synthetic, tok, n=8)
     seen = {}
-    curve = train_adapters(compact, model, cal, TrainConfig(stage1_epochs=15, stage2_epochs=2, lr=3e-3),
+    curve = train_adapters(compact, model, cal, AdapterTrainConfig(stage1_epochs=15, stage2_epochs=2, lr=3e-3),
                            pad=tok.pad_token_id, report=None, on_stage=lambda s, mse, nmse, t: seen.update({s: mse}))
     assert list(seen) == ["drop", "stage1", "stage2"]
     assert seen["stage1"] < seen["drop"] and seen["stage2"] <= seen["stage1"]
@@ -177,12 +163,12 @@ def test_training_lowers_validation_mse_and_leaves_the_base_bit_identical(fresh_
     assert any(a.distance_to_identity().item() > 0 for a in compact.adapters())
 
 
-def test_training_is_deterministic(fresh_llama, demo):
-    from layerviz.importance import build_calibration
+def test_training_is_deterministic(fresh_llama, synthetic):
+    from layerviz.data.prompts import build_probes
 
     model, tok = fresh_llama
-    cal = build_calibration(demo, tok, n=6)
-    cfg = TrainConfig(stage1_epochs=3, stage2_epochs=1, init="lstsq")
+    cal = build_probes(synthetic, tok, n=6)
+    cfg = AdapterTrainConfig(stage1_epochs=3, stage2_epochs=1, init="lstsq")
     curves = []
     for _ in range(2):
         compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
@@ -190,14 +176,15 @@ def test_training_is_deterministic(fresh_llama, demo):
     assert curves[0].equals(curves[1])
 
 
-def test_nonfinite_loss_stops_with_the_last_good_adapters(fresh_llama, demo):
-    from layerviz.importance import build_calibration
+def test_nonfinite_loss_stops_with_the_last_good_adapters(fresh_llama, synthetic):
+    from layerviz.data.prompts import build_probes
 
     model, tok = fresh_llama
-    cal = build_calibration(demo, tok, n=6)
+    cal = build_probes(synthetic, tok, n=6)
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
-    with pytest.raises(NonFiniteLossError, match="last good state"):
-        train_adapters(compact, model, cal, TrainConfig(lr=float("inf"), clip=float("inf")),
+    with pytest.raises(NonFiniteLossError, match=r"non-finite validation MSE \(nan\) at epoch 1; the best state so far "
+                                                 r"\(epoch 0, validation MSE .*\) was restored"):
+        train_adapters(compact, model, cal, AdapterTrainConfig(lr=float("inf"), clip=float("inf")),
                        pad=tok.pad_token_id, report=None)
     assert all(torch.isfinite(p).all() for a in compact.adapters() for p in a.parameters())
 
@@ -270,8 +257,8 @@ def test_standalone_copy_does_not_share_weights(spec):
 
 def test_overhead_goal_on_llama3_8b_shape():
     """The paper's '< 1% parameters, < 5% compute' for the default (rank 64) policy, from the config."""
+    from layerviz.compression.selection import load_reference
     from layerviz.models import PRESETS
-    from layerviz.selection import load_reference
 
     with torch.device("meta"):
         from transformers import AutoModelForCausalLM

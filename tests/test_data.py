@@ -22,7 +22,8 @@ from layerviz.data import (
     prepare,
     read_dataset,
 )
-from layerviz.data import demo as demo_mod
+from layerviz.data import synthetic as synthetic_mod
+from layerviz.data.bundled import synthetic_dir
 from layerviz.data.candidates import candidates_key, load_candidates, save_candidates
 from layerviz.data.download import DownloadError, Source, download
 
@@ -173,53 +174,55 @@ def test_users_with_too_few_interactions_warn():
 
 
 @pytest.fixture(scope="module")
-def demo_prep(tmp_path_factory):
-    out = demo_mod.generate(tmp_path_factory.mktemp("demo"))
+def synthetic_prep():
+    """The synthetic electronics data under the default protocol, from the run's one generated folder."""
+    out = synthetic_mod.generate(synthetic_dir())
     with warnings.catch_warnings():
         return prepare(read_dataset(out / "electronics", report=None), report=None)
 
 
-def test_kcore_holds_on_demo_data(demo_prep):
-    ev = demo_prep.events
+def test_kcore_holds_on_synthetic_data(synthetic_prep):
+    ev = synthetic_prep.events
     assert ev.groupby("user_id").size().min() >= 5 and ev.groupby("item_id").size().min() >= 5
-    assert demo_prep.stats.iloc[-1].users == ev.user_id.nunique()
+    assert synthetic_prep.stats.iloc[-1].users == ev.user_id.nunique()
 
 
-def test_candidates_are_valid(demo_prep):
-    c = build_candidates(demo_prep, CandidateConfig(negatives=99, users=50, seed=3))
-    seen = demo_prep.seen_by_user()
+def test_candidates_are_valid(synthetic_prep):
+    c = build_candidates(synthetic_prep, CandidateConfig(negatives=99, users=50, seed=3))
+    seen = synthetic_prep.seen_by_user()
     assert len(c) == 50 and c.user_id.is_monotonic_increasing
     for row in c.itertuples():
         assert len(row.candidates) == 100 == len(set(row.candidates))
         assert row.candidates[row.pos_index] == row.positive
         assert not (set(row.candidates) - {row.positive}) & seen[row.user_id]
     assert c.pos_index.nunique() > 10  # shuffled, not always first
-    small = build_candidates(demo_prep, CandidateConfig(negatives=19, users=20, sampler="popularity"))
+    small = build_candidates(synthetic_prep, CandidateConfig(negatives=19, users=20, sampler="popularity"))
     assert {len(x) for x in small.candidates} == {20}
 
 
-def test_same_seed_gives_byte_identical_candidate_files(demo_prep, tmp_path):
+def test_same_seed_gives_byte_identical_candidate_files(synthetic_prep, tmp_path):
     cfg = CandidateConfig(negatives=19, users=30, seed=7)
-    a, pa = candidates_for(demo_prep, cfg, tmp_path / "a")
-    b, pb = candidates_for(demo_prep, cfg, tmp_path / "b")
+    a, pa = candidates_for(synthetic_prep, cfg, tmp_path / "a")
+    b, pb = candidates_for(synthetic_prep, cfg, tmp_path / "b")
     assert pa.read_bytes() == pb.read_bytes()
-    c = build_candidates(demo_prep, CandidateConfig(negatives=19, users=30, seed=8))
+    c = build_candidates(synthetic_prep, CandidateConfig(negatives=19, users=30, seed=8))
     assert list(c.candidates.map(tuple)) != list(a.candidates.map(tuple))
-    again, _ = candidates_for(demo_prep, cfg, tmp_path / "a")  # served from disk
+    again, _ = candidates_for(synthetic_prep, cfg, tmp_path / "a")  # served from disk
     pd.testing.assert_frame_equal(again, a)
 
 
-def test_candidates_refuse_other_data(demo_prep, tmp_path):
+def test_candidates_refuse_other_data(synthetic_prep, tmp_path):
     cfg = CandidateConfig(negatives=19, users=5)
-    df = build_candidates(demo_prep, cfg)
-    path = save_candidates(df, tmp_path / "c.parquet", candidates_key(demo_prep, cfg))
+    df = build_candidates(synthetic_prep, cfg)
+    path = save_candidates(df, tmp_path / "c.parquet", candidates_key(synthetic_prep, cfg))
     other = CandidateConfig(negatives=19, users=5, seed=1)
     with pytest.raises(DataFormatError, match="built for other data or settings"):
-        load_candidates(path, candidates_key(demo_prep, other))
+        load_candidates(path, candidates_key(synthetic_prep, other))
 
 
-def test_demo_generator_is_deterministic(tmp_path):
-    a, b = demo_mod.generate(tmp_path / "a"), demo_mod.generate(tmp_path / "b")
+def test_synthetic_generator_is_deterministic(tmp_path):
+    """A fresh generation equals, byte for byte, the run's shared folder (written by the same generator)."""
+    a, b = synthetic_mod.generate(tmp_path / "a"), synthetic_mod.generate(synthetic_dir())
     for f in sorted(a.rglob("*")):
         if f.is_file():
             assert f.read_bytes() == (b / f.relative_to(a)).read_bytes(), f

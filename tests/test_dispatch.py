@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from layerviz import arch, data, load_model
-from layerviz import importance as imp
-from layerviz.adapters import AdapterPolicy
-from layerviz.compact import build_compact
+from layerviz.compression import importance as imp
+from layerviz.compression.adapters import AdapterPolicy
+from layerviz.compression.compact import build_compact
 from layerviz.data import CandidateConfig, candidates_for
+from layerviz.data.prompts import build_probes
 from layerviz.evaluate import requests_for
 from layerviz.models import check_device_map
 from layerviz.scoring import ScoringConfig, score
@@ -31,7 +32,7 @@ def _map(model, offload: bool) -> dict:
 
 @pytest.fixture(scope="module")
 def prep():
-    return data.load("demo-electronics", config=data.PrepConfig(history_len=3), report=None)
+    return data.load("synthetic-electronics", config=data.PrepConfig(history_len=3), report=None)
 
 
 @pytest.fixture(scope="module", params=SPECS)
@@ -66,14 +67,14 @@ def test_scores_keep_skip_and_compact_equal_the_undispatched_model(pair, prep, t
         assert score(plain, tok, reqs[:1], cfg)[0].tolist() == score(dispatched, tok, reqs[:1], cfg)[0].tolist()
     with arch.skip_layers(plain, [1, 2]), arch.skip_layers(dispatched, [1, 2]):
         assert score(plain, tok, reqs[:1], cfg)[0].tolist() == score(dispatched, tok, reqs[:1], cfg)[0].tolist()
-    cal = imp.build_calibration(prep, tok, n=3, max_title_tokens=6)
+    cal = build_probes(prep, tok, n=3, max_title_tokens=6)
     c1, c2 = (build_compact(m, keep, AdapterPolicy(rank=4), seed=0) for m in (plain, dispatched))
-    np.testing.assert_array_equal(imp.calibration_losses(c1, cal), imp.calibration_losses(c2, cal))
+    np.testing.assert_array_equal(imp.probe_losses(c1, cal), imp.probe_losses(c2, cal))
 
 
 def test_importance_pass_on_offloaded_layers(pair, prep):
     plain, dispatched, tok = pair
-    cal = imp.build_calibration(prep, tok, n=3, max_title_tokens=6)
+    cal = build_probes(prep, tok, n=3, max_title_tokens=6)
     a, b = imp.hook_pass(plain, cal, fisher=False), imp.hook_pass(dispatched, cal, fisher=False)
     assert set(a) == set(b) and "attn_entropy" in a and "block_influence" in a
     for k in a:
@@ -86,7 +87,7 @@ def test_fisher_through_dispatch_hooks_without_offload(prep):
     plain, tok = load_model("tiny-qwen3", device="cpu")
     hooked, _ = load_model("tiny-qwen3", device_map=_map(plain, offload=False))
     assert arch._align_hook(arch.layers(hooked)[0]) is not None and arch.offloaded_layers(hooked) == []
-    cal = imp.build_calibration(prep, tok, n=2, max_title_tokens=6)
+    cal = build_probes(prep, tok, n=2, max_title_tokens=6)
     a, b = imp.hook_pass(plain, cal), imp.hook_pass(hooked, cal)
     np.testing.assert_allclose(a["fisher_sum"], b["fisher_sum"], rtol=1e-6)
     assert (a["fisher_sum"] > 0).all()

@@ -6,113 +6,44 @@ import numpy as np
 import pytest
 import torch
 
-from layerviz import arch, load_model
+from layerviz import load_model
 from layerviz.cli import main as cli
 from layerviz.data import DataFormatError, PrepConfig, load
 from layerviz.errors import NonFiniteLossError
-from layerviz.finetune import (
-    FinetuneConfig,
-    Schedule,
-    check_base,
-    finetune,
-    partial_path,
-    prepare_trainable,
-    rank_loss,
-    rank_loss_naive,
-    read_manifest,
-    training_windows,
-)
-from layerviz.models import cache_root, sha256_file
-from layerviz.scoring import Prompt, Request, ScoringConfig, score
+from layerviz.finetune import FinetuneConfig, finetune, merged, partial_path, prepare_trainable
+from layerviz.models import check_base, read_finetune_manifest, sha256_file
+from layerviz.paths import cache_root
+from layerviz.scoring import Request, ScoringConfig, score
 
 FIX = Path(__file__).parent / "fixtures"
 HIST = ["Canon EOS R50 Mirrorless Camera Body", "SanDisk Extreme 128GB SDXC Memory Card", "Canon Battery Pack"]
 POS, NEGS = "Canon 50mm f/1.8 Prime Lens", ["Xbox Series X", "A", "Garmin Venu 3 Smartwatch with a long name"]
-# a micro-batch of three examples whose prefixes differ in length (left padding is exercised)
-BATCH = ([HIST, ["Xbox Series X"], ["A", "Garmin Venu 3 Smartwatch", "Lens", "Tripod for mirrorless cameras"]],
-         [POS, "Controller for Xbox", "Peak Design Everyday Camera Sling Bag"],
-         [NEGS, ["B", "Sony TV 55 inch OLED", "A"], ["x", "y", "Canon 50mm f/1.8 Prime Lens"]])
 
 
 def _cfg(tmp_path, **over) -> FinetuneConfig:
-    raw = dict(model="tiny-llama3", dataset="demo-electronics", history_len=3, max_title_tokens=8, batch_size=2,
+    raw = dict(model="tiny-llama3", dataset="synthetic-electronics", history_len=3, max_title_tokens=8, batch_size=2,
                train_negatives=3, max_steps=4, eval_every=2, eval_users=3, negatives=4, lr=5e-3, device="cpu",
                results_dir=str(tmp_path / "r"))
     raw.update(over)
     return FinetuneConfig(**raw)
 
 
-@pytest.fixture(scope="module")
-def prep():
-    return load("demo-electronics", config=PrepConfig(history_len=3), report=None)
-
-
-def test_no_validation_or_test_item_leaks_into_training(prep, tmp_path):
-    windows = training_windows(prep, history_len=3)
-    ev = prep.events
-    train = ev[ev["split"] == "train"]
-    held = {u: set(g) for u, g in ev[ev["split"] != "train"].groupby("user_id")["item_id"]}
-    order = {(u, i): k for k, (u, i) in enumerate(zip(train["user_id"], train["item_id"], strict=True))}
-    assert len(windows) == len(train) - train["user_id"].nunique()  # every position but each user's first
-    for w in windows.itertuples():
-        assert (w.user_id, w.target) in order  # a training event of this user
-        assert w.target not in held[w.user_id] and not set(w.history) & held[w.user_id]
-        assert all(order[(w.user_id, h)] < order[(w.user_id, w.target)] for h in w.history)  # only earlier items
-    # the prompts: no held-out title of the user appears in a training prompt; negatives never seen by the user
-    sched = Schedule(prep, windows, _cfg(tmp_path))
-    titles, seen = prep.titles(), prep.seen_by_user()
-    tok = load_model("tiny-llama3")[1]
-    for step in range(20):
-        for e in sched.examples(step):
-            prompt = tok.decode(Prompt(tok, ScoringConfig(max_title_tokens=64)).likelihood_prefix(
-                [titles[i] for i in e["history"]]))
-            shown = {titles[h] for h in e["history"]}
-            assert not [titles[i] for i in held[e["user_id"]] if titles[i] in prompt and titles[i] not in shown]
-            assert e["target"] not in held[e["user_id"]]
-            assert not set(e["negatives"]) & seen[e["user_id"]] and len(set(e["negatives"])) == 3
-
-
-def test_schedule_is_a_function_of_seed_and_step(prep, tmp_path):
-    w = training_windows(prep, 3)
-    a, b = Schedule(prep, w, _cfg(tmp_path)), Schedule(prep, w, _cfg(tmp_path))
-    assert a.examples(5) == b.examples(5)
-    assert a.examples(5) != Schedule(prep, w, _cfg(tmp_path, seed=1)).examples(5)
-
-
-def test_shared_prefix_rank_loss_equals_naive(tiny):
+def test_merged_model_equals_the_trained_one(tiny, tmp_path):
+    """prepare_trainable's LoRA model (peft, training.inject_lora) merged into plain Linears scores as it did."""
     _, model, tok = tiny
-    text = Prompt(tok, ScoringConfig(max_title_tokens=8))
-    fast = rank_loss(model, text, *BATCH)
-    slow = rank_loss_naive(model, text, *BATCH)
-    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
-    single = [rank_loss(model, text, [h], [p], [n]) for h, p, n in zip(*BATCH, strict=True)]
-    torch.testing.assert_close(fast, torch.stack(single).mean(), atol=1e-5, rtol=1e-5)
-    # and the gradients through the shared KV cache equal the naive ones (first layer's q_proj)
-    w = arch.layers(model)[0].self_attn.q_proj.weight
-    w.requires_grad_(True)
-    try:
-        g_fast = torch.autograd.grad(rank_loss(model, text, *BATCH), w)[0]
-        g_slow = torch.autograd.grad(rank_loss_naive(model, text, *BATCH), w)[0]
-    finally:
-        w.requires_grad_(False)
-    assert g_fast.abs().sum() > 0
-    torch.testing.assert_close(g_fast, g_slow, atol=1e-5, rtol=1e-4)
-
-
-def test_merged_model_equals_peft_model(tiny, tmp_path):
-    _, model, tok = tiny
-    cfg = _cfg(tmp_path)
-    wrapper, inner, params = prepare_trainable(model, cfg)
+    work, tuner, params = prepare_trainable(model, _cfg(tmp_path))
+    assert params and all(p.requires_grad for p in params)
     with torch.no_grad():  # LoRA B starts at 0 (a no-op): give it weights so the merge has something to merge
-        for n, p in wrapper.named_parameters():
+        for n, p in work.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     ids = torch.tensor([tok("A customer bought a Canon camera and a lens").input_ids])
     with torch.no_grad():
-        before = inner(input_ids=ids).logits
-        plain = wrapper.merge_and_unload()
+        before = work(input_ids=ids).logits
+        plain = merged(work, tuner)
         after = plain(input_ids=ids).logits
     assert not any("lora" in n for n, _ in plain.named_parameters())
+    assert not any(p.requires_grad for p in plain.parameters())
     torch.testing.assert_close(before, after, atol=2e-5, rtol=1e-4)  # fp32 merge: W + BA*s vs W x + B(A x)s
     with torch.no_grad():
         base = model(input_ids=ids).logits
@@ -128,7 +59,7 @@ def test_finetune_round_trip_and_base_untouched(tmp_path):
     assert set(res.curves.columns) >= {"step", "train_loss", "valid_ndcg@10", "seconds"}
     assert res.curves["step"].tolist() == [0, 1, 2, 3]  # one row per step, validation at 0, 2 and the end
     assert res.curves["valid_ndcg@10"].notna().tolist() == [True, False, True, True]
-    man = read_manifest(out)
+    man = read_finetune_manifest(out)
     assert man["base"] == "tiny-llama3" and man["seed"] == 0 and man["summary"]["steps"] == 3
     assert man["data_fingerprint"] and man["versions"]["torch"]
     assert not partial_path(out).exists()
@@ -202,10 +133,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypat
 
     monkeypatch.setattr(ft, "batch_loss", flaky)
     out = tmp_path / "ft"
-    with pytest.raises(NonFiniteLossError, match="non-finite training loss at step 2.*last good state \\(step 2\\) is saved"):
+    with pytest.raises(NonFiniteLossError, match=r"non-finite training loss at step 3 \(micro-batch 0\).*last good "
+                                                 r"state \(step 2\) is saved.*best state so far \(step 2, .*\) was restored"):
         finetune(_cfg(tmp_path), model, tok, out=out, report=None)
     saved = torch.load(partial_path(out), weights_only=False)
-    assert saved["state"]["step"] == 2 and all(torch.isfinite(v).all() for v in saved["params"].values())
+    assert saved["step"] == 2 and all(torch.isfinite(v).all() for v in saved["params"])
     assert not out.exists()
 
 
@@ -230,7 +162,7 @@ def test_reviews_without_metadata_name_the_missing_file(tmp_path):
 
 def test_cli_finetune_then_evaluate(tmp_path, capsys):
     out = tmp_path / "ft"
-    args = ["finetune", "--model", "tiny-llama3", "--dataset", "demo-electronics", "--max-steps", "2",
+    args = ["finetune", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--max-steps", "2",
             "--eval-every", "2", "--eval-users", "3", "--history-len", "3", "--max-title-tokens", "8",
             "--batch-size", "2", "--train-negatives", "3", "--device", "cpu", "--out", str(out)]
     assert cli(args) == 0
@@ -239,7 +171,7 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
     assert cli(args) == 2  # the folder exists now: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
     ev = tmp_path / "ev"
-    assert cli(["evaluate", "--model", str(out), "--dataset", "demo-electronics", "--users", "4", "--negatives", "4",
+    assert cli(["evaluate", "--model", str(out), "--dataset", "synthetic-electronics", "--users", "4", "--negatives", "4",
                 "--history-len", "3", "--calibration-users", "4", "--device", "cpu", "--out", str(ev),
                 "--results-dir", str(tmp_path / "r")]) == 0
     doc = json.loads((ev / "metrics.json").read_text())
@@ -251,7 +183,7 @@ def test_calibration_auto_picks_the_better_on_validation(tmp_path):
     from layerviz.evaluate import EvalConfig, TaskEvaluator, measure_calibrations
 
     model, tok = load_model("tiny-gemma3", device="cpu")
-    prep = load("demo-electronics", config=PrepConfig(history_len=3), report=None)
+    prep = load("synthetic-electronics", config=PrepConfig(history_len=3), report=None)
     cfg = EvalConfig(negatives=4, calibration_users=6, history_len=3, results_dir=str(tmp_path))
     rec = measure_calibrations(model, tok, prep, cfg)
     cands, _ = candidates_for(prep, CandidateConfig(4, "uniform", 6, "valid", 0), tmp_path / "candidates")

@@ -1,6 +1,5 @@
 """RQ3 healing: adapter objectives, healing modes, agreement, folding and export (tiny random models)."""
 
-import os
 import subprocess
 import sys
 
@@ -9,24 +8,11 @@ import pytest
 import torch
 
 from layerviz import arch, load_model, metrics
-from layerviz.adapters import AdapterPolicy, TrainConfig, train_adapters
-from layerviz.compact import build_compact, load_compact
+from layerviz.compression.adapters import AdapterPolicy, AdapterTrainConfig, train_adapters
+from layerviz.compression.compact import build_compact, load_compact
+from layerviz.compression.heal import Batches, HealConfig, heal, heal_loss, parse_objective
 from layerviz.errors import NonFiniteLossError
-from layerviz.finetune import rank_loss, rank_loss_naive
-from layerviz.heal import Batches, HealConfig, heal, heal_loss, parse_objective
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    from layerviz.data import PrepConfig, load
-
-    os.environ.setdefault("LAYERVIZ_DEMO_DIR", str(tmp_path_factory.mktemp("demo")))
-    return load("demo", config=PrepConfig(history_len=3), report=None)
-
-
-@pytest.fixture()
-def llama():
-    return load_model("tiny-llama3", device="cpu")
+from layerviz.training import rank_loss, rank_loss_naive
 
 
 def _ids(tok):
@@ -62,13 +48,13 @@ def test_bad_objectives_are_refused_with_the_fix(bad, match):
         parse_objective(bad)
 
 
-def test_cosine_stage1_lowers_the_cosine_loss(llama, demo):
-    from layerviz.importance import build_calibration
+def test_cosine_stage1_lowers_the_cosine_loss(fresh_llama, synthetic):
+    from layerviz.data.prompts import build_probes
 
-    model, tok = llama
-    cal = build_calibration(demo, tok, n=6)
+    model, tok = fresh_llama
+    cal = build_probes(synthetic, tok, n=6)
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
-    curve = train_adapters(compact, model, cal, TrainConfig(stage1_epochs=8, stage2_epochs=0, lr=3e-3,
+    curve = train_adapters(compact, model, cal, AdapterTrainConfig(stage1_epochs=8, stage2_epochs=0, lr=3e-3,
                                                             loss={"cosine": 1.0}), pad=tok.pad_token_id, report=None)
     for _, g in curve[curve.stage == "stage1"].groupby("gap"):
         assert g.val_mse.min() < g.val_mse.iloc[0]  # the stage's objective here: 1 - cos
@@ -76,10 +62,10 @@ def test_cosine_stage1_lowers_the_cosine_loss(llama, demo):
 
 
 @pytest.mark.parametrize("objective", ["task", "distill", "mse", "cosine"])
-def test_each_heal_objective_decreases_its_loss_on_a_planted_batch(llama, demo, objective, monkeypatch):
-    model, tok = llama
+def test_each_heal_objective_decreases_its_loss_on_a_planted_batch(fresh_llama, synthetic, objective, monkeypatch):
+    model, tok = fresh_llama
     cfg = HealConfig(steps=6, lr=3e-2, eval_every=6, batch_size=2, train_negatives=3)
-    batches = Batches(demo, tok, cfg, history_len=3, max_title_tokens=8, seed=0)
+    batches = Batches(synthetic, tok, cfg, history_len=3, max_title_tokens=8, seed=0)
     planted = batches.step(0)
     monkeypatch.setattr(Batches, "step", lambda self, step: planted)  # the same batch every step
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
@@ -90,19 +76,19 @@ def test_each_heal_objective_decreases_its_loss_on_a_planted_batch(llama, demo, 
             return float(heal_loss(compact, model, batches.text, *planted, weights, cfg.temperature)[0])
 
     before = loss_now()
-    heal(compact, demo, tok, objective, cfg, lambda m: np.zeros(3), teacher=model, history_len=3, max_title_tokens=8)
+    heal(compact, synthetic, tok, objective, cfg, lambda m: np.zeros(3), teacher=model, history_len=3, max_title_tokens=8)
     # validation is flat, so the best state is step 0's: heal again keeping the last state instead
     cfg_last = HealConfig(steps=6, lr=3e-2, eval_every=1, batch_size=2, train_negatives=3)
-    heal(compact, demo, tok, objective, cfg_last, lambda m: np.full(3, -loss_now()), teacher=model, history_len=3,
+    heal(compact, synthetic, tok, objective, cfg_last, lambda m: np.full(3, -loss_now()), teacher=model, history_len=3,
          max_title_tokens=8)
     assert loss_now() < before
 
 
-def test_task_loss_with_the_shared_prefix_equals_the_naive_one_on_a_compact_model(llama, demo):
-    model, tok = llama
+def test_task_loss_with_the_shared_prefix_equals_the_naive_one_on_a_compact_model(fresh_llama, synthetic):
+    model, tok = fresh_llama
     compact = build_compact(model, [0, 3, 11, 31], AdapterPolicy(rank=4))
     _perturb(compact)
-    batches = Batches(demo, tok, HealConfig(batch_size=3, train_negatives=4), history_len=3, max_title_tokens=8,
+    batches = Batches(synthetic, tok, HealConfig(batch_size=3, train_negatives=4), history_len=3, max_title_tokens=8,
                       seed=0)
     hist, cands = batches.step(0)
     shared = rank_loss(compact, batches.text, hist, [c[0] for c in cands], [c[1:] for c in cands])
@@ -112,11 +98,11 @@ def test_task_loss_with_the_shared_prefix_equals_the_naive_one_on_a_compact_mode
     assert torch.allclose(task, shared, atol=1e-6)
 
 
-def test_distillation_is_zero_when_the_student_is_the_teacher(llama, demo):
-    model, tok = llama
+def test_distillation_is_zero_when_the_student_is_the_teacher(fresh_llama, synthetic):
+    model, tok = fresh_llama
     n = arch.num_layers(model)
     compact = build_compact(model, list(range(n)), "identity")
-    batches = Batches(demo, tok, HealConfig(batch_size=2, train_negatives=3), history_len=3, max_title_tokens=8,
+    batches = Batches(synthetic, tok, HealConfig(batch_size=2, train_negatives=3), history_len=3, max_title_tokens=8,
                       seed=0)
     loss, terms = heal_loss(compact, model, batches.text, *batches.step(0), {"distill": 1.0, "mse": 1.0}, 2.0)
     assert terms["distill"] == pytest.approx(0.0, abs=1e-6) and terms["mse"] == pytest.approx(0.0, abs=1e-8)
@@ -125,8 +111,8 @@ def test_distillation_is_zero_when_the_student_is_the_teacher(llama, demo):
 # ----------------------------------------------------------------------------- healing
 
 
-def test_early_stopping_keeps_the_best_state(llama, demo):
-    model, tok = llama
+def test_early_stopping_keeps_the_best_state(fresh_llama, synthetic):
+    model, tok = fresh_llama
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
     seen, script = [], iter([0.1, 0.2, 0.9, 0.3, 0.2, 0.1])
 
@@ -134,7 +120,7 @@ def test_early_stopping_keeps_the_best_state(llama, demo):
         seen.append([p.detach().clone() for a in compact.adapters() for p in a.parameters()])
         return np.full(3, next(script))
 
-    _, curve = heal(compact, demo, tok, "task", HealConfig(steps=10, eval_every=2, patience=3, lr=1e-2, batch_size=2,
+    _, curve = heal(compact, synthetic, tok, "task", HealConfig(steps=10, eval_every=2, patience=3, lr=1e-2, batch_size=2,
                                                            train_negatives=3),
                     validate, history_len=3, max_title_tokens=8)
     assert curve.attrs["best_step"] == 4 and curve.attrs["stopped"].startswith("early stop")
@@ -144,27 +130,27 @@ def test_early_stopping_keeps_the_best_state(llama, demo):
     assert not all(torch.equal(a, b) for a, b in zip(now, seen[-1], strict=True))
 
 
-def test_nonfinite_healing_loss_names_the_step_and_restores_the_best_state(llama, demo):
-    model, tok = llama
+def test_nonfinite_healing_loss_names_the_step_and_restores_the_best_state(fresh_llama, synthetic):
+    model, tok = fresh_llama
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4))
     start = [p.detach().clone() for a in compact.adapters() for p in a.parameters()]
     with pytest.raises(NonFiniteLossError, match="at step 2.*restored"):
-        heal(compact, demo, tok, "task", HealConfig(steps=4, lr=float("inf"), clip=float("inf"), batch_size=2,
+        heal(compact, synthetic, tok, "task", HealConfig(steps=4, lr=float("inf"), clip=float("inf"), batch_size=2,
                                                     train_negatives=3),
              lambda m: np.zeros(3), history_len=3, max_title_tokens=8)
     now = [p for a in compact.adapters() for p in a.parameters()]
     assert all(torch.equal(a, b) for a, b in zip(now, start, strict=True))
 
 
-def test_lora_healing_changes_the_compact_model_only_and_survives_save_and_load(llama, demo, tmp_path):
-    model, tok = llama
+def test_lora_healing_changes_the_compact_model_only_and_survives_save_and_load(fresh_llama, synthetic, tmp_path):
+    model, tok = fresh_llama
     before = _state(model)
     ids = _ids(tok)
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4), share=False)
     with torch.no_grad():
         start = compact(ids).logits
     cfg = HealConfig(mode="lora", steps=3, eval_every=1, lr=1e-2, batch_size=2, train_negatives=3, lora_r=2)
-    _, curve = heal(compact, demo, tok, "task+distill", cfg, lambda m: np.full(3, float(len(curve_rows(m)))),
+    _, curve = heal(compact, synthetic, tok, "task+distill", cfg, lambda m: np.full(3, float(len(curve_rows(m)))),
                     teacher=model, history_len=3, max_title_tokens=8)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the base is untouched
     assert not any("lora" in n for n, _ in compact.named_parameters())  # merged into plain Linears
@@ -182,13 +168,13 @@ def curve_rows(_m, _n=[0]):  # noqa: B006 (a counter: validation improves at eve
     return range(_n[0])
 
 
-def test_last_mode_trains_the_last_kept_layers_and_the_head(llama, demo):
-    model, tok = llama
+def test_last_mode_trains_the_last_kept_layers_and_the_head(fresh_llama, synthetic):
+    model, tok = fresh_llama
     compact = build_compact(model, [0, 4, 9, 31], AdapterPolicy(rank=4), share=False)
     kept = arch.layers(compact)
     first = {n: p.clone() for n, p in kept[0].layer.named_parameters()}
     last = {n: p.clone() for n, p in kept[-1].layer.named_parameters()}
-    heal(compact, demo, tok, "task", HealConfig(mode="last", last_layers=1, steps=2, eval_every=1, lr=1e-1,
+    heal(compact, synthetic, tok, "task", HealConfig(mode="last", last_layers=1, steps=2, eval_every=1, lr=1e-1,
                                                 batch_size=2, train_negatives=3),
          lambda m: np.full(3, float(len(curve_rows(m)))), history_len=3, max_title_tokens=8)
     assert all(torch.equal(p, first[n]) for n, p in kept[0].layer.named_parameters())
@@ -196,24 +182,24 @@ def test_last_mode_trains_the_last_kept_layers_and_the_head(llama, demo):
     assert compact.base["healed"][-1] == "lm_head."
 
 
-def test_bad_heal_inputs_are_refused(llama, demo):
-    model, tok = llama
+def test_bad_heal_inputs_are_refused(fresh_llama, synthetic):
+    model, tok = fresh_llama
     shared = build_compact(model, [0, 4, 31])
     with pytest.raises(ValueError, match="share=False"):
-        heal(shared, demo, tok, "task", HealConfig(mode="lora"), lambda m: np.zeros(3), history_len=3,
+        heal(shared, synthetic, tok, "task", HealConfig(mode="lora"), lambda m: np.zeros(3), history_len=3,
              max_title_tokens=8)
     own = build_compact(model, [0, 4, 31], share=False)
-    with pytest.raises(ValueError, match=r"\['w_q'\] are not in the kept layers"):
-        heal(own, demo, tok, "task", HealConfig(mode="lora", target_modules=["w_q"]), lambda m: np.zeros(3),
+    with pytest.raises(ValueError, match=r"LoRA target modules \['w_q'\] do not exist.*available: down_proj"):
+        heal(own, synthetic, tok, "task", HealConfig(mode="lora", target_modules=["w_q"]), lambda m: np.zeros(3),
              history_len=3, max_title_tokens=8)
     other, _ = load_model("tiny-llama3", device="cpu", seed=1)
     with pytest.raises(ValueError, match="distillation teacher"):
-        heal(shared, demo, tok, "distill", HealConfig(), lambda m: np.zeros(3), teacher=other, history_len=3,
+        heal(shared, synthetic, tok, "distill", HealConfig(), lambda m: np.zeros(3), teacher=other, history_len=3,
              max_title_tokens=8)
     with pytest.raises(ValueError, match="unknown heal mode"):
         HealConfig(mode="everything")
     with pytest.raises(ValueError, match="full model has no adapters"):
-        heal(model, demo, tok, "task", HealConfig(), lambda m: np.zeros(3), history_len=3, max_title_tokens=8)
+        heal(model, synthetic, tok, "task", HealConfig(), lambda m: np.zeros(3), history_len=3, max_title_tokens=8)
 
 
 # ----------------------------------------------------------------------------- agreement
@@ -239,7 +225,7 @@ def test_agreement_top1_and_kendall_tau():
 
 
 def test_folding_is_exact():
-    from layerviz.adapters import Adapter
+    from layerviz.compression.adapters import Adapter
 
     torch.manual_seed(0)
     down = torch.nn.Linear(24, 16, bias=False)
@@ -266,14 +252,14 @@ def test_fold_policy_places_the_map_on_the_block_before_each_gap(tiny):
     assert kept[0].fold is compact.adapters()[1] and kept[1].fold is compact.adapters()[2]
 
 
-def test_fold_stage1_fits_the_gap_in_closed_form(llama, demo):
-    from layerviz.importance import build_calibration
+def test_fold_stage1_fits_the_gap_in_closed_form(fresh_llama, synthetic):
+    from layerviz.data.prompts import build_probes
 
-    model, tok = llama
-    cal = build_calibration(demo, tok, n=8)
+    model, tok = fresh_llama
+    cal = build_probes(synthetic, tok, n=8)
     compact = build_compact(model, [0, 1, 5, 12, 20, 31], "fold")
     seen = {}
-    train_adapters(compact, model, cal, TrainConfig(init="lstsq", stage1_epochs=2, stage2_epochs=0),
+    train_adapters(compact, model, cal, AdapterTrainConfig(init="lstsq", stage1_epochs=2, stage2_epochs=0),
                    pad=tok.pad_token_id, report=None, on_stage=lambda s, mse, nmse, t: seen.update({s: mse}))
     assert seen["stage1"] < seen["drop"]
 
@@ -330,11 +316,11 @@ def test_export_refuses_adapters_that_cannot_be_folded(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_healed_and_folded_compact_exports_with_identical_scores(llama, demo, tmp_path):
-    model, tok = llama
+def test_healed_and_folded_compact_exports_with_identical_scores(fresh_llama, synthetic, tmp_path):
+    model, tok = fresh_llama
     ids = _ids(tok)
     compact = build_compact(model, [0, 4, 9, 31], "fold", share=False)
-    heal(compact, demo, tok, "task", HealConfig(mode="lora", steps=2, eval_every=1, lr=1e-2, batch_size=2,
+    heal(compact, synthetic, tok, "task", HealConfig(mode="lora", steps=2, eval_every=1, lr=1e-2, batch_size=2,
                                                 train_negatives=3, lora_r=2),
          lambda m: np.full(3, float(len(curve_rows(m)))), history_len=3, max_title_tokens=8)
     compact.export_hf(tmp_path / "plain")
@@ -344,10 +330,10 @@ def test_healed_and_folded_compact_exports_with_identical_scores(llama, demo, tm
     assert np.allclose(logits, expected.numpy(), atol=1e-4)
 
 
-def test_a_teacher_with_another_tokenizer_is_refused(llama):
-    from layerviz.heal import check_teacher
+def test_a_teacher_with_another_tokenizer_is_refused(fresh_llama):
+    from layerviz.compression.heal import check_teacher
 
-    model, tok = llama
+    model, tok = fresh_llama
     compact = build_compact(model, [0, 4, 31])
     import copy
 

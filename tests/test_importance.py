@@ -3,20 +3,11 @@ import pytest
 import torch
 
 from layerviz import arch, load_model
-from layerviz import importance as imp
+from layerviz.compression import importance as imp
 from layerviz.data import CandidateConfig, build_candidates
+from layerviz.data.prompts import ProbeSet, build_probes
 from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import TaskEvaluator
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    import os
-
-    from layerviz.data import PrepConfig, load
-
-    os.environ.setdefault("LAYERVIZ_DEMO_DIR", str(tmp_path_factory.mktemp("demo")))
-    return load("demo", config=PrepConfig(history_len=5), report=None)
 
 
 @pytest.fixture()
@@ -30,10 +21,10 @@ FAMILIES = ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"]
 
 @pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
 @pytest.mark.parametrize("loss", ["likelihood", "yesno"])
-def test_every_criterion_is_finite_for_every_layer(fresh, demo, loss):
+def test_every_criterion_is_finite_for_every_layer(fresh, synthetic, loss):
     model, tok = fresh
-    cal = imp.build_calibration(demo, tok, n=4, loss=loss)
-    df = imp.analyze(model, cal)
+    cal = build_probes(synthetic, tok, n=4, loss=loss)
+    df = imp.layer_importance(model, cal)
     L = arch.num_layers(model)
     assert set(df.criterion) == set(imp.HOOK_CRITERIA) | {"fused"}
     assert (df.groupby("criterion").size() == L).all()
@@ -47,12 +38,12 @@ def test_every_criterion_is_finite_for_every_layer(fresh, demo, loss):
 
 
 @pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
-def test_model_restored_no_hooks_no_grads(fresh, demo):
+def test_model_restored_no_hooks_no_grads(fresh, synthetic):
     model, tok = fresh
     model.requires_grad_(False)  # frozen, eval mode: handled and restored
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    cal = imp.build_calibration(demo, tok, n=3)
-    imp.analyze(model, cal)
+    cal = build_probes(synthetic, tok, n=3)
+    imp.layer_importance(model, cal)
     assert not any(p.requires_grad for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert not model.training
@@ -63,34 +54,34 @@ def test_model_restored_no_hooks_no_grads(fresh, demo):
 
 
 @pytest.mark.parametrize("fresh", ["tiny-llama3"], indirect=True)
-def test_hooks_removed_after_nonfinite_loss(fresh, demo):
+def test_hooks_removed_after_nonfinite_loss(fresh, synthetic):
     model, tok = fresh
-    cal = imp.build_calibration(demo, tok, n=3)
+    cal = build_probes(synthetic, tok, n=3)
     layer = arch.layers(model)[7]
     with torch.no_grad():
         layer.mlp.down_proj.weight.fill_(float("inf"))
     with pytest.raises(NonFiniteLossError, match="batch 0.*layer 7"):
-        imp.analyze(model, cal)
+        imp.layer_importance(model, cal)
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks
     assert arch.num_layers(model) == 32
 
 
-def test_empty_calibration_and_bad_names(tiny, demo):
+def test_empty_calibration_and_bad_names(tiny, synthetic):
     _, model, tok = tiny
-    with pytest.raises(ValueError, match="calibration set is empty"):
-        imp.build_calibration(demo, tok, n=0)
-    with pytest.raises(ValueError, match="calibration set is empty"):
-        imp.analyze(model, imp.Calibration([], "likelihood"))
-    cal = imp.build_calibration(demo, tok, n=2)
+    with pytest.raises(ValueError, match="probe set is empty"):
+        build_probes(synthetic, tok, n=0)
+    with pytest.raises(ValueError, match="probe set is empty"):
+        imp.layer_importance(model, ProbeSet([], "likelihood"))
+    cal = build_probes(synthetic, tok, n=2)
     with pytest.raises(ValueError, match="unknown criteria"):
-        imp.analyze(model, cal, criteria=["vibes"])
+        imp.layer_importance(model, cal, criteria=["vibes"])
     with pytest.raises(ValueError, match="unknown or uncomputed"):
-        imp.analyze(model, cal, criteria=["block_influence"], fusion_weights={"fisher_sum": 1})
+        imp.layer_importance(model, cal, criteria=["block_influence"], fusion_weights={"fisher_sum": 1})
 
 
 @pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
-def test_planted_identity_layer(fresh, demo):
+def test_planted_identity_layer(fresh, synthetic):
     """A layer whose output projections are zero is a no-op: BI ~ 0 and its ablation changes nothing."""
     model, tok = fresh
     planted = 4
@@ -98,26 +89,26 @@ def test_planted_identity_layer(fresh, demo):
     with torch.no_grad():
         layer.self_attn.o_proj.weight.zero_()
         layer.mlp.down_proj.weight.zero_()
-    cal = imp.build_calibration(demo, tok, n=4)
-    cands = build_candidates(demo, CandidateConfig(negatives=9, users=4, split="valid"))
-    ev = TaskEvaluator(demo, cands, tok, split="valid")
+    cal = build_probes(synthetic, tok, n=4)
+    cands = build_candidates(synthetic, CandidateConfig(negatives=9, users=4, split="valid"))
+    ev = TaskEvaluator(synthetic, cands, tok, split="valid")
     params = {k: v.clone() for k, v in model.state_dict().items()}
     abl = imp.ablate(model, cal, ev, layers=[planted, planted + 1])
     assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())  # bit-identical
     assert np.abs(abl["ablation_loss"][:, planted]).max() < 1e-5
     assert np.abs(abl["ablation_ndcg"][:, planted]).max() == 0
     assert np.abs(abl["ablation_loss"][:, planted + 1]).max() > 1e-4
-    df = imp.analyze(model, cal, criteria=["block_influence", "angular_distance"])
+    df = imp.layer_importance(model, cal, criteria=["block_influence", "angular_distance"])
     bi = df[df.criterion == "block_influence"].set_index("layer").value
     assert bi[planted] < 1e-5 and bi.drop(planted).min() > 1e-3
 
 
-def test_validity_and_fusion(demo):
+def test_validity_and_fusion(synthetic):
     model, tok = load_model("tiny-gemma3")
-    cal = imp.build_calibration(demo, tok, n=4)
-    cands = build_candidates(demo, CandidateConfig(negatives=9, users=3, split="valid"))
-    abl = imp.ablate(model, cal, TaskEvaluator(demo, cands, tok, split="valid"))
-    df = imp.analyze(model, cal, ablation=abl, normalization="rank")
+    cal = build_probes(synthetic, tok, n=4)
+    cands = build_candidates(synthetic, CandidateConfig(negatives=9, users=3, split="valid"))
+    abl = imp.ablate(model, cal, TaskEvaluator(synthetic, cands, tok, split="valid"))
+    df = imp.layer_importance(model, cal, ablation=abl, normalization="rank")
     assert {"ablation_loss", "ablation_ndcg"} <= set(df.criterion)
     per = dict(df.attrs["per_sample"], **abl)
     v = imp.validity(per, abl, imp.DEFAULT_FUSION, n_boot=20)
@@ -130,7 +121,7 @@ def test_validity_and_fusion(demo):
     assert imp._normalize(np.array([3.0, 1.0, 2.0]), -1, "minmax").tolist() == [0.0, 1.0, 0.5]
 
 
-def test_run_importance_caches(tmp_path, demo, monkeypatch):
+def test_run_importance_caches(tmp_path, synthetic, monkeypatch):
     cfg = imp.ImportanceConfig(model="tiny-gemma3", samples=3, ablation_users=3, ablation_negatives=9,
                                history_len=5, results_dir=str(tmp_path))
     first = imp.run_importance(cfg, report=None)
@@ -145,7 +136,7 @@ def test_run_importance_caches(tmp_path, demo, monkeypatch):
 def test_choose_criterion_picks_the_most_valid_and_says_why_it_cannot():
     import pandas as pd
 
-    from layerviz.importance import choose_criterion
+    from layerviz.compression.importance import choose_criterion
 
     v = pd.DataFrame([
         {"criterion": "fused", "ground_truth": "ablation_loss", "spearman": 0.52, "ci_low": 0.2, "ci_high": 0.8},
@@ -214,18 +205,18 @@ def test_run_importance_fit_fusion(tmp_path):
 
 
 @pytest.mark.parametrize("fresh", FAMILIES, indirect=True)
-def test_loss_ablation_resumes_from_the_full_pass_with_the_same_numbers(fresh, demo):
+def test_loss_ablation_resumes_from_the_full_pass_with_the_same_numbers(fresh, synthetic):
     """Skipping layer i by resuming at i + 1 from resid_pre.i equals running the model without layer i."""
     model, tok = fresh
-    cal = imp.build_calibration(demo, tok, n=5)
+    cal = build_probes(synthetic, tok, n=5)
     n = arch.num_layers(model)
     todo = [0, 1, n // 2, n - 2, n - 1]
     base, out = imp.loss_ablation(model, cal, todo, batch_size=2)
-    np.testing.assert_allclose(base, imp.calibration_losses(model, cal, batch_size=2), atol=1e-6)
+    np.testing.assert_allclose(base, imp.probe_losses(model, cal, batch_size=2), atol=1e-6)
     for i in range(n):
         if i in todo:
             with arch.skip_layers(model, [i]):
-                plain = imp.calibration_losses(model, cal, batch_size=2) - base
+                plain = imp.probe_losses(model, cal, batch_size=2) - base
             np.testing.assert_allclose(out["ablation_loss"][:, i], plain, atol=1e-5, err_msg=f"layer {i}")
         else:
             assert np.isnan(out["ablation_loss"][:, i]).all()

@@ -1,9 +1,11 @@
-"""Rules of the code's shape that a reviewer would otherwise check by hand."""
+"""Rules of the code's shape that a reviewer would otherwise check by hand; the package order is the README's."""
 
 import ast
+import re
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "layerviz"
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "layerviz"
 
 
 def _modules():
@@ -43,21 +45,18 @@ def test_study_files_are_small():
     big = [p.name for p in sorted((PKG / "study").glob("*.py")) if len(p.read_text().splitlines()) > 350]
     assert big == []
 
-TIERS = [
-    ["arch", "batching", "depth", "errors", "loadtest", "metrics", "parallel", "passes", "progress"],
-    ["models", "store"],
-    ["data"],
-    ["sasrec", "scoring", "settings"],
-    ["evaluate"],
-    ["adapters", "importance"],
-    ["compact", "selection"],
-    ["adapt", "bench", "finetune", "heal", "serve"],
-    ["notebook_params", "plots", "report", "widgets"],
-    ["study"],
-    ["__main__", "cli"],
-]
-"""The package's rooms, bottom to top, as README's diagram draws them: a module imports only from its own
-tier or below (and, within a tier, without a cycle)."""
+
+def rooms(readme: str) -> list[list[str]]:
+    """The README's package tree, bottom to top: each room's names ('data/' for a package)."""
+    block = re.search(r"## How the code is laid out\n+```\n(.*?)```", readme, flags=re.S).group(1)
+    out = []
+    for line in block.splitlines()[1:]:
+        entry = re.sub(r"^[├└]─ ", "", line).split("  ")[0]
+        out.append(entry.split())
+    return out
+
+
+ROOMS = rooms((ROOT / "README.md").read_text())
 
 
 def _name(p: Path) -> str:
@@ -65,18 +64,13 @@ def _name(p: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-MODULES = {_name(p) for p in _modules()}
+MODULES = {_name(p): p for p in _modules()}
 
 
 def _imports(p: Path) -> set[str]:
-    """The layerviz modules ``p`` imports anywhere but in its ``if __name__ == "__main__"`` block."""
-    tree = ast.parse(p.read_text())
-    script = [n for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
-    skip = {id(x) for blk in script for x in ast.walk(blk)}
+    """The layerviz modules ``p`` imports."""
     out = set()
-    for n in ast.walk(tree):
-        if id(n) in skip:
-            continue
+    for n in ast.walk(ast.parse(p.read_text())):
         if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("layerviz"):  # a submodule, or a name
             out |= {f"{n.module}.{a.name}" if f"{n.module}.{a.name}" in MODULES else n.module for a in n.names}
         elif isinstance(n, ast.Import):
@@ -84,20 +78,35 @@ def _imports(p: Path) -> set[str]:
     return out - {_name(p)}
 
 
-def _tier(module: str) -> int:
-    room = module.split(".")[1]
-    return next(i for i, names in enumerate(TIERS) if room in names)
+def _top(module: str) -> str:
+    """'layerviz.compression.heal' -> 'compression/', 'layerviz.arch' -> 'arch'."""
+    parts = module.split(".")
+    return parts[1] + ("/" if (PKG / parts[1]).is_dir() else "")
 
 
-def test_every_module_has_a_tier():
-    rooms = {_name(p).split(".")[1] for p in _modules() if _name(p) != "layerviz"}
-    assert rooms == {r for t in TIERS for r in t}
+def _room(module: str) -> int:
+    top = _top(module)
+    return next(i for i, names in enumerate(ROOMS) if top in names)
 
 
-def test_no_module_imports_from_above():
-    graph = {_name(p): _imports(p) for p in _modules() if _name(p) != "layerviz"}
-    up = [f"{m} -> {d}" for m, deps in graph.items() for d in deps if d != "layerviz" and _tier(d) > _tier(m)]
-    assert up == []
+def test_the_readme_tree_names_every_module_and_package_once():
+    tree = [n for room in ROOMS for n in room]
+    actual = {_top(m) for m in MODULES if m != "layerviz"}
+    assert sorted(tree) == sorted(actual), "README's tree and layerviz/ differ"
+
+
+def test_no_module_imports_from_above_or_sideways():
+    """Down only; within a room, a package's modules import their own package and top-level modules each other,
+    but no two packages of one room import each other (sideways)."""
+    graph = {m: _imports(p) for m, p in MODULES.items() if m != "layerviz"}
+    bad = []
+    for m, deps in graph.items():
+        for d in deps - {"layerviz"}:
+            if _room(d) > _room(m):
+                bad.append(f"{m} -> {d} (from above)")
+            elif _room(d) == _room(m) and _top(d) != _top(m) and (_top(d).endswith("/") or _top(m).endswith("/")):
+                bad.append(f"{m} -> {d} (sideways)")
+    assert bad == []
     state: dict[str, int] = {}
 
     def visit(m: str, path: list[str]) -> None:  # depth-first: a grey node met again closes a cycle
@@ -111,3 +120,17 @@ def test_no_module_imports_from_above():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+def test_the_layout_check_can_fail():
+    """An import from above is caught: serve (room of serving/) is above scoring."""
+    assert _room("layerviz.serving.serve") > _room("layerviz.scoring")
+    assert _room("layerviz.compression.heal") > _room("layerviz.training") > _room("layerviz.data.prompts")
+
+
+def test_packages_reach_siblings_only_through_public_modules():
+    """A module outside a package imports none of its underscore modules."""
+    bad = [f"{m} -> {d}" for m, p in MODULES.items() for d in _imports(p)
+           if any(part.startswith("_") and part != "__init__" for part in d.split(".")[1:]) and
+           _top(d) != _top(m)]
+    assert bad == []

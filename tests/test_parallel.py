@@ -25,13 +25,14 @@ import torch
 import torch.multiprocessing as mp
 
 from layerviz import data, load_model, parallel, store
-from layerviz import importance as imp
-from layerviz.adapters import AdapterPolicy, TrainConfig, train_adapters
-from layerviz.compact import build_compact
+from layerviz.compression import importance as imp
+from layerviz.compression.adapters import AdapterPolicy, AdapterTrainConfig, train_adapters
+from layerviz.compression.compact import build_compact
+from layerviz.compression.selection import select
 from layerviz.data import CandidateConfig, candidates_for
+from layerviz.data.prompts import build_probes
 from layerviz.evaluate import TaskEvaluator
 from layerviz.finetune import FinetuneConfig, finetune
-from layerviz.selection import select
 
 SPEC, USERS, SAMPLES = "tiny-gemma3", 7, 5
 
@@ -53,21 +54,21 @@ def compute(folder: str) -> dict:
     """What the test compares: evaluation metrics and scores, importance arrays, ablation, a selection trace,
     and a stage written through store.cached."""
     model, tok = load_model(SPEC, device="cpu")
-    prep = data.load("demo-electronics", config=data.PrepConfig(history_len=3), report=None)
+    prep = data.load("synthetic-electronics", config=data.PrepConfig(history_len=3), report=None)
     cands, _ = candidates_for(prep, CandidateConfig(9, "uniform", USERS, "test", 0), os.path.join(folder, "cands"))
     ev = TaskEvaluator(prep, cands, tok, split="test", max_title_tokens=6, calibration="none")
-    cal = imp.build_calibration(prep, tok, n=SAMPLES, max_title_tokens=6)
+    cal = build_probes(prep, tok, n=SAMPLES, max_title_tokens=6)
     out = {"metrics": ev.metrics(model), "hook": imp.hook_pass(model, cal),
            "ablation": imp.loss_ablation(model, cal, [0, 5, 17], batch_size=2)}
     out["trace"] = select("forward_greedy", model, ev, k=2).trace
     compact = build_compact(model, [0, 5, 9, 17], AdapterPolicy(rank=4), seed=0)
     out["adapters_init"] = {f"{i}.{k}": v.detach().clone() for i, a in enumerate(compact.adapters())
                             for k, v in a.state_dict().items()}
-    train_adapters(compact, model, cal, TrainConfig(stage1_epochs=1, stage2_epochs=2, sample_batch=3), pad=0,
+    train_adapters(compact, model, cal, AdapterTrainConfig(stage1_epochs=1, stage2_epochs=2, sample_batch=3), pad=0,
                    report=None)
     out["adapters"] = {f"{i}.{k}": v.detach().clone() for i, a in enumerate(compact.adapters())
                        for k, v in a.state_dict().items()}
-    tuned = finetune(FinetuneConfig(model=SPEC, dataset="demo-electronics", history_len=3, max_title_tokens=6,
+    tuned = finetune(FinetuneConfig(model=SPEC, dataset="synthetic-electronics", history_len=3, max_title_tokens=6,
                                     max_steps=2, batch_size=2, train_negatives=3, eval_every=2, eval_users=4,
                                     results_dir=folder), model, tok, report=None)
     out["finetuned"] = {k: v.detach().clone() for k, v in tuned.model.state_dict().items() if "layers.0." in k}
@@ -207,7 +208,7 @@ def test_a_killed_two_process_study_resumes_in_one_process(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                              str(_free_port()), "-m", "layerviz", "run", str(path)], env=env,
                             stdout=subprocess.DEVNULL, stderr=(tmp_path / "stderr").open("w"))
-    marker = cfg.folder / "tiny-gemma3" / "demo-electronics" / "finetune" / "done.json"
+    marker = cfg.folder / "tiny-gemma3" / "synthetic-electronics" / "finetune" / "done.json"
     deadline = time.time() + 240
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -220,8 +221,8 @@ def test_a_killed_two_process_study_resumes_in_one_process(tmp_path):
     assert not (cfg.folder / "manifest.json").exists()  # the study did not finish
     resumed = run_study(cfg, report=None)
     manifest = json.loads((cfg.folder / "manifest.json").read_text())
-    assert "tiny-gemma3/demo-electronics/finetune" in manifest["stages_cached"] and manifest["processes"] == 1
-    assert "tiny-gemma3/demo-electronics/evaluation" in manifest["stages_run"]
+    assert "tiny-gemma3/synthetic-electronics/finetune" in manifest["stages_cached"] and manifest["processes"] == 1
+    assert "tiny-gemma3/synthetic-electronics/evaluation" in manifest["stages_run"]
     fresh = run_study(config("fresh")[0], report=None)
     for name in ("variants", "thirds", "cross_domain"):
         pd.testing.assert_frame_equal(resumed.tables[name], fresh.tables[name], rtol=1e-5, atol=1e-6)
@@ -230,7 +231,7 @@ def test_a_killed_two_process_study_resumes_in_one_process(tmp_path):
 def test_cli_commands_under_two_processes_write_once_what_one_process_writes(tmp_path, capsys):
     from layerviz import cli
 
-    argv = ["evaluate", "--model", "tiny-llama3", "--dataset", "demo-electronics", "--users", "5", "--negatives", "9",
+    argv = ["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "5", "--negatives", "9",
             "--history-len", "3", "--max-title-tokens", "6", "--calibration", "none"]
     assert cli.main([*argv, "--results-dir", str(tmp_path / "r1"), "--out", str(tmp_path / "one")]) == 0
     mp.start_processes(_cli_worker, args=(2, _free_port(), [*argv, "--results-dir", str(tmp_path / "r2"), "--out",

@@ -10,8 +10,8 @@ import yaml
 
 from layerviz import arch, passes
 from layerviz.cli import main
+from layerviz.compression.selection import select
 from layerviz.models import load_model
-from layerviz.selection import select
 from layerviz.study import by_stage, plan, smoke_config
 from layerviz.study.cost import Planner
 
@@ -73,7 +73,7 @@ def test_plan_cli_prints_stage_rows_and_totals_without_loading_weights(tmp_path,
     path.write_text(yaml.safe_dump(asdict(cfg)))
     assert main(["run", str(path), "--plan", "--tflops", "2"]) == 0
     out = capsys.readouterr().out
-    assert "tiny-llama3/demo-electronics/select-importance_greedy" in out and "total tiny-gemma3" in out
+    assert "tiny-llama3/synthetic-electronics/select-importance_greedy" in out and "total tiny-gemma3" in out
     assert "2 TFLOP/s (--tflops)" in out and not (tmp_path / "r").exists()
     df = plan(cfg)
     table = by_stage(df)

@@ -18,7 +18,7 @@ import yaml
 
 from layerviz.report import ReportConfig, run_report
 from layerviz.store import slug
-from layerviz.study import StudyConfig, against_run, plan, recorded, run_study
+from layerviz.study import StudyConfig, against_run, plan, recorded_passes, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDDEN = {
@@ -80,7 +80,7 @@ def test_paper_config_rehearsed_on_cpu(tmp_path):
     rng = np.random.default_rng(0)
     _write_amazon2023(tmp_path / "amazon2023-electronics", rng)
     _write_ml1m(tmp_path / "ml-1m", rng)
-    over = {**OVERRIDDEN, "domain_a": str(tmp_path / "amazon2023-electronics"), "domain_b": str(tmp_path / "ml-1m"),
+    over = {**OVERRIDDEN, "dataset": str(tmp_path / "amazon2023-electronics"), "transfer_dataset": str(tmp_path / "ml-1m"),
             "results_dir": str(tmp_path / "results"), **{k: _merge(paper[k], v) for k, v in NESTED.items()}}
     unknown = set(over) - set(paper) - {"results_dir", "max_title_tokens"}  # the paper keeps their defaults
     assert not unknown, f"the rehearsal overrides keys the paper config does not have: {unknown}"
@@ -91,14 +91,14 @@ def test_paper_config_rehearsed_on_cpu(tmp_path):
     assert cfg.negatives == 99 and {"backward_greedy", "contiguous_block"} <= set(cfg.strategies)
 
     res = run_study(cfg, report=None)
-    check = against_run(plan(cfg), recorded(cfg))  # --plan predicted what every stage ran (or bounded it)
+    check = against_run(plan(cfg), recorded_passes(cfg))  # --plan predicted what every stage ran (or bounded it)
     assert check["holds"].all(), check[~check["holds"]]
     per_stage = check.groupby("stage")[["planned", "recorded"]].sum()
     assert (per_stage > 0).all().all(), per_stage  # the same stages planned as run
 
     manifest = json.loads((cfg.folder / "manifest.json").read_text())
     ran = set(manifest["stages_run"])
-    a, b = slug(cfg.domain_a), slug(cfg.domain_b)  # stage folders are named after the dataset paths
+    a, b = slug(cfg.dataset), slug(cfg.transfer_dataset)  # stage folders are named after the dataset paths
     for spec in ("tiny-llama3", "tiny-qwen3"):
         for s in cfg.strategies:
             assert f"{spec}/{a}/select-{s}" in ran

@@ -7,16 +7,8 @@ import torch
 
 from layerviz import arch, load_model
 from layerviz.cli import main as cli
-from layerviz.scoring import (
-    Prompt,
-    Request,
-    ScoringConfig,
-    embed_items,
-    prompt_text,
-    score,
-    score_naive,
-    token_logprobs,
-)
+from layerviz.data.prompts import Prompt, prompt_text
+from layerviz.scoring import Request, ScoringConfig, embed_items, score, score_naive, token_logprobs
 
 REQ = Request(
     history=["Canon EOS R50 Mirrorless Camera Body", "Canon Battery Pack for EOS R50",
@@ -114,9 +106,9 @@ def test_same_request_twice_gives_same_scores(tiny):
 
 
 def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     out = tmp_path / "out"
-    rc = cli(["evaluate", "--model", "tiny-llama3", "--dataset", "demo", "--users", "6",
+    rc = cli(["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "6",
               "--negatives", "19", "--history-len", "5", "--out", str(out),
               "--results-dir", str(tmp_path / "r")])
     assert rc == 0
@@ -129,7 +121,7 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed"] == 0 and manifest["data_fingerprint"] and manifest["versions"]["torch"]
     # same config, same tables
-    cli(["evaluate", "--model", "tiny-llama3", "--dataset", "demo", "--users", "6", "--negatives", "19",
+    cli(["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "6", "--negatives", "19",
          "--history-len", "5", "--out", str(tmp_path / "again"), "--results-dir", str(tmp_path / "r")])
     again = pd.read_parquet(tmp_path / "again" / "ranks.parquet")
     assert again["rank"].tolist() == ranks["rank"].tolist()
@@ -143,12 +135,12 @@ def test_cli_bad_dataset_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_finds_signal_on_demo_data(smollm2, tmp_path, monkeypatch):
     """Real model, real protocol: the calibrated likelihood scorer ranks above chance."""
-    from layerviz.evaluate import EvalConfig, run
+    from layerviz.evaluate import EvalConfig, run_evaluate
 
     model, tok = smollm2
-    cfg = EvalConfig(model="smollm2-135m", dataset="demo", users=30, negatives=19, history_len=10,
+    cfg = EvalConfig(model="smollm2-135m", dataset="synthetic-electronics", users=30, negatives=19, history_len=10,
                      calibration_users=20, results_dir=str(tmp_path / "r"))
-    doc = run(cfg, out=tmp_path / "o", model=model, tokenizer=tok, report=None)
+    doc = run_evaluate(cfg, out=tmp_path / "o", model=model, tokenizer=tok, report=None)
     assert doc["ndcg@10"]["mean"] > doc["baselines"]["chance"]["ndcg@10"]["mean"]
 
 
@@ -173,12 +165,12 @@ def test_cuda_oom_backoff_halves_the_batch():
 
 
 def test_embedding_full_ranking(tmp_path, monkeypatch):
-    from layerviz.evaluate import EvalConfig, run
+    from layerviz.evaluate import EvalConfig, run_evaluate
 
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = EvalConfig(model="tiny-gemma3", scorer="embedding", users=4, negatives=19, history_len=3,
                      full_ranking=True, results_dir=str(tmp_path / "r"))
-    doc = run(cfg, report=None)
+    doc = run_evaluate(cfg, report=None)
     fr = doc["full_ranking"]
     # the same ranks from the embeddings by hand: the positive against every item the user never saw
     from layerviz.data import candidates_for, load
@@ -203,7 +195,7 @@ def test_embedding_full_ranking(tmp_path, monkeypatch):
     assert fr["mrr"]["mean"] == pytest.approx(np.mean(1 / ranks))
     assert fr["ndcg@10"]["mean"] == pytest.approx(np.mean(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0)))
     with pytest.raises(ValueError, match="full_ranking needs scorer='embedding'"):
-        run(EvalConfig(model="tiny-gemma3", users=2, negatives=19, history_len=3, full_ranking=True,
+        run_evaluate(EvalConfig(model="tiny-gemma3", users=2, negatives=19, history_len=3, full_ranking=True,
                        results_dir=str(tmp_path / "r")), report=None)
 
 
@@ -322,7 +314,7 @@ def test_bench_scoring_reports_the_token_bound_as_json(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scoring.py"
     spec = importlib.util.spec_from_file_location("bench_scoring", path)
     mod = importlib.util.module_from_spec(spec)

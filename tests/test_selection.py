@@ -5,7 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from layerviz import arch
-from layerviz import selection as sel
+from layerviz.compression import selection as sel
+from layerviz.data.prompts import build_probes
 
 
 @pytest.fixture()
@@ -114,14 +115,13 @@ def test_baselines_and_regions(planted):
 
 
 def test_contiguous_block_removes_one_block(tiny):
-    from layerviz import importance as imp
     from layerviz.data import PrepConfig, load
 
     _, model, tok = tiny
-    prep = load("demo", config=PrepConfig(history_len=3), report=None)
-    cal = imp.build_calibration(prep, tok, n=2)
+    prep = load("synthetic-electronics", config=PrepConfig(history_len=3), report=None)
+    cal = build_probes(prep, tok, n=2)
     n = arch.num_layers(model)
-    s = sel.select("contiguous_block", model, k=n - 4, calibration=cal)
+    s = sel.select("contiguous_block", model, k=n - 4, probes=cal)
     start, end = s.meta["removed_block"]
     assert end - start == 3 and s.layers == [i for i in range(n) if not start <= i <= end]
 

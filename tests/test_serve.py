@@ -14,11 +14,18 @@ import pytest
 from fastapi import FastAPI
 
 from layerviz import cli, load_model
-from layerviz.batching import Batcher, Overloaded
 from layerviz.data import CandidateConfig, build_candidates, load
-from layerviz.loadtest import closed_loop, poisson_schedule, run_point, summarize
 from layerviz.scoring import Request, ScoringConfig
-from layerviz.serve import RECORD, Recommender, ServeConfig, create_app, recorded, resolve
+from layerviz.serving.batching import Batcher, Overloaded
+from layerviz.serving.loadtest import closed_loop, poisson_schedule, run_point, summarize
+from layerviz.serving.serve import (
+    RECORD,
+    Recommender,
+    ServeConfig,
+    create_app,
+    request_from_body,
+    scoring_record,
+)
 from layerviz.settings import field_docs
 
 HIST = ["Heat (1995)", "Casino (1995)", "Toy Story (1995)"]
@@ -27,7 +34,7 @@ CANDS = ["Jumanji (1995)", "Balto (1995)", "Sabrina (1995)", "Nixon (1995)", "Go
 
 @pytest.fixture(scope="module")
 def prep():
-    return load("demo-movies", report=None)
+    return load("synthetic-movies", report=None)
 
 
 def _rec(spec="tiny-llama3", prep=None, calibration="pmi"):
@@ -101,9 +108,9 @@ BAD = [
     ({"history": HIST, "candidates": ["x" * 41]}, "candidates"),
     ({"histroy": HIST, "candidates": CANDS}, "histroy"),
     ({"history": "Heat (1995)", "candidates": CANDS}, "history"),
-    ({"user": "nobody", "dataset": "demo-movies"}, "user"),
+    ({"user": "nobody", "dataset": "synthetic-movies"}, "user"),
     ({"user": "1", "dataset": "ml-1m"}, "dataset"),
-    ({"user": "1", "dataset": "demo-movies", "history": HIST}, "history"),
+    ({"user": "1", "dataset": "synthetic-movies", "history": HIST}, "history"),
 ]
 
 
@@ -124,12 +131,12 @@ def test_every_bad_input_gets_a_422_naming_the_field_and_serving_goes_on(prep):
 def test_a_stored_user_is_ranked_on_its_history_and_candidates(prep):
     rec = _rec(prep=prep)
     user = next(iter(rec.candidates))
-    (r,) = _post_all(create_app(rec), [{"user": user, "dataset": "demo-movies"}])
+    (r,) = _post_all(create_app(rec), [{"user": user, "dataset": "synthetic-movies"}])
     want = Request(rec.histories[user], rec.candidates[user])
     assert r.status_code == 200 and len(want.candidates) == 5
     np.testing.assert_allclose(r.json()["scores"], rec.score([want])[0], rtol=0, atol=1e-5)
-    body = type("B", (), {"user": int(user), "history": None, "candidates": ["a", "b"], "dataset": "demo-movies"})
-    assert resolve(rec, body).candidates == ["a", "b"] and resolve(rec, body).history == want.history
+    body = type("B", (), {"user": int(user), "history": None, "candidates": ["a", "b"], "dataset": "synthetic-movies"})
+    assert request_from_body(rec, body).candidates == ["a", "b"] and request_from_body(rec, body).history == want.history
 
 
 class Slow:
@@ -208,17 +215,17 @@ def test_what_the_model_records_decides_its_scoring(tmp_path):
     ft.mkdir()
     (ft / "layerviz_finetune.json").write_text(json.dumps({"config": {"objective": "rank", "dataset": "ml-1m",
                                                                        "max_title_tokens": 12}}))
-    rec = recorded(str(ft), None)
+    rec = scoring_record(str(ft), None)
     assert (rec["scorer"], rec["calibration"], rec["max_title_tokens"]) == ("likelihood", "none", 12)
     run = tmp_path / "adapt"
     (run / "compact").mkdir(parents=True)
     (run / "manifest.json").write_text(json.dumps({"config": {"calibration": "auto", "dataset": "ml-100k"}}))
     (run / "summary.json").write_text(json.dumps({"calibration": "pmi"}))
-    assert recorded(None, str(run / "compact"))["calibration"] == "pmi"
+    assert scoring_record(None, str(run / "compact"))["calibration"] == "pmi"
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / RECORD).write_text(json.dumps({"scorer": "yesno", "calibration": "none"}))
-    assert recorded(str(tmp_path / "export"), None)["scorer"] == "yesno"
-    assert recorded("smollm2-135m", None) == {}
+    assert scoring_record(str(tmp_path / "export"), None)["scorer"] == "yesno"
+    assert scoring_record("smollm2-135m", None) == {}
 
 
 def test_the_serve_command_parses_into_its_config():

@@ -18,11 +18,11 @@ def _tiny_config(tmp_path, **over) -> StudyConfig:
 def test_shipped_configs_parse():
     cfg = StudyConfig.from_yaml(ROOT / "configs" / "demo.yaml")
     assert cfg.models == ["smollm2-135m", "gemma3-270m"] and cfg.device == "cpu"
-    assert (cfg.domain_a, cfg.domain_b) == ("ml-1m", "ml-100k") and cfg.cold_items > 0  # real data
+    assert (cfg.dataset, cfg.transfer_dataset) == ("ml-1m", "ml-100k") and cfg.cold_items > 0  # real data
     synthetic = StudyConfig.from_yaml(ROOT / "configs" / "synthetic.yaml")
-    assert synthetic.domain_a.startswith("demo") and synthetic.name != cfg.name
+    assert synthetic.dataset.startswith("synthetic") and synthetic.name != cfg.name
     # the GPU config names data the user must provide: refused here, naming the key, before any work
-    with pytest.raises(ValueError, match="domain_a: 'data/raw/amazon2023-electronics' is neither"):
+    with pytest.raises(ValueError, match="dataset: 'data/raw/amazon2023-electronics' is neither"):
         StudyConfig.from_yaml(ROOT / "configs" / "paper-gpu.yaml")
 
 
@@ -36,7 +36,7 @@ def test_shipped_configs_parse():
     ({"eval_users": 0}, "eval_users: 0 must be a positive integer"),
     ({"importance": {"sampels": 3}}, "importance.sampels: unknown setting"),
     ({"adapters": {"policy": {"force": "conv"}}}, "unknown adapter type 'conv'"),
-    ({"domain_b": "/no/such/data"}, "domain_b"),
+    ({"transfer_dataset": "/no/such/data"}, "transfer_dataset"),
     ({"reference": "gpt-5"}, "reference"),
     ({"cold_items": 0.7}, r"cold_items=0.7: give a fraction of the items in \(0, 0.5\]"),
     ({"sasrec": {"hiden": 8}}, "hiden"),
@@ -93,8 +93,8 @@ def _all_files_readable(root: Path) -> None:
 
 def test_runner_resumes_after_a_kill_without_repeating_work(smoke_run):
     done, s, res = smoke_run
-    root, a, b = s.cfg.folder, "tiny-gemma3/demo-electronics", "tiny-gemma3/demo-movies"
-    assert done == sorted(["demo-electronics/baselines", "demo-movies/baselines", f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
+    root, a, b = s.cfg.folder, "tiny-gemma3/synthetic-electronics", "tiny-gemma3/synthetic-movies"
+    assert done == sorted(["synthetic-electronics/baselines", "synthetic-movies/baselines", f"{a}/finetune", f"{a}/calibration-zeroshot", f"{a}/zeroshot", f"{b}/calibration-zeroshot",
                            f"{b}/zeroshot", f"{a}/importance-zeroshot", f"{a}/importance",
                            f"{a}/select-importance_greedy", f"{a}/select-last_k", f"{a}/evaluation"])
     assert not set(s.stages.ran) & set(done)  # nothing finished is recomputed
@@ -113,12 +113,12 @@ def test_runner_resumes_after_a_kill_without_repeating_work(smoke_run):
 def test_the_plan_predicts_the_passes_every_stage_records(smoke_run):
     """``layerviz run --plan``: exact counts equal what each stage recorded in done.json, bounds hold, and
     the stages planned are the stages run (the killed stage was recomputed whole on resuming)."""
-    from layerviz.study import against_run, plan, recorded
+    from layerviz.study import against_run, plan, recorded_passes
     from layerviz.study.cost import CPU_TFLOPS
 
     _, s, _ = smoke_run
     planned = plan(s.cfg)
-    check = against_run(planned, recorded(s.cfg))
+    check = against_run(planned, recorded_passes(s.cfg))
     assert check["holds"].all(), check[~check["holds"]]
     per_stage = check.groupby("stage")[["planned", "recorded"]].sum()
     assert (per_stage > 0).all().all(), per_stage
@@ -130,16 +130,16 @@ def test_the_plan_predicts_the_passes_every_stage_records(smoke_run):
 
 def test_a_stage_returns_the_same_shapes_computed_or_cached(smoke_run):
     _, s, res = smoke_run
-    fresh = s.stages.root / "tiny-gemma3/demo-electronics/select-last_k"
-    cached = study.Study(s.cfg, report=None).selection("tiny-gemma3", s.cfg.domain_a, "last_k")
+    fresh = s.stages.root / "tiny-gemma3/synthetic-electronics/select-last_k"
+    cached = study.Study(s.cfg, report=None).selection("tiny-gemma3", s.cfg.dataset, "last_k")
     assert json.loads((fresh / "selection.json").read_text()) == cached["selection"]
-    trace = res.traces.query("strategy == 'last_k' and dataset == @s.cfg.domain_a and model == 'tiny-gemma3'")
+    trace = res.traces.query("strategy == 'last_k' and dataset == @s.cfg.dataset and model == 'tiny-gemma3'")
     assert [list(v) for v in trace["layers"]] == [list(v) for v in cached["trace"]["layers"]]
 
 
 def test_result_frames_are_tidy_and_complete(smoke_run):
     _, s, res = smoke_run
-    a, b = s.cfg.domain_a, s.cfg.domain_b
+    a, b = s.cfg.dataset, s.cfg.transfer_dataset
     pu = res.per_user
     assert not pu.duplicated(["model", "dataset", "variant", "user", "metric"]).any()
     va = set(pu[pu.dataset == a].variant)
@@ -174,7 +174,7 @@ def test_curves_and_variants_agree_with_the_selections(smoke_run):
     g = c[c.strategy == "importance_greedy"].sort_values("k")
     assert np.allclose(g["score"], trace["score"]) and list(g["layers"].iloc[-1]) == res.selection(m)["layers"]
     assert last["score"].iloc[-1] == pytest.approx(res.selection(m, "last_k")["score"])
-    ev, _ = s.evaluator(m, cfg.domain_a, "valid", cfg.select_users)
+    ev, _ = s.evaluator(m, cfg.dataset, "valid", cfg.select_users)
     model, _ = s.model(m)
     with arch.keep_layers(model, [17]):
         assert float(np.mean(ev(model))) == pytest.approx(last["score"].iloc[0])
@@ -187,7 +187,7 @@ def test_curves_and_variants_agree_with_the_selections(smoke_run):
 
 @pytest.mark.study
 def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = _tiny_config(tmp_path, cross_domain_models=[], finetune={})
     res = study.run(study.Study(cfg, report=None))
     cm = res.tables["cross_model"]
@@ -202,7 +202,7 @@ def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
 
 @pytest.mark.study
 def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_DEMO_DIR", str(tmp_path / "demo"))
+    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cross_domain_models=[])
     s = study.Study(cfg, report=None)
     s.finetune("tiny-llama3")
@@ -228,15 +228,15 @@ def test_per_model_finetune_settings(tmp_path):
 
 
 def test_finetune_table_reads_the_zero_shot_side(smoke_run):
-    from layerviz.finetune import read_manifest
+    from layerviz.models import read_finetune_manifest
 
     _, s, res = smoke_run
     m, cfg = "tiny-gemma3", s.cfg
-    assert read_manifest(s.ft_folder(m))["summary"]["steps"] == 2
+    assert read_finetune_manifest(s.ft_folder(m))["summary"]["steps"] == 2
     assert s.label(m) != m and s.label(m, zeroshot=True) == m
     ft = res.tables["finetune"]
-    assert set(ft["dataset"]) == {cfg.domain_a, cfg.domain_b}
-    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.domain_a) & (ft.model == m)].set_index("system")
+    assert set(ft["dataset"]) == {cfg.dataset, cfg.transfer_dataset}
+    v = ft[(ft.metric == "ndcg@10") & (ft.dataset == cfg.dataset) & (ft.model == m)].set_index("system")
     assert v.loc["zero-shot", "mean"] == pytest.approx(res.values(m, "zeroshot").mean())
     assert v.loc["chance", "mean"] == pytest.approx(np.mean(1 / np.log2(np.arange(2, 12))))  # 1 + 9 candidates
     shift = study.importance_shift(res)
@@ -252,7 +252,7 @@ def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
     s = study.Study(cfg, report=None)
     res = study.run(s)
     assert sorted(s.stages.ran) == ["tiny-gemma3/bench", "tiny-llama3/bench"]
-    assert {"tiny-gemma3/demo-electronics/evaluation", "tiny-llama3/demo-electronics/adapters"} <= set(s.stages.skipped)
+    assert {"tiny-gemma3/synthetic-electronics/evaluation", "tiny-llama3/synthetic-electronics/adapters"} <= set(s.stages.skipped)
     assert set(res.per_user.model) == {"tiny-gemma3", "tiny-llama3"}
     with pytest.raises(ValueError, match="jobs"):
         study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")
@@ -268,14 +268,14 @@ def test_sasrec_slices_cold_start_and_findings(smoke_run):
     assert "sasrec" in set(res.tables["variants"]["variant"])
     assert {"sasrec_b"} <= set(res.tables["cross_domain"].columns)
     sl = res.tables["slices"]
-    a = sl[(sl.dataset == cfg.domain_a) & (sl.system == "sasrec") & (sl.model == res.models[0])].set_index("slice")
+    a = sl[(sl.dataset == cfg.dataset) & (sl.system == "sasrec") & (sl.model == res.models[0])].set_index("slice")
     assert a.drop(index="all")["users"].sum() == a.loc["all", "users"] == cfg.eval_users  # each user in one slice
     cold = res.tables["cold"]
     assert set(cold["system"]) == {"fine-tuned", "zero-shot", "compact (no adapters)", "compact (adapters)",
                                    "sasrec", "popularity"}
-    prep = s.prep(cfg.domain_a)
+    prep = s.prep(cfg.dataset)
     for m in res.models:
-        scored = json.loads((cfg.folder / m / cfg.domain_a / "cold" / "meta.json").read_text())["users"]
+        scored = json.loads((cfg.folder / m / cfg.dataset / "cold" / "meta.json").read_text())["users"]
         assert len(scored) == cfg.eval_users and set(scored) <= set(prep.cold_users())
     assert not prep.events[prep.events.split == "train"]["item_id"].isin(prep.cold).any()
     findings = (cfg.folder / "findings.md").read_text()
@@ -327,7 +327,7 @@ CHANGES = [
     ({"calibration_users": 4}, {"calibration-zeroshot"}),  # the fine-tuned model's is 'none': no stage
     ({"importance": {"samples": 4, "ablation_users": 2, "ablation_negatives": 4}},
      {"importance", "importance-zeroshot", "select"}),  # importance_greedy's order (top_k is not studied)
-    ({"bench": {"keep": [3], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
+    ({"bench": {"ks": [3], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
                 "isolate": False}}, {"bench"}),
     ({"sasrec": {"max_epochs": 3, "eval_every": 1, "valid_users": 20, "hidden": 8, "max_len": 10}}, {"baselines"}),
     ({"jobs": 2}, set()),  # how many processes run the models: no stage reads it
@@ -343,7 +343,7 @@ def key_walk(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("keys")
     mp = pytest.MonkeyPatch()
-    mp.setenv("LAYERVIZ_DEMO_DIR", str(tmp / "demo"))
+    mp.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp / "demo"))
     base = dict(models=["tiny-llama3"], cross_domain_models=["tiny-llama3"], cold_items=0.3)
 
     def keys(root=tmp, **change):
@@ -367,7 +367,7 @@ def test_a_setting_reruns_exactly_the_stages_that_read_it(key_walk, tmp_path, ch
 def test_rq3_compares_adapter_variants_with_a_control(smoke_study):
     """The adapters stage heals (task + distill) with a control; the rq3 stage runs every variant at each k for both
     selections, and its table picks one variant per selection and k by validation NDCG@10."""
-    res, a = smoke_study, smoke_study.config.domain_a
+    res, a = smoke_study, smoke_study.config.dataset
     heal = res.adapters[(res.adapters.dataset == a)]
     assert list(heal.stage) == ["drop", "stage1", "heal"] * len(res.models)
     assert heal["retention_control"].notna().all() and heal["top1"].between(0, 1).all()

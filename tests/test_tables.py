@@ -10,7 +10,7 @@ from layerviz.study import text
 from layerviz.study.config import StudyConfig
 from layerviz.study.result import FINE_TUNED, ZERO_SHOT, StudyResult
 
-A, B = "demo-electronics", "demo-movies"
+A, B = "synthetic-electronics", "synthetic-movies"
 L, K, USERS = 12, 3, 40
 
 

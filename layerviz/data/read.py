@@ -20,7 +20,7 @@ def read_dataset(path: str | Path, format: str = "auto", report: Callable[[str],
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such file or folder. Give a dataset folder such as an "
-                              "unpacked ml-100k/, a reviews file, or a bundled name (demo).")
+                              "unpacked ml-100k/, a reviews file, or a dataset name (`layerviz data list`).")
     fmt = formats.detect_format(path) if format == "auto" else format
     if fmt not in formats.READERS and fmt != "recbole":
         raise DataFormatError(f"unknown format {fmt!r}; use one of: auto, {', '.join(formats.FORMATS)}.")

@@ -12,7 +12,7 @@ Normalized depth lives below the whole package, in ``layerviz.depth``.
 
 from layerviz.depth import depth_overlap, map_reference, profile_on_grid
 from layerviz.study.config import STUDY_OWNED, StudyConfig, describe_base, smoke_config
-from layerviz.study.cost_tables import against_run, by_stage, minutes, recorded
+from layerviz.study.cost_tables import against_run, by_stage, minutes, recorded_passes
 from layerviz.study.result import StudyResult, collect
 from layerviz.study.runner import (
     all_tables,
@@ -41,6 +41,6 @@ __all__ = [
     "STUDY_OWNED", "Study", "StudyConfig", "StudyResult", "against_run", "all_tables", "by_stage", "collect",
     "cross_domain", "cross_model", "depth_overlap", "describe_base", "finetune_table", "headline",
     "importance_shift", "map_reference", "minutes", "notebook_study", "open_study", "pick_models", "plan",
-    "profile_on_grid", "recorded", "relation", "run", "run_study", "smoke_config", "spearman_ci", "thirds_table",
+    "profile_on_grid", "recorded_passes", "relation", "run", "run_study", "smoke_config", "spearman_ci", "thirds_table",
     "variants_table", "verdict",
 ]

@@ -53,7 +53,7 @@ class BaselineStages:
     def baselines(self, dataset: str) -> dict:
         """SASRec (and popularity on the cold set) per test user, the positives' slices, SASRec's training."""
         c, scfg = self.cfg, self.sasrec_config()
-        cold = bool(c.cold_items) and dataset == c.domain_a
+        cold = bool(c.cold_items) and dataset == c.dataset
 
         def compute(folder):
             prep = self.prep(dataset)

@@ -11,11 +11,11 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from layerviz import arch, store
-from layerviz.adapt import AdaptConfig, control_config, run_adapt
-from layerviz.adapters import TrainConfig
 from layerviz.bench import BenchConfig, configurations, layers_for_k, run_bench, with_k
-from layerviz.compact import load_compact
-from layerviz.heal import parse_objective
+from layerviz.compression.adapters import AdapterTrainConfig
+from layerviz.compression.compact import load_compact
+from layerviz.compression.heal import parse_objective
+from layerviz.compression.retention import AdaptConfig, control_config, run_adapt
 from layerviz.progress import progress
 from layerviz.store import slug
 from layerviz.study.baseline_stages import metric_columns
@@ -87,14 +87,14 @@ class CompactStages:
         """Teacher states; validation at drop, stage 1, stage 2 and around each epoch; stage 2's training; with
         healing, its steps, validations and the control; the test scoring of the full model and each step."""
         p, n, c = self.planner, self.planner.shape(spec).n, self.cfg
-        t, healing = TrainConfig(**acfg.train), acfg.healing()
-        m, tokens, target = p.data[dataset].calibration(acfg.samples)
+        t, healing = AdapterTrainConfig(**acfg.train), acfg.healing()
+        m, tokens, target = p.data[dataset].probes(acfg.samples)
         val = max(1, int(round(m * t.val_fraction)))
         train, e2 = m - val, 0 if healing else t.stage2_epochs
         exact = e2 <= t.patience  # early stopping needs `patience` epochs without progress
-        p.prompts(at, "calibration", m + (val if healing else 0), tokens, target)
+        p.prompts(at, "probe", m + (val if healing else 0), tokens, target)
         checks = 2 + (1 if e2 else 0) + (1 if healing else 0)
-        p.prompts(at, "calibration", val * (checks + (1 + e2 if e2 else 0)) + train * e2, tokens, target, k, exact)
+        p.prompts(at, "probe", val * (checks + (1 + e2 if e2 else 0)) + train * e2, tokens, target, k, exact)
         p.prompts(at, "backward", train * e2, tokens, target, k, exact, factor=2.0)
         p.add(at, "train", e2 * math.ceil(train / t.sample_batch), exact=exact)
         test = p.data[dataset].users("test", c.eval_users, c.negatives)
@@ -128,7 +128,7 @@ class CompactStages:
         strategy's own selection at its k, a step of its trace at a smaller k, None where it has none."""
         if selection == "first_k":
             return list(range(k))
-        sel = self.selection(spec, self.cfg.domain_a, self.cfg.primary)
+        sel = self.selection(spec, self.cfg.dataset, self.cfg.primary)
         if len(sel["selection"]["layers"]) == k or sel.get("trace") is None:
             return list(sel["selection"]["layers"]) if len(sel["selection"]["layers"]) == k else list(range(k))
         steps = [list(t) for t in sel["trace"]["layers"] if len(t) == k]
@@ -136,7 +136,7 @@ class CompactStages:
 
     def heal_runs(self, spec: str) -> list[dict]:
         """Every (variant, selection, k) adapter run that RQ3's comparison makes for ``spec`` (``rq3`` section)."""
-        r, a = self.cfg.rq3, self.cfg.domain_a
+        r, a = self.cfg.rq3, self.cfg.dataset
         runs = []
         for k in r.get("ks") or [self.k(spec)]:
             for selection in r.get("selections", ["primary", "first_k"]):
@@ -152,7 +152,7 @@ class CompactStages:
         """RQ3: every adapter variant (objective, healing) on the primary selection and first_k at each k of the
         rq3 section, on domain A's test users: retention (against the full model and the control), agreement,
         and the validation NDCG@10 that picks a variant."""
-        runs, a = self.heal_runs(spec), self.cfg.domain_a
+        runs, a = self.heal_runs(spec), self.cfg.dataset
         config = HealVariantsStage([{**{k: v for k, v in r.items() if k != "adapt"}, "adapt": asdict(r["adapt"])}
                                     for r in runs])
 
@@ -186,17 +186,17 @@ class CompactStages:
 
     def transfer(self, spec: str, a_layers: list[int]) -> dict:
         """A's selection (plain and with A's adapters) evaluated on domain B's test users."""
-        cfg, b = self.cfg, self.cfg.domain_b
+        cfg, b = self.cfg, self.cfg.transfer_dataset
         config = self.scored(spec, b, cfg.eval_users, calibration=self.calibration(spec, b)["choice"],
                              variants={"a_selection_plain": a_layers},
-                             adapters=asdict(self.adapt_config(spec, cfg.domain_a, a_layers)))
+                             adapters=asdict(self.adapt_config(spec, cfg.dataset, a_layers)))
 
         def compute(folder):
             model, _ = self.model(spec)
             ev, cands = self.evaluator(spec, b, "test", cfg.eval_users)
             with arch.keep_layers(model, a_layers):
                 plain = ev(model)
-            adapted = ev(load_compact(self.adapt_folder(spec, cfg.domain_a), base=model))
+            adapted = ev(load_compact(self.adapt_folder(spec, cfg.dataset), base=model))
             pop = self.popularity(b, cands)
             return {"per_user": pd.DataFrame({"a_selection_plain": plain, "a_selection_adapters": adapted,
                                               "popularity": pop["ndcg@10"].to_numpy()})}
@@ -210,7 +210,7 @@ class CompactStages:
     def cold(self, spec: str, layers: list[int]) -> dict:
         """Domain A's cold-start test set: the zero-shot model, the fine-tuned one, and ``layers`` with the
         adapters of the adapters stage (the study's compact recommender), every metric per user."""
-        c, a = self.cfg, self.cfg.domain_a
+        c, a = self.cfg, self.cfg.dataset
         zs = self.calibration(spec, a, zeroshot=True)["choice"] if self.finetuning else None
         config = ColdStage(**self.shared(self.label(spec), a), users=c.eval_users, cold=True,
                            calibration=self.calibration(spec, a)["choice"], variants={"compact:plain": layers},
@@ -239,7 +239,7 @@ class CompactStages:
 
     def bench(self, spec: str, selection_layers: list[int]) -> dict:
         """Timed prefills and queries of the full model and its k-layer variants (RQ4), on rank 0 alone."""
-        bcfg = with_k(BenchConfig(**self.shared(self.label(spec), self.cfg.domain_a), **self.cfg.bench),
+        bcfg = with_k(BenchConfig(**self.shared(self.label(spec), self.cfg.dataset), **self.cfg.bench),
                       len(selection_layers))  # the headline's k is always measured
         if self.finetuning:  # made before: rank 0 benches alone, with no collective inside (torchrun)
             self.finetune(spec)
@@ -253,7 +253,7 @@ class CompactStages:
             self._models.clear()  # the workers load their own copy; keep the parent's memory low
             return {"bench": run_bench(bcfg, report=self.report)}
 
-        return self.stage(f"{slug(spec)}/bench", BenchStage(asdict(bcfg), selection_layers), compute, self.cfg.domain_a,
+        return self.stage(f"{slug(spec)}/bench", BenchStage(asdict(bcfg), selection_layers), compute, self.cfg.dataset,
                           lambda at: self.bench_cost(at, spec, bcfg, len(selection_layers)), spec, main_only=True)
 
     def bench_cost(self, at: tuple, spec: str, b: BenchConfig, k: int) -> None:
@@ -265,5 +265,5 @@ class CompactStages:
         seqs = rounds * b.prefill_batch
         p.add(at, "prefill", seqs * len(sizes), sum(seqs * sh.forward(b.seq_len, b.seq_len, s) for s in sizes),
               seqs * b.seq_len * len(sizes), exact=False)
-        u = p.data[self.cfg.domain_a].users("test", 1, self.cfg.negatives)
+        u = p.data[self.cfg.dataset].users("test", 1, self.cfg.negatives)
         p.scoring(at, u, [s for s in sizes for _ in range(rounds + b.qps_queries)], priors=True, exact=False)

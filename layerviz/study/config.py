@@ -10,35 +10,37 @@ from pathlib import Path
 
 import yaml
 
-from layerviz.adapt import AdaptConfig
-from layerviz.adapters import AdapterPolicy, TrainConfig
 from layerviz.bench import BenchConfig
+from layerviz.compression.adapters import AdapterPolicy, AdapterTrainConfig
+from layerviz.compression.heal import HealConfig, parse_objective
+from layerviz.compression.importance import DIRECTION, ImportanceConfig, check_fusion_weights
+from layerviz.compression.retention import AdaptConfig
+from layerviz.compression.selection import STRATEGIES, load_reference
 from layerviz.data import PrepConfig
-from layerviz.data.bundled import BUNDLED, NAMED, known
+from layerviz.data.bundled import NAMED, SYNTHETIC, known
 from layerviz.evaluate import CALIBRATIONS
 from layerviz.finetune import FinetuneConfig
-from layerviz.heal import HealConfig, parse_objective
-from layerviz.importance import DIRECTION, ImportanceConfig, check_fusion_weights
 from layerviz.models import PRESETS
 from layerviz.sasrec import SASRecConfig
-from layerviz.selection import STRATEGIES, load_reference
 from layerviz.settings import SHARED, Settings
 
 # settings the study decides for every stage (a section of the config may not override them)
 STUDY_OWNED = set(SHARED) | {"calibration"}
+RENAMED = {"domain_a": "dataset", "domain_b": "transfer_dataset"}
+"""Keys of earlier configs that now have another name (refused with the new one)."""
 
 
 @dataclass
 class StudyConfig:
     """A whole study (configs/*.yaml). Unknown keys and bad values are refused before any work."""
 
-    name: str = "demo"
+    name: str = "study"
     """Folder name under results_dir."""
     models: list[str] = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
     """Model presets, hub ids or local paths."""
-    domain_a: str = "demo-electronics"
+    dataset: str = "synthetic-electronics"
     """Domain A dataset: selection, adapters and the headline are measured here."""
-    domain_b: str = "demo-movies"
+    transfer_dataset: str = "synthetic-movies"
     """Domain B dataset: the cross-domain transfer target."""
     cross_domain_models: list[str] | None = None
     """Models that run the cross-domain study (default: the first model)."""
@@ -97,7 +99,7 @@ class StudyConfig:
     (objective, heal, policy, train)}, ``models`` (default: the first), ``ks`` (default: the primary's k) and
     ``selections`` (primary, first_k)."""
     bench: dict = field(default_factory=dict)
-    """Overrides of BenchConfig (keep, runs, ...)."""
+    """Overrides of BenchConfig (ks, runs, ...)."""
     seed: int = Settings.seed
     """Fixes users, candidates, sampling and training in every stage."""
     device: str = Settings.device
@@ -135,7 +137,7 @@ class StudyConfig:
 
     def finetune_config(self, spec: str) -> FinetuneConfig:
         """How ``spec`` is fine-tuned on domain A (shared settings, the section, its per-model overrides)."""
-        return FinetuneConfig(**self.settings(spec, self.domain_a), **self.finetune_for(spec))
+        return FinetuneConfig(**self.settings(spec, self.dataset), **self.finetune_for(spec))
 
     def finetune_for(self, spec: str) -> dict:
         """The fine-tuning settings of one model: the shared ones with its ``models`` overrides on top."""
@@ -157,6 +159,8 @@ class StudyConfig:
     def from_dict(cls, raw: dict, where: str = "config") -> StudyConfig:
         known = {f.name for f in fields(cls)}
         for key in raw:
+            if key in RENAMED:
+                raise ValueError(f"{where}: the key {key!r} is now called {RENAMED[key]!r}: rename it")
             if key not in known:
                 raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(known))}")
         cfg = cls(**raw)
@@ -173,11 +177,11 @@ class StudyConfig:
         for m in self.models:
             if not isinstance(m, str) or not (m in PRESETS or Path(m).exists() or m.count("/") == 1):
                 bad("models", f"{m!r} is not a preset ({', '.join(PRESETS)}), an existing path or a hub id")
-        for key in ("domain_a", "domain_b"):
+        for key in ("dataset", "transfer_dataset"):
             v = getattr(self, key)
             if not isinstance(v, str) or not known(v):
                 bad(key, f"{v!r} is neither a real dataset ({', '.join(NAMED)}), a synthetic one "
-                         f"({', '.join(BUNDLED)}) nor an existing path")
+                         f"({', '.join(SYNTHETIC)}) nor an existing path")
         for m in self.cross_domain_models or []:
             if m not in self.models:
                 bad("cross_domain_models", f"{m!r} is not one of models")
@@ -241,7 +245,7 @@ class StudyConfig:
                     bad(f"{key}.{k}", f"unknown setting; known: {', '.join(sorted(names))}")
         try:
             AdapterPolicy(**self.adapters.get("policy", {}))
-            TrainConfig(**self.adapters.get("train", {}))
+            AdapterTrainConfig(**self.adapters.get("train", {}))
             HealConfig(**self.adapters.get("heal", {}))
             parse_objective(self.adapters.get("objective", "mse"))
             BenchConfig(**self.bench)
@@ -311,7 +315,7 @@ def describe_base(cfg: StudyConfig) -> str:
     budget = ", ".join(f"{k} {f[k]}" for k in ("max_steps", "max_seconds", "epochs", "lr") if f.get(k) is not None)
     per = "; ".join(f"{spec}: " + ", ".join(f"{k} {v}" for k, v in over.items())
                     for spec, over in f.get("models", {}).items() if over)
-    return (f"base: each model fine-tuned on {cfg.domain_a} ({how}, objective {f.get('objective', 'rank')}"
+    return (f"base: each model fine-tuned on {cfg.dataset} ({how}, objective {f.get('objective', 'rank')}"
             f"{', ' + budget if budget else ''}{'; ' + per if per else ''}); the zero-shot model is evaluated "
             "alongside")
 
@@ -328,7 +332,7 @@ def smoke_config(models: list[str] | None = None, results_dir: str = "results", 
                          "heal": {"steps": 2, "eval_every": 2, "batch_size": 2, "train_negatives": 3}},
                rq3={"variants": {"mse": {"objective": "mse"}, "task+distill": {}}, "ks": [2]},
                sasrec={"max_epochs": 2, "eval_every": 1, "valid_users": 20, "hidden": 8, "max_len": 10},
-               bench={"keep": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
+               bench={"ks": [2], "runs": 1, "warmup": 0, "seq_len": 8, "prefill_batch": 1, "qps_queries": 1,
                       "isolate": False},
                device="cpu", results_dir=results_dir)
     raw.update(over)

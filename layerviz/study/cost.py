@@ -2,7 +2,7 @@
 
 ``runner.plan`` walks ``runner.run_model`` itself with a ``Planner``: each stage calls its own cost function
 (next to its compute function) instead of running, with the same sizes: the users and
-candidate lists the run will draw (built from the data, in memory), the calibration prompts, the
+candidate lists the run will draw (built from the data, in memory), the probe prompts, the
 fine-tuning schedule, the subset evaluations of each strategy. Models are only shapes (their configs
 built on the meta device); tokens are counted with the bundled SmolLM2 tokenizer (other tokenizers cut
 titles somewhat differently). A pass is one sequence through the model (``layerviz.passes``); FLOPs come
@@ -33,7 +33,7 @@ class Planner:
         self.cfg, self.rows = cfg, []
         self.keys: dict[str, str] = {}  # stage name -> its cache key, as the run would derive it
         tok = bundled_tokenizer()
-        self.data = {d: Data(cfg, d, tok) for d in dict.fromkeys([cfg.domain_a, cfg.domain_b])}
+        self.data = {d: Data(cfg, d, tok) for d in dict.fromkeys([cfg.dataset, cfg.transfer_dataset])}
         self.shapes: dict[str, Shape] = {}
         self.shared_work: set = set()  # work that stages share through a cache of its own (the adapters' control)
 
@@ -64,7 +64,7 @@ class Planner:
 
     def prompts(self, at: tuple, kind: str, n: int, tokens: float, target: float, layers: float | None = None,
                 exact: bool = True, factor: float = 1.0) -> None:
-        """``n`` calibration prompts (or their backward passes: ``factor`` 2) through ``layers`` layers."""
+        """``n`` probe prompts (or their backward passes: ``factor`` 2) through ``layers`` layers."""
         self.add(at, kind, n, factor * n * self.shape(at[0]).forward(tokens, target, layers), n * tokens, exact)
 
     def priors(self, zeroshot: bool) -> bool:

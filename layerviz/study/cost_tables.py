@@ -33,7 +33,7 @@ def by_stage(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def recorded(cfg: StudyConfig) -> pd.DataFrame:
+def recorded_passes(cfg: StudyConfig) -> pd.DataFrame:
     """The passes every finished stage of a study recorded in its done.json -> stage, kind, passes, seconds
     (the stage's wall time, on every row of the stage)."""
     rows = []

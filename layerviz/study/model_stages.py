@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
-from layerviz import importance as imp
+from layerviz.compression import importance as imp
 from layerviz.evaluate import calibration_config, calibration_to_use
 from layerviz.finetune import finetune as run_finetune
 from layerviz.finetune import planned_steps
@@ -27,7 +27,7 @@ class ModelStages:
 
     def finetune(self, spec: str) -> dict:
         """The base model fine-tuned on domain A's training split (a plain HF folder under the stage)."""
-        fcfg, a = self.ft_config(spec), self.cfg.domain_a
+        fcfg, a = self.ft_config(spec), self.cfg.dataset
 
         def compute(folder):
             base, tok = self.model(spec, zeroshot=True)
@@ -125,7 +125,7 @@ class ModelStages:
         """The importance stage's config (ablation off: domain A's fitted fusion weights, if 'fit')."""
         over_ = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
         if not ablation and over_.get("fusion_weights") == "fit":  # no ground truth here: domain A's fitted weights
-            over_["fusion_weights"] = self.importance(spec, self.cfg.domain_a, zeroshot=zeroshot)["fusion"]
+            over_["fusion_weights"] = self.importance(spec, self.cfg.dataset, zeroshot=zeroshot)["fusion"]
         needs_scorer = ablation and over_.get("ablation_users", imp.ImportanceConfig.ablation_users) > 0
         calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
         return imp.ImportanceConfig(**self.shared(self.label(spec, zeroshot), dataset), calibration=calibration,
@@ -147,10 +147,10 @@ class ModelStages:
                           planned={"validity": None, "fusion": None, "importance": None})
 
     def importance_cost(self, at: tuple, spec: str, dataset: str, icfg: imp.ImportanceConfig, zeroshot: bool) -> None:
-        """The hook pass over the calibration prompts (and its backward), then skipping each layer in turn."""
+        """The hook pass over the probe prompts (and its backward), then skipping each layer in turn."""
         p, n_layers, ablation = self.planner, self.planner.shape(spec).n, icfg.ablation
-        n, tokens, target = p.data[dataset].calibration(icfg.samples)
-        p.prompts(at, "calibration", n * (2 if ablation else 1), tokens, target)  # + the unablated pass
+        n, tokens, target = p.data[dataset].probes(icfg.samples)
+        p.prompts(at, "probe", n * (2 if ablation else 1), tokens, target)  # + the unablated pass
         p.prompts(at, "backward", n, tokens, target, factor=2.0)  # the Fisher criteria
         if ablation:  # skipping layer i re-runs layers i+1..L-1 only: (L-1)/2 layers on average
             p.prompts(at, "ablation", n * n_layers, tokens, target, (n_layers - 1) / 2)
@@ -162,7 +162,7 @@ class ModelStages:
         """The criterion ordering importance_greedy/top_k: the config's, or the most valid one ('auto')."""
         if self.cfg.criterion != "auto":
             return {"criterion": self.cfg.criterion, "auto": False}
-        validity = self.importance(spec, self.cfg.domain_a)["validity"]  # needs the ablation: on domain A
+        validity = self.importance(spec, self.cfg.dataset)["validity"]  # needs the ablation: on domain A
         if validity is None:  # planning: not measured yet
-            return {"criterion": "auto", "auto": True, "dataset": self.cfg.domain_a}
-        return {**imp.choose_criterion(validity), "auto": True, "dataset": self.cfg.domain_a}
+            return {"criterion": "auto", "auto": True, "dataset": self.cfg.dataset}
+        return {**imp.choose_criterion(validity), "auto": True, "dataset": self.cfg.dataset}

@@ -95,7 +95,7 @@ class StudyResult:
 
     def values(self, model: str, variant: str, metric: str = "ndcg@10", dataset: str | None = None) -> pd.Series:
         """Per-user values of one variant (in user order); empty when it was not measured."""
-        d = dataset or self.config.domain_a
+        d = dataset or self.config.dataset
         pu = self.per_user
         rows = pu[(pu.model == model) & (pu.dataset == d) & (pu.variant == variant) & (pu.metric == metric)]
         return rows.sort_values("user")["value"].reset_index(drop=True)
@@ -111,13 +111,13 @@ class StudyResult:
     def importance_table(self, model: str, base: str | None = None, dataset: str | None = None) -> pd.DataFrame:
         """One model's tidy importance table (layer, criterion, value, normalized, ...)."""
         t = self.importance
-        t = t[(t.model == model) & (t.dataset == (dataset or self.config.domain_a)) & (t.base == (base or self.base))]
+        t = t[(t.model == model) & (t.dataset == (dataset or self.config.dataset)) & (t.base == (base or self.base))]
         return t.drop(columns=["model", "dataset", "base"]).reset_index(drop=True)
 
     def selection(self, model: str, strategy: str | None = None, dataset: str | None = None) -> pd.Series:
         """One selection row (layers, k, n_layers, ...); the primary strategy on domain A by default."""
         s = self.selections
-        row = s[(s.model == model) & (s.dataset == (dataset or self.config.domain_a))
+        row = s[(s.model == model) & (s.dataset == (dataset or self.config.dataset))
                 & (s.strategy == (strategy or self.config.primary))]
         return row.iloc[0]
 
@@ -130,7 +130,7 @@ class StudyResult:
         f = getattr(self, frame)
         keep = f.model == model
         if "dataset" in f:
-            keep &= f.dataset == (dataset or self.config.domain_a)
+            keep &= f.dataset == (dataset or self.config.dataset)
         return f[keep].drop(columns=[c for c in ("model", "dataset") if c in f]).reset_index(drop=True)
 
     def summary(self, model: str, dataset: str | None = None) -> pd.Series:
@@ -173,7 +173,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
 
 
 def _per_user(cfg: StudyConfig, model: str, r: dict) -> list[pd.DataFrame]:
-    a, b = cfg.domain_a, cfg.domain_b
+    a, b = cfg.dataset, cfg.transfer_dataset
     adapter_stages = {s: f"adapters:{s}" for s in ("drop", "stage1", "stage2", "heal", "control")}
     sources = [(a, r["evaluation"]["per_user"], None), (a, r["adapters"]["per_user"], adapter_stages)]
     for d, z in r.get("zeroshot", {}).items():
@@ -197,7 +197,7 @@ def _per_user(cfg: StudyConfig, model: str, r: dict) -> list[pd.DataFrame]:
 
 def collect(cfg: StudyConfig, stage_out: dict[str, dict]) -> StudyResult:
     """Every stage's outputs (per model, as the runner gathered them) -> one ``StudyResult``."""
-    a, b = cfg.domain_a, cfg.domain_b
+    a, b = cfg.dataset, cfg.transfer_dataset
     tuned = FINE_TUNED if cfg.finetune else ZERO_SHOT
     pu, var, imp, val, sel, tr, cur, ad, summ, pl, adc, bench, cal, ft, ftc, hv, hvu, hc = ([] for _ in range(18))
     for m, r in stage_out.items():

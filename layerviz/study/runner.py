@@ -44,7 +44,7 @@ from layerviz.study.tables import (
 def run_model(study: Study, spec: str, cross_domain_model: bool, bench: bool = True) -> dict:
     """Every stage of one model (the bench last, unless ``bench`` is false), in order -> the stage outputs."""
     cfg, r = study.cfg, {}
-    a, b = cfg.domain_a, cfg.domain_b
+    a, b = cfg.dataset, cfg.transfer_dataset
     r["baselines"] = {d: study.baselines(d) for d in ([a, b] if cross_domain_model else [a])}
     if study.finetuning:  # the zero-shot side first: one model switch per model
         r["finetune"] = study.finetune(spec)
@@ -190,7 +190,7 @@ def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: 
         over["models"] = [models] if isinstance(models, str) else list(models)
         over.setdefault("cross_domain_models", over["models"][:1])
     if dataset:
-        over["domain_a"] = dataset
+        over["dataset"] = dataset
     if smoke:
         cfg = smoke_config(results_dir=results_dir, **over)
     else:
@@ -234,7 +234,7 @@ def open_study(params: dict) -> tuple[StudyResult, list[str]]:
     except StageMissing as e:
         raise _missing(p, e) from None
     cfg = res.config
-    print(f"study {cfg.name!r}: models {', '.join(res.models)}; domain A {cfg.domain_a}, domain B {cfg.domain_b}; "
+    print(f"study {cfg.name!r}: models {', '.join(res.models)}; domain A {cfg.dataset}, domain B {cfg.transfer_dataset}; "
           f"k = round(L x {cfg.k_fraction}); results in {cfg.folder}")
     print(describe_base(cfg))
     return res, pick_models(res, p["MODEL"])

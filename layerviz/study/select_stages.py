@@ -9,9 +9,7 @@ from dataclasses import asdict, dataclass, field
 import pandas as pd
 
 from layerviz import arch, metrics
-from layerviz import importance as imp
-from layerviz.depth import map_reference, without_lower_third
-from layerviz.selection import (
+from layerviz.compression.selection import (
     FIXED,
     SubsetScorer,
     fixed_layers,
@@ -19,6 +17,8 @@ from layerviz.selection import (
     load_reference,
     select,
 )
+from layerviz.data.prompts import build_probes
+from layerviz.depth import map_reference, without_lower_third
 from layerviz.store import slug
 from layerviz.study.cost import Planner
 from layerviz.study.stage_base import Scored
@@ -36,7 +36,7 @@ class SelectionStage(Scored):
     criterion: str | None = None
     """The criterion ordering the layers (importance_greedy, top_k), else None."""
     importance: dict | None = None
-    """The config of the importance stage whose table gives that order (or, contiguous_block, the calibration
+    """The config of the importance stage whose table gives that order (or, contiguous_block, the probe
     samples' settings), else None."""
 
 
@@ -58,7 +58,7 @@ class SelectStages:
     def selection_config(self, spec: str, dataset: str, strategy: str) -> SelectionStage:
         crit = self.criterion(spec, dataset)["criterion"] if strategy in ORDERED else None
         uses_table = strategy in ORDERED or strategy == "contiguous_block"
-        icfg = self.importance_config(spec, dataset, ablation=dataset == self.cfg.domain_a) if uses_table else None
+        icfg = self.importance_config(spec, dataset, ablation=dataset == self.cfg.dataset) if uses_table else None
         return SelectionStage(**self.shared(self.label(spec), dataset), users=self.cfg.select_users, split="valid",
                               calibration=self.calibration(spec, dataset)["choice"], strategy=strategy,
                               k=self.k(spec), criterion=crit, importance=icfg and asdict(icfg))
@@ -71,10 +71,10 @@ class SelectStages:
             model, tok = self.model(spec)
             table = None
             if config.criterion is not None:
-                table = self.importance(spec, dataset, ablation=dataset == c.domain_a)["importance"]
-            cal = imp.build_calibration(self.prep(dataset), tok, c.importance.get("samples", 16), seed=c.seed,
+                table = self.importance(spec, dataset, ablation=dataset == c.dataset)["importance"]
+            cal = build_probes(self.prep(dataset), tok, c.importance.get("samples", 16), seed=c.seed,
                                         max_title_tokens=c.max_title_tokens) if strategy == "contiguous_block" else None
-            s = select(strategy, model, ev, k=config.k, importance=table, seed=c.seed, calibration=cal,
+            s = select(strategy, model, ev, k=config.k, importance=table, seed=c.seed, probes=cal,
                        criterion=config.criterion or "fused")
             doc = {**s.to_json(), "model": spec, "dataset": dataset, "calibration": ev.cfg.calibration}
             if config.criterion is not None:
@@ -87,7 +87,7 @@ class SelectStages:
             p.add(at, "subset", len(sizes), exact=exact)
             p.scoring(at, p.data[dataset].users("valid", c.select_users, c.negatives), sizes, p.priors(False), exact)
             if strategy == "contiguous_block":  # angular distances over the importance samples
-                p.prompts(at, "calibration", *p.data[dataset].calibration(config.importance["samples"]))
+                p.prompts(at, "probe", *p.data[dataset].probes(config.importance["samples"]))
 
         return self.stage(f"{slug(spec)}/{slug(dataset)}/select-{strategy}", config, compute, dataset, cost, spec,
                           planned={"selection": {"layers": list(range(config.k))}, "trace": None})
@@ -98,31 +98,31 @@ class SelectStages:
         cfg, n = self.cfg, self.n_layers(spec)
         ref = load_reference()["selections"][cfg.reference]
         variants = {"full": list(range(n)),
-                    f"select:{cfg.primary}": self.selection(spec, cfg.domain_a, cfg.primary)["selection"]["layers"],
+                    f"select:{cfg.primary}": self.selection(spec, cfg.dataset, cfg.primary)["selection"]["layers"],
                     "drop_lower_third": without_lower_third(n),
                     "reference_mapped": map_reference(ref["layers"], ref["real_num_layers"], n)}
         for s in cfg.eval_strategies:
             if s != cfg.primary:
-                variants[f"select:{s}"] = self.selection(spec, cfg.domain_a, s)["selection"]["layers"]
+                variants[f"select:{s}"] = self.selection(spec, cfg.dataset, s)["selection"]["layers"]
         return variants
 
     def evaluation(self, spec: str) -> dict:
         """Test metrics (every metric, per user) of the full model, popularity and plain-dropping variants.
         Adapters are measured by the adapters stage."""
         cfg, variants = self.cfg, self.variants(spec)
-        config = self.scored(spec, cfg.domain_a, cfg.eval_users, variants=variants,
-                             calibration=self.calibration(spec, cfg.domain_a)["choice"])
+        config = self.scored(spec, cfg.dataset, cfg.eval_users, variants=variants,
+                             calibration=self.calibration(spec, cfg.dataset)["choice"])
 
         def compute(folder):
             model, _ = self.model(spec)
-            ev, cands = self.evaluator(spec, cfg.domain_a, "test", cfg.eval_users)
+            ev, cands = self.evaluator(spec, cfg.dataset, "test", cfg.eval_users)
             cols, rows = {}, []
             for name, layers in variants.items():
                 with arch.keep_layers(model, layers):
                     m = ev.metrics(model)
                 cols.update({f"{name}:{metric}": m[metric].to_numpy() for metric in m.columns})
                 rows.append({"variant": name, "layers": layers, "k": len(layers)})
-            pop = self.popularity(cfg.domain_a, cands)
+            pop = self.popularity(cfg.dataset, cands)
             cols.update({f"popularity:{metric}": pop[metric].to_numpy() for metric in pop.columns})
             rows.append({"variant": "popularity", "layers": [], "k": 0})
             chance = {"variant": "chance", "n_candidates": cfg.negatives + 1,
@@ -131,11 +131,11 @@ class SelectStages:
 
         def cost(at):
             p = self.planner
-            p.scoring(at, p.data[cfg.domain_a].users("test", cfg.eval_users, cfg.negatives),
+            p.scoring(at, p.data[cfg.dataset].users("test", cfg.eval_users, cfg.negatives),
                       [len(v) for v in variants.values()], p.priors(False))
 
         planned = pd.DataFrame(columns=[f"{v}:{m}" for v in variants for m in ("ndcg@5", "ndcg@10")])
-        return self.stage(f"{slug(spec)}/{slug(cfg.domain_a)}/evaluation", config, compute, cfg.domain_a, cost, spec,
+        return self.stage(f"{slug(spec)}/{slug(cfg.dataset)}/evaluation", config, compute, cfg.dataset, cost, spec,
                           planned={"per_user": planned})
 
     def curves(self, spec: str, dataset: str) -> dict:
@@ -147,7 +147,7 @@ class SelectStages:
         cfg, n, k = self.cfg, self.n_layers(spec), self.k(spec)
         fixed = [s for s in cfg.strategies if s in FIXED]
         sels = {s: self.selection(spec, dataset, s) for s in cfg.strategies}
-        icfg = self.importance_config(spec, dataset, ablation=dataset == cfg.domain_a) if "top_k" in fixed else None
+        icfg = self.importance_config(spec, dataset, ablation=dataset == cfg.dataset) if "top_k" in fixed else None
         crit = self.criterion(spec, dataset)["criterion"] if icfg is not None else None
         config = CurvesStage(**self.shared(self.label(spec), dataset), users=cfg.select_users, split="valid",
                              calibration=self.calibration(spec, dataset)["choice"], k=k, fixed=fixed, criterion=crit,
@@ -169,7 +169,7 @@ class SelectStages:
             if "importance_greedy" in sels:
                 rows += [point("importance_greedy", t["layers"].tolist())
                          for _, t in sels["importance_greedy"]["trace"].iterrows()]
-            table = self.importance(spec, dataset, ablation=dataset == cfg.domain_a)["importance"] if crit else None
+            table = self.importance(spec, dataset, ablation=dataset == cfg.dataset)["importance"] if crit else None
             order = importance_order(table, crit, True, n) if table is not None else None
             rows += [point(s, fixed_layers(s, n, kk, order if s == "top_k" else None))
                      for s in fixed for kk in range(1, k + 1)]

@@ -18,8 +18,7 @@ import pandas as pd
 from layerviz import arch, metrics, store
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import TaskEvaluator, popularity_scores
-from layerviz.finetune import check_base
-from layerviz.models import PRESETS, load_model
+from layerviz.models import PRESETS, check_base, load_model
 from layerviz.settings import Settings
 from layerviz.store import Stages, slug
 from layerviz.study.config import StudyConfig
@@ -67,7 +66,7 @@ class StageBase:
         if name not in self.planner.keys:
             self.planner.keys[name] = store.config_hash(store.where_free(self.key_parts(config, dataset)))
             if cost is not None:
-                cost((spec, dataset or self.cfg.domain_a, name))
+                cost((spec, dataset or self.cfg.dataset, name))
         return planned or {}
 
     def key_parts(self, config, dataset: str | None) -> dict:
@@ -103,7 +102,7 @@ class StageBase:
         return Scored(**self.shared(self.label(spec, zeroshot), dataset), users=users, **fields)
 
     def ft_folder(self, spec: str) -> Path:
-        return self.stages.root / slug(spec) / slug(self.cfg.domain_a) / "finetune" / "model"
+        return self.stages.root / slug(spec) / slug(self.cfg.dataset) / "finetune" / "model"
 
     def model(self, spec: str, zeroshot: bool = False):
         """(model, tokenizer) that the stages analyse: the fine-tuned recommender unless ``zeroshot``."""

@@ -163,7 +163,7 @@ def cross_model(res: StudyResult, grid_points: int = 21) -> pd.DataFrame:
 def cross_domain(res: StudyResult) -> pd.DataFrame:
     """Transfer ratio: NDCG@10 on B with A's selection over NDCG@10 on B with B's own, plus baselines."""
     cfg, rows = res.config, []
-    b, chance = cfg.domain_b, res.chance()
+    b, chance = cfg.transfer_dataset, res.chance()
     for m in res.models:
         if not res.has(m, "transfer:plain", b):
             continue
@@ -173,7 +173,7 @@ def cross_domain(res: StudyResult) -> pd.DataFrame:
                                ("plain", "transfer:plain", "adapters:drop")):
             num, den = res.values(m, num, dataset=b), res.values(m, den, dataset=b)
             ratio, lo, hi = metrics.ratio_ci(num, den, seed=cfg.seed)
-            rows.append({"model": m, "domain_a": cfg.domain_a, "domain_b": b, "variant": name,
+            rows.append({"model": m, "dataset": cfg.dataset, "transfer_dataset": b, "variant": name,
                          "a_layers": res.selection(m)["layers"], "b_layers": res.selection(m, dataset=b)["layers"],
                          "ndcg10_b_with_a": float(np.mean(num)), "ndcg10_b_with_b": float(np.mean(den)),
                          "transfer_ratio": ratio, "ci_low": lo, "ci_high": hi, "full_b": float(np.mean(full)),
@@ -191,7 +191,7 @@ def finetune_table(res: StudyResult) -> pd.DataFrame:
     the zero-shot model, none for the fine-tuned one, as it was trained)."""
     rows, seed, cal = [], res.config.seed, res.calibration
     for m in res.models:
-        for d in dict.fromkeys([res.config.domain_a, res.config.domain_b]):
+        for d in dict.fromkeys([res.config.dataset, res.config.transfer_dataset]):
             if not res.has(m, "zeroshot", d):
                 continue
             choice = {base: cal[(cal.model == m) & (cal.dataset == d) & (cal.base == base)]["choice"].iloc[0]
@@ -252,7 +252,7 @@ def slices_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
 
 def cold_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
     """``metric`` of every system on domain A's cold-start test set (users whose positive never was trained on)."""
-    d, rows = cold_set(res.config.domain_a), []
+    d, rows = cold_set(res.config.dataset), []
     for m in res.models:
         n = len(res.values(m, "full", metric, d))
         rows += _system_rows(res, m, d, {"cold start": np.ones(n, bool)}, metric)

@@ -1,5 +1,5 @@
 """What a study's stages will process, known before any weights are loaded: a model's per-layer costs
-from its config on the meta device (``Shape``), and a dataset's users, candidate lists, calibration
+from its config on the meta device (``Shape``), and a dataset's users, candidate lists, probe
 prompts and training windows as the run will draw them, with their tokens counted (``Data``). The
 cost plan (``cost.py``) builds on them.
 """
@@ -16,12 +16,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from layerviz import arch
 from layerviz.bench import flops_per_token, layer_costs
 from layerviz.data import CandidateConfig, build_candidates, load
+from layerviz.data.prompts import Prompt, PromptConfig, build_probes
 from layerviz.evaluate import requests_for
-from layerviz.finetune import training_windows
-from layerviz.importance import build_calibration
 from layerviz.models import PRESETS
-from layerviz.scoring import Prompt, ScoringConfig
 from layerviz.study.config import StudyConfig
+from layerviz.training import training_windows
 
 
 class Shape:
@@ -63,7 +62,7 @@ class Data:
         self.cfg = cfg
         self.prep = load(dataset, "auto", cfg.prep_config(), report=None)
         self.tok = tokenizer
-        self.text = Prompt(tokenizer, ScoringConfig(domain=self.prep.domain, max_title_tokens=cfg.max_title_tokens))
+        self.text = Prompt(tokenizer, PromptConfig(self.prep.domain, cfg.max_title_tokens))
 
     @cache  # noqa: B019 (one Data per dataset and plan)
     def users(self, split: str, n: int, negatives: int, cold: bool = False) -> Users:
@@ -76,9 +75,9 @@ class Data:
                      len(self.text.prefix([], "likelihood")))
 
     @cache  # noqa: B019
-    def calibration(self, n: int) -> tuple[int, float, float]:
-        """(prompts, mean tokens, mean target tokens) of the calibration set of ``n`` samples."""
-        cal = build_calibration(self.prep, self.tok, n, "valid", "likelihood", self.cfg.max_title_tokens, self.cfg.seed)
+    def probes(self, n: int) -> tuple[int, float, float]:
+        """(prompts, mean tokens, mean target tokens) of the probe set of ``n`` prompts."""
+        cal = build_probes(self.prep, self.tok, n, "valid", "likelihood", self.cfg.max_title_tokens, self.cfg.seed)
         return (len(cal.examples), float(np.mean([len(e.ids) for e in cal.examples])),
                 float(np.mean([e.n_target for e in cal.examples])))
 

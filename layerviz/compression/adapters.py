@@ -42,9 +42,9 @@ from torch import nn
 
 from layerviz import arch, parallel, passes
 from layerviz.depth import region
-from layerviz.errors import NonFiniteLossError
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
+from layerviz.training import BestState, Frozen, Loop
 
 KINDS = ("identity", "linear", "residual", "mlp", "fold")
 HIDDEN_LOSSES = ("mse", "cosine")
@@ -99,7 +99,7 @@ class AdapterSpec:
         return f"{'emb' if self.prev < 0 else self.prev}→{'norm' if self.next >= self.n_layers else self.next}"
 
 
-def plan(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) -> list[AdapterSpec]:
+def place_adapters(layers: list[int], n_layers: int, policy: AdapterPolicy | None = None) -> list[AdapterSpec]:
     """The adapter for every gap of a selection, with the reason for each choice."""
     policy = policy or AdapterPolicy()
     layers = arch.validate_layers(layers, n_layers)
@@ -247,7 +247,7 @@ def fit_lstsq(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, ridge: float =
 
 
 @dataclass
-class TrainConfig:
+class AdapterTrainConfig:
     """How adapters are trained (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
     init: str = "identity"
     """Stage-1 start: 'identity' (the adapters' own init) or 'lstsq' (closed-form bridge first)."""
@@ -272,7 +272,7 @@ class TrainConfig:
     sample_batch: int = 4
     """Stage 2: prompts per step."""
     val_fraction: float = 0.25
-    """Share of the calibration prompts held out for validation and early stopping."""
+    """Share of the probe prompts held out for validation and early stopping."""
     skip_first: bool = True
     """Leave the first position out of the MSE: its attention-sink state has huge norms that would dominate."""
     loss: dict = field(default_factory=lambda: {"mse": 1.0})
@@ -315,7 +315,7 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
         for s in progress(range(0, len(examples), batch), desc=desc, unit="batch"):
             idx = list(range(s, min(s + batch, len(examples))))
             ids, mask = _padded(examples, idx, pad, dev)
-            passes.count("calibration", len(idx))
+            passes.count("probe", len(idx))
             arch.run_decoder(model, ids, mask)
             keep = loss_mask(mask, skip_first)
             for key, name in names.items():
@@ -350,43 +350,10 @@ def hidden_loss(pred: torch.Tensor, target: torch.Tensor, weights: dict) -> torc
     return total
 
 
-class Frozen:
-    """Freeze every parameter except ``trainable``; restore the requires_grad flags on exit."""
-
-    def __init__(self, model, trainable):
-        self.model, self.trainable = model, {id(p) for p in trainable}
-
-    def __enter__(self):
-        self.flags = [(p, p.requires_grad) for p in self.model.parameters()]
-        for p, _ in self.flags:
-            p.requires_grad_(id(p) in self.trainable)
-
-    def __exit__(self, *exc):
-        for p, flag in self.flags:
-            p.requires_grad_(flag)
-
-
-def _state(adapters: list[Adapter]) -> list[dict]:
-    return [{k: v.detach().clone() for k, v in a.state_dict().items()} for a in adapters]
-
-
-def _load_state(adapters: list[Adapter], states: list[dict]) -> None:
-    for a, s in zip(adapters, states, strict=True):
-        a.load_state_dict(s)
-
-
-def _check_finite(loss: torch.Tensor, adapters, good, where: str) -> None:
-    if not torch.isfinite(loss):
-        _load_state(adapters, good)
-        raise NonFiniteLossError(
-            f"non-finite loss ({loss.item()}) in {where}; the adapters were reset to their last good "
-            "state. Lower the learning rate (lr / stage2_lr) or raise the gradient clipping."
-        )
-
-
-def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg: TrainConfig, curve: list,
+def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg: AdapterTrainConfig, curve: list,
          stage: str, gap: str, where: str, desc: str | None = None, shared: bool = False) -> None:
-    """AdamW + clipping + early stopping on ``validate()``; the adapters end at their best validation state.
+    """AdamW + clipping + early stopping on ``validate()`` (``training.Loop``, patience in epochs); the adapters end
+    at their best validation state.
 
     ``batches()`` yields, per epoch, callables that return one batch's MSE (with grad). Every step adds
     ``cfg.reg`` x the adapters' distance from the identity. Rows (epoch 0 = before training) go to ``curve``.
@@ -395,42 +362,26 @@ def _fit(adapters: list[Adapter], lr: float, epochs: int, batches, validate, cfg
     """
     world = parallel.world_size() if shared else 1
     params = [p for a in adapters for p in a.parameters()]
-    with torch.no_grad():
-        best = validate()
-    best_state, bad = _state(adapters), 0
-    curve.append({"stage": stage, "gap": gap, "epoch": 0, "train_mse": float("nan"), "val_mse": best})
-    if epochs == 0:
-        return
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    steps = range(1, epochs + 1)
-    for epoch in (progress(steps, desc=desc, unit="epoch") if desc else steps):
+    best = BestState(params, bigger=False, patience=cfg.patience, unit="epochs", metric="validation MSE", at="epoch")
+    loop = Loop(best, torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay), torch.no_grad()(validate),
+                clip=cfg.clip, shared=shared, column="val_mse", what="adapter",
+                hint="Lower the learning rate (lr / stage2_lr) or raise the gradient clipping.")
+
+    def epoch(e: int) -> dict:
         losses = []
         for batch_mse in batches():
-            good = _state(adapters)
             mse = batch_mse()
-            loss = mse + cfg.reg * sum(a.distance_to_identity() for a in adapters) / world
-            _check_finite(loss, adapters, good, f"{where}, epoch {epoch}")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if shared:
-                parallel.all_reduce_grads(params)
-            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-            opt.step()
+            loop.step(mse + cfg.reg * sum(a.distance_to_identity() for a in adapters) / world, f"{where}, epoch {e}")
             losses.append(parallel.all_sum(mse.item()) if shared else mse.item())
-        with torch.no_grad():
-            val = validate()
-        _check_finite(torch.tensor(val), adapters, best_state, f"{where} validation")
-        curve.append({"stage": stage, "gap": gap, "epoch": epoch, "train_mse": float(np.mean(losses)), "val_mse": val})
-        if val < best * (1 - 1e-4):
-            best, best_state, bad = val, _state(adapters), 0
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                break
-    _load_state(adapters, best_state)
+        return {"stage": stage, "gap": gap, "train_mse": float(np.mean(losses))}
+
+    loop.start({"stage": stage, "gap": gap, "train_mse": float("nan")})
+    loop.run(range(1, epochs + 1), epoch, desc=desc, unit="epoch")
+    loop.finish()
+    curve.extend(loop.rows)
 
 
-def _local_stage(adapter: Adapter, tr: tuple, va: tuple, cfg: TrainConfig, label: str, curve: list) -> None:
+def _local_stage(adapter: Adapter, tr: tuple, va: tuple, cfg: AdapterTrainConfig, label: str, curve: list) -> None:
     """Fit one adapter on cached teacher states: ``tr``/``va`` = (inputs, targets, base); the prediction is
     ``adapter(inputs)``, plus ``base`` for a fold adapter (the block's stream before its MLP output is added)."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -470,7 +421,7 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
     with arch.capture(model, ["resid_final"]) as caught:
         for idx in todo:
             ids, mask = _padded(examples, idx, pad, dev)
-            passes.count("calibration", len(idx))
+            passes.count("probe", len(idx))
             passes.count("backward", len(idx) if grad else 0)
             with torch.set_grad_enabled(grad), torch.autocast(dev.type, torch.bfloat16, enabled=dev.type == "cuda"):
                 arch.run_decoder(model, ids, mask)
@@ -486,7 +437,7 @@ def final_mse(model, examples, targets: list[torch.Tensor], pad: int, batch: int
     return total / max(count, 1)
 
 
-def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, pad: int = 0,
+def train_adapters(compact, base, probes, cfg: AdapterTrainConfig | None = None, pad: int = 0,
                    report=print, on_stage=None) -> pd.DataFrame:
     """Train the compact model's adapters to reproduce ``base``; return the loss curve (tidy frame).
 
@@ -497,10 +448,10 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
     (nmse: divided by the teacher's mean square). On a NaN/inf loss the adapters are reset to
     their last good state and NonFiniteLossError is raised.
     """
-    cfg = cfg or TrainConfig()
-    examples = calibration.examples if hasattr(calibration, "examples") else calibration
+    cfg = cfg or AdapterTrainConfig()
+    examples = probes.examples if hasattr(probes, "examples") else probes
     if len(examples) < 2:
-        raise ValueError("adapter training needs at least 2 calibration prompts (train + validation)")
+        raise ValueError("adapter training needs at least 2 probe prompts (train + validation)")
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(len(examples))
     n_val = max(1, int(round(len(examples) * cfg.val_fraction)))
@@ -539,7 +490,7 @@ def train_adapters(compact, base, calibration, cfg: TrainConfig | None = None, p
     return out
 
 
-def _stage1(specs, adapters, teacher: dict, tr_idx, val_idx, cfg: TrainConfig, curve: list) -> None:
+def _stage1(specs, adapters, teacher: dict, tr_idx, val_idx, cfg: AdapterTrainConfig, curve: list) -> None:
     """Each adapter fitted on its own on the teacher's states (closed form first with init='lstsq'). A fold
     adapter maps the teacher's MLP output of the block before its gap; where the block does not add that output
     to the stream as is (Gemma3 normalizes it first) it is left to stage 2 and healing."""
@@ -557,14 +508,14 @@ def _stage1(specs, adapters, teacher: dict, tr_idx, val_idx, cfg: TrainConfig, c
         _local_stage(adapter, tuple(tr), tuple(va), cfg, spec.label, curve)
 
 
-def _step_mse(compact, examples, targets, pad, cfg: TrainConfig):
+def _step_mse(compact, examples, targets, pad, cfg: AdapterTrainConfig):
     """One stage-2 training step's MSE (with grad) over ``examples``."""
     passes.count("train")
     return final_mse(compact, examples, targets, pad, len(examples), cfg.skip_first, grad=True, shared=True,
                      weights=cfg.loss)
 
 
-def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: TrainConfig, pad, curve):
+def _end_to_end(compact, examples, final, tr_idx, val_idx, adapters, cfg: AdapterTrainConfig, pad, curve):
     tr = [examples[i] for i in tr_idx]
     va, va_t = [examples[i] for i in val_idx], [final[i] for i in val_idx]
     gen = np.random.default_rng(cfg.seed)

@@ -37,14 +37,14 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, StringConstraints
 
 from layerviz import arch
-from layerviz.batching import Batcher, Overloaded
-from layerviz.compact import load_compact
+from layerviz.compression.compact import load_compact
 from layerviz.data import CandidateConfig, candidates_for, load
+from layerviz.data.prompts import prompt_text
 from layerviz.evaluate import CALIBRATIONS, calibration_config, calibration_to_use
-from layerviz.finetune import MANIFEST as FINETUNE_MANIFEST
-from layerviz.models import load_model
-from layerviz.scoring import SCORERS, ScoringConfig, prompt_text, score
+from layerviz.models import FINETUNE_MANIFEST, load_model
+from layerviz.scoring import SCORERS, ScoringConfig, score
 from layerviz.scoring import Request as ScoreRequest
+from layerviz.serving.batching import Batcher, Overloaded
 from layerviz.settings import SHARED, Settings
 
 RECORD = "layerviz_record.json"
@@ -108,7 +108,7 @@ def _json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def recorded(model: str | None, compact: str | None) -> dict:
+def scoring_record(model: str | None, compact: str | None) -> dict:
     """The settings recorded with a model: the adapter run's config (compact), the fine-tuning config, or an
     exported checkpoint's record; ``scorer``/``calibration`` added where the record implies them; {} if none."""
     if compact is not None:
@@ -136,7 +136,7 @@ def compact_base(compact: str) -> str | None:
 
 
 def record_for(config) -> dict:
-    """The record ``recorded`` reads back, from a run's config (an AdaptConfig or any Settings)."""
+    """The record ``scoring_record`` reads back, from a run's config (an AdaptConfig or any Settings)."""
     keys = set(SHARED) | {"scorer", "calibration"}
     return {"scorer": getattr(config, "scorer", "likelihood"),
             **{f.name: getattr(config, f.name) for f in fields(config) if f.name in keys}}
@@ -203,7 +203,7 @@ def scoring_config(cfg: ServeConfig, rec: dict, domain: str | None) -> ScoringCo
 
 def load_recommender(cfg: ServeConfig, report=print) -> Recommender:
     """Load the model (and compact model), its recorded scoring, and the stored users' dataset."""
-    rec = recorded(cfg.model, cfg.compact)
+    rec = scoring_record(cfg.model, cfg.compact)
     spec = cfg.model or (compact_base(cfg.compact) if cfg.compact is not None else None)
     if not spec:
         raise ValueError("give --model (a preset, hub id or folder), or a --compact folder that records its base")
@@ -267,7 +267,7 @@ def _invalid(field: str, msg: str) -> RequestValidationError:
     return RequestValidationError([{"loc": ("body", field), "msg": msg, "type": "value_error"}])
 
 
-def resolve(rec: Recommender, body) -> ScoreRequest:
+def request_from_body(rec: Recommender, body) -> ScoreRequest:
     """The scoring request a validated body asks for (a stored user's history looked up); 422 naming the field."""
     if body.user is None:
         for f in ("history", "candidates"):
@@ -337,7 +337,7 @@ def _routes(app: FastAPI, rec: Recommender, cfg: ServeConfig, batcher: Batcher, 
 
     @app.post("/rank", response_model=RankResponse, responses={503: {"description": "queue full (Retry-After)"}})
     async def rank(body: RankRequest) -> RankResponse:
-        req = resolve(rec, body)
+        req = request_from_body(rec, body)
         try:
             scores, n = await batcher.submit(req)
         except Overloaded as err:

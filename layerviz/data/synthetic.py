@@ -1,12 +1,12 @@
-"""Deterministic generator of the bundled SYNTHETIC demo data (two domains).
+"""Deterministic generator of the bundled SYNTHETIC data (two domains).
 
 Nothing here is real data. Users follow personas so that titles carry real signal:
 a photographer who bought a Canon body goes on to buy Canon lenses, batteries, memory
 cards and tripods; a horror fan mostly watches horror. Files are written in the
 official formats (Amazon 2023 jsonl for electronics, MovieLens 100K for movies), so
-the demo goes through exactly the same readers as real data.
+the synthetic data goes through exactly the same readers as real data.
 
-    python -m layerviz.data.demo [--out DIR]
+    layerviz data synthetic [--out DIR]
 """
 
 from __future__ import annotations
@@ -350,6 +350,10 @@ def write_movies(folder: Path, rng: np.random.Generator) -> None:
 DOMAINS = {"electronics": write_electronics, "movies": write_movies}
 
 
+def _current(stamp: Path) -> bool:
+    return stamp.exists() and stamp.read_text().strip() == GENERATOR_VERSION
+
+
 def generate(out: Path) -> Path:
     """Write both synthetic domains under ``out`` (atomically per domain); returns ``out``."""
     out = Path(out)
@@ -357,25 +361,22 @@ def generate(out: Path) -> Path:
     for offset, (name, write) in enumerate(DOMAINS.items()):
         target = out / name
         stamp = target / "GENERATED_BY_LAYERVIZ"
-        if stamp.exists() and stamp.read_text().strip() == GENERATOR_VERSION:
+        if _current(stamp):
             continue
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=out))
         try:
             write(tmp, np.random.default_rng(SEED + offset))
             (tmp / "GENERATED_BY_LAYERVIZ").write_text(GENERATOR_VERSION + "\n")
+            if _current(stamp):  # another process wrote the same files meanwhile: keep theirs (it may be reading)
+                continue
             if target.exists():
                 shutil.rmtree(target)
-            tmp.rename(target)
+            try:
+                tmp.rename(target)
+            except OSError:
+                if not _current(stamp):
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return out
 
-
-if __name__ == "__main__":
-    import argparse  # the command line only
-
-    from layerviz.data.bundled import demo_dir  # not on top: bundled imports this module (a cycle)
-
-    ap = argparse.ArgumentParser(description="write the synthetic demo datasets")
-    ap.add_argument("--out", type=Path, default=None)
-    print(generate(ap.parse_args().out or demo_dir()))

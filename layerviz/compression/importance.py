@@ -15,9 +15,9 @@ more important after applying each criterion's direction):
 * ``angular_distance`` (Gromov et al.): arccos(cos(h_in, h_out)) / pi, mean over tokens.
 * ``norm_ratio``: ||h_out|| / ||h_in||; ``kurtosis``: excess kurtosis of h_out over hidden units.
 * ablation ground truth: ``ablation_ndcg`` (drop of validation NDCG@10 when the layer is
-  skipped) and ``ablation_loss`` (rise of the calibration loss), via ``arch.skip_layers``.
+  skipped) and ``ablation_loss`` (rise of the probe loss), via ``arch.skip_layers``.
 * ``fused``: weighted mean of normalized criteria (min-max or rank normalization). The weights are
-  fixed (``DEFAULT_FUSION``, equal) or ``"fit"``: fitted on the validation calibration samples against the
+  fixed (``DEFAULT_FUSION``, equal) or ``"fit"``: fitted on the validation probe prompts against the
   loss ablation (``fit_fusion``), and then judged by a two-fold cross-fit so that its validity is not in-sample.
 
 Each layer's own input and output come from forward hooks (HF ``hidden_states[-1]`` is after
@@ -41,12 +41,13 @@ from scipy.stats import rankdata, spearmanr
 
 from layerviz import arch, parallel, passes, store
 from layerviz.data import load
+from layerviz.data.prompts import ProbePrompt, ProbeSet, build_probes
 from layerviz.depth import depth
 from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
 from layerviz.progress import progress
-from layerviz.scoring import Prompt, ScoringConfig, token_logprobs, yes_no_ids
+from layerviz.scoring import token_logprobs
 from layerviz.settings import Settings
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
@@ -61,63 +62,8 @@ FIT_STEP = 0.1
 """Grid step of fitted fusion weights (non-negative, summing to 1): 66 weightings of the three default criteria."""
 
 
-@dataclass
-class CalibExample:
-    """One calibration prompt: token ids, which are item-title tokens, and the loss target."""
-
-    ids: list[int]
-    item_mask: list[bool]
-    n_target: int = 0  # likelihood: the last n_target ids are the positive title
-    label: int | None = None  # yesno: 1 = Yes (the positive), 0 = No (a sampled negative)
-
-
-@dataclass
-class Calibration:
-    """Calibration examples plus what their loss is."""
-
-    examples: list[CalibExample]
-    loss: str  # "likelihood" | "yesno"
-    yes_no: tuple[int, int] | None = None
-
-
-def build_calibration(prep, tokenizer, n: int = 128, split: str = "valid", loss: str = "likelihood",
-                      max_title_tokens: int = 32, seed: int = 0) -> Calibration:
-    """Calibration prompts from held-out interactions (validation targets by default)."""
-    if loss not in ("likelihood", "yesno"):
-        raise ValueError(f"unknown calibration loss {loss!r}; use 'likelihood' or 'yesno'")
-    if n < 1:
-        raise ValueError(f"the calibration set is empty (n={n}); ask for at least one sample")
-    text = Prompt(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=max_title_tokens))
-    rng = np.random.default_rng(seed)
-    targets = prep.targets(split)
-    users = np.sort(rng.choice(targets.index.to_numpy(), size=min(n, len(targets)), replace=False))
-    titles, hist, seen = prep.titles(), prep.histories(split), prep.seen_by_user()
-    items = prep.items["item_id"].to_numpy()
-    out = []
-    for k, u in enumerate(users):
-        history = [titles[i] for i in hist[u]]
-        if loss == "likelihood":
-            ids, mask = text.prefix_segments(history, "\n-")
-            tgt = text.title_ids(titles[targets[u]])
-            out.append(CalibExample(ids + tgt, mask + [True] * len(tgt), n_target=len(tgt)))
-        else:
-            label = k % 2
-            item = targets[u]
-            while not label and (item in seen.get(u, ()) or item == targets[u]):
-                item = items[rng.integers(len(items))]
-            ids, mask = text.prefix_segments(history, "\n")
-            cand, title = text.ids("Candidate:"), text.title_ids(titles[item])
-            suffix = text.yesno_suffix(titles[item])  # = cand + title + question tail
-            tail = len(suffix) - len(cand) - len(title)
-            out.append(CalibExample(ids + suffix, mask + [False] * len(cand) + [True] * len(title) + [False] * tail,
-                                    label=label))
-    if not out:
-        raise ValueError(f"the calibration set is empty: split {split!r} has no users")
-    return Calibration(out, loss, yes_no_ids(tokenizer) if loss == "yesno" else None)
-
-
-def calibration_batch(cal: Calibration, idx: list[int], pad: int, device):
-    """Examples ``idx`` of a calibration set, right-padded -> (examples, input ids, attention mask, item mask)."""
+def probe_batch(cal: ProbeSet, idx: list[int], pad: int, device):
+    """Examples ``idx`` of a probe set, right-padded -> (examples, input ids, attention mask, item mask)."""
     exs = [cal.examples[i] for i in idx]
     t = max(len(e.ids) for e in exs)
     ids = torch.full((len(exs), t), pad, dtype=torch.long)
@@ -130,12 +76,12 @@ def calibration_batch(cal: Calibration, idx: list[int], pad: int, device):
     return exs, ids.to(device), mask.to(device), item.to(device)
 
 
-def _query_positions(cal: Calibration, exs: list[CalibExample]) -> list[int]:
+def _query_positions(cal: ProbeSet, exs: list[ProbePrompt]) -> list[int]:
     """The position whose output is scored: before the target title, or the answer position."""
     return [len(e.ids) - e.n_target - 1 if cal.loss == "likelihood" else len(e.ids) - 1 for e in exs]
 
 
-def per_sample_loss(model, cal: Calibration, exs, ids, mask) -> torch.Tensor:
+def per_sample_loss(model, cal: ProbeSet, exs, ids, mask) -> torch.Tensor:
     """Recommendation loss per example: title NLL (mean over its tokens) or Yes/No cross-entropy."""
     hidden, _ = arch.run_decoder(model, ids, mask)
     if cal.loss == "likelihood":
@@ -280,14 +226,14 @@ def _check_fisher(model) -> None:
             "run the pass with fisher=False: the attention and activation criteria work on offloaded layers.")
 
 
-def _hook_batches(model, cal: Calibration, batch_size: int, fisher: _Fisher | None, router: _Router, desc: str,
+def _hook_batches(model, cal: ProbeSet, batch_size: int, fisher: _Fisher | None, router: _Router, desc: str,
                   losses_out: np.ndarray) -> None:
-    """The calibration batches (this process's share) through the hooked model, backward where Fisher is on."""
+    """The probe batches (this process's share) through the hooked model, backward where Fisher is on."""
     dev = arch.input_device(model)
     for idx in progress(parallel.batches(len(cal.examples), batch_size), desc=desc, unit="batch"):
-        passes.count("calibration", len(idx))
+        passes.count("probe", len(idx))
         passes.count("backward", len(idx) if fisher else 0)
-        exs, ids, mask, item = calibration_batch(cal, idx, 0, dev)
+        exs, ids, mask, item = probe_batch(cal, idx, 0, dev)
         router.batch = _Batch(idx, mask, item, torch.tensor(_query_positions(cal, exs), device=dev))
         router.bad_layer = None
         with torch.set_grad_enabled(fisher is not None):
@@ -295,7 +241,7 @@ def _hook_batches(model, cal: Calibration, batch_size: int, fisher: _Fisher | No
             if not torch.isfinite(losses).all():
                 where = f"; first non-finite activation at layer {router.bad_layer}" if router.bad_layer is not None else ""
                 raise NonFiniteLossError(
-                    f"non-finite calibration loss in batch {idx[0] // batch_size} (samples {idx}){where}. "
+                    f"non-finite probe loss in batch {idx[0] // batch_size} (samples {idx}){where}. "
                     "Check the model weights/dtype (fp16 overflows: use bf16 or fp32).")
             losses_out[idx] = losses.detach().float().cpu().numpy()
             if fisher:
@@ -304,14 +250,14 @@ def _hook_batches(model, cal: Calibration, batch_size: int, fisher: _Fisher | No
             fisher.record(idx)
 
 
-def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
+def hook_pass(model, cal: ProbeSet, batch_size: int = 1, fisher: bool = True,
               attention: bool = True, activations: bool = True, desc: str = "importance pass") -> dict[str, np.ndarray]:
-    """One forward+backward over the calibration set -> {criterion: (n_samples, n_layers)} and 'loss': (n_samples,).
+    """One forward+backward over the probe set -> {criterion: (n_samples, n_layers)} and 'loss': (n_samples,).
 
     One small class per family of criteria (``_Fisher``, ``_Attention``, ``_Activations``) fills its own arrays;
     ``_Router`` hands them the captured states of the batch in flight."""
     if not cal.examples:
-        raise ValueError("the calibration set is empty: build it with build_calibration(prep, tok, n>0)")
+        raise ValueError("the probe set is empty: build it with build_probes(prep, tok, n>0)")
     if fisher:
         _check_fisher(model)
     layers, n = arch.layers(model), len(cal.examples)
@@ -340,20 +286,20 @@ def hook_pass(model, cal: Calibration, batch_size: int = 1, fisher: bool = True,
     return res
 
 
-def calibration_losses(model, cal: Calibration, batch_size: int = 8) -> np.ndarray:
-    """Forward-only per-sample calibration loss."""
+def probe_losses(model, cal: ProbeSet, batch_size: int = 8) -> np.ndarray:
+    """Forward-only per-sample probe loss."""
     dev = arch.input_device(model)
     out = np.zeros(len(cal.examples))
     with torch.no_grad():
         for idx in parallel.batches(len(cal.examples), batch_size):  # this process's share (all, alone)
-            exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
-            passes.count("calibration", len(idx))
+            exs, ids, mask, _ = probe_batch(cal, idx, 0, dev)
+            passes.count("probe", len(idx))
             out[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
     return parallel.sum_arrays({"loss": out})["loss"]
 
 
-def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8) -> tuple[np.ndarray, dict]:
-    """Per-sample calibration loss, and its rise (n_samples, L) when each layer of ``todo`` is skipped.
+def loss_ablation(model, cal: ProbeSet, todo: list[int], batch_size: int = 8) -> tuple[np.ndarray, dict]:
+    """Per-sample probe loss, and its rise (n_samples, L) when each layer of ``todo`` is skipped.
 
     Skipping layer i leaves layers 0..i-1 as they were, so their output is taken from the full pass
     (``resid_pre.i``) and only layers i+1.. run again (``arch.resume_at``): the same numbers as
@@ -365,8 +311,8 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
     mine = parallel.batches(len(cal.examples), batch_size)  # this process's share of the batches
     with torch.no_grad(), progress(total=len(mine) * len(todo), desc="ablation", unit="layer") as bar:
         for idx in mine:
-            exs, ids, mask, _ = calibration_batch(cal, idx, 0, dev)
-            passes.count("calibration", len(idx))
+            exs, ids, mask, _ = probe_batch(cal, idx, 0, dev)
+            passes.count("probe", len(idx))
             passes.count("ablation", len(idx) * len(todo))
             with arch.capture(model, [f"resid_pre.{i}" for i in todo]) as states:
                 base[idx] = per_sample_loss(model, cal, exs, ids, mask).float().cpu().numpy()
@@ -381,7 +327,7 @@ def loss_ablation(model, cal: Calibration, todo: list[int], batch_size: int = 8)
     return got["base"], {"ablation_loss": rise}
 
 
-def ablate(model, cal: Calibration, evaluator: Callable | None = None, layers: list[int] | None = None,
+def ablate(model, cal: ProbeSet, evaluator: Callable | None = None, layers: list[int] | None = None,
            batch_size: int = 8) -> dict[str, np.ndarray]:
     """Skip each layer in turn -> per-sample loss rise (n_samples, L) and per-user NDCG@10 drop (n_users, L)."""
     n_layers = arch.num_layers(model)
@@ -421,7 +367,7 @@ def fuse(per_layer: dict[str, np.ndarray], weights: dict[str, float], method: st
     return sum(w * _normalize(per_layer[c], DIRECTION[c], method) for c, w in weights.items()) / total
 
 
-def tidy(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.DataFrame:
+def importance_frame(model, per_layer: dict[str, np.ndarray], method: str = "minmax") -> pd.DataFrame:
     """One row per (layer, criterion): layer, depth_fraction, layer_type, criterion, value, normalized."""
     L = arch.num_layers(model)
     types = arch.layer_types(model)
@@ -469,7 +415,7 @@ def _fit_on(means: dict[str, np.ndarray], truth: np.ndarray, criteria: list[str]
 def fit_fusion(per_sample: dict[str, np.ndarray], truth: np.ndarray, criteria: list[str] | None = None,
                method: str = "minmax", step: float = FIT_STEP, samples: np.ndarray | None = None) -> dict[str, float]:
     """Fusion weights fitted on validation data: the grid weighting whose fused profile has the highest Spearman
-    with ``truth`` (samples x layers, the per-sample loss ablation), over the given calibration ``samples``.
+    with ``truth`` (samples x layers, the per-sample loss ablation), over the given probe ``samples``.
 
     ``criteria`` default to those of ``DEFAULT_FUSION`` that were computed (one gradient, one activation and one
     attention criterion). Weights are non-negative, sum to 1, on a grid of ``step``; ties go to the first.
@@ -486,9 +432,9 @@ def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray],
              method: str = "minmax", n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
     """Spearman correlation of each criterion with each ablation ground truth, bootstrap CI.
 
-    Criteria and the loss ground truth are resampled over calibration examples (jointly);
+    Criteria and the loss ground truth are resampled over probe prompts (jointly);
     the NDCG ground truth over evaluation users. With ``weights="fit"`` the fused row against the loss
-    ablation is cross-fitted: weights fitted on the even calibration examples are scored on the odd ones and
+    ablation is cross-fitted: weights fitted on the even probe prompts are scored on the odd ones and
     the other way round (the mean of both), refitted in every bootstrap replicate; against the NDCG ablation
     the weights fitted on all examples are used (they were not fitted to it).
     """
@@ -499,7 +445,7 @@ def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray],
     check_fusion_weights(weights, ablation="ablation_loss" in ablation)
     fit = weights == "fit"
     if fit and n < 4:
-        raise ValueError(f"fusion 'fit' is cross-fitted on two halves of the calibration examples and needs at "
+        raise ValueError(f"fusion 'fit' is cross-fitted on two halves of the probe prompts and needs at "
                          f"least 4 of them (got {n}): raise importance samples")
     loss = ablation["ablation_loss"]
     fold = np.arange(n) % 2
@@ -540,14 +486,14 @@ def validity(per_sample: dict[str, np.ndarray], ablation: dict[str, np.ndarray],
     return pd.DataFrame(rows)
 
 
-def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
+def layer_importance(model, probes: ProbeSet, criteria: list[str] | None = None,
             fusion_weights: dict[str, float] | str | None = None, normalization: str = "minmax",
             batch_size: int = 1, ablation: dict[str, np.ndarray] | None = None) -> pd.DataFrame:
     """Per-layer importance -> tidy DataFrame (layer, depth_fraction, layer_type, criterion, value, normalized).
 
     ``criteria`` selects among HOOK_CRITERIA (default: all); they all come from one
     forward+backward pass. Pass the output of ``ablate`` to add the ground-truth rows.
-    ``fusion_weights="fit"`` fits them on these calibration examples against ``ablation["ablation_loss"]``;
+    ``fusion_weights="fit"`` fits them on these probe prompts against ``ablation["ablation_loss"]``;
     the weights used are in ``df.attrs["fusion_weights"]``.
     """
     check_fusion_weights(fusion_weights, ablation=ablation is not None and "ablation_loss" in ablation)
@@ -555,7 +501,7 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
     unknown = set(criteria) - set(HOOK_CRITERIA)
     if unknown:
         raise ValueError(f"unknown criteria {sorted(unknown)}; available: {HOOK_CRITERIA}")
-    res = hook_pass(model, calibration, batch_size,
+    res = hook_pass(model, probes, batch_size,
                     fisher=any(c.startswith("fisher") for c in criteria),
                     attention=any(c.startswith("attn") for c in criteria),
                     activations=any(c in ("block_influence", "angular_distance", "norm_ratio", "kurtosis")
@@ -571,7 +517,7 @@ def analyze(model, calibration: Calibration, criteria: list[str] | None = None,
         per_layer["fused"] = fuse(per_layer, weights, normalization)
     if ablation is not None:
         per_layer.update({g: np.nanmean(ablation[g], 0) for g in ABLATION_CRITERIA if g in ablation})
-    df = tidy(model, per_layer, normalization)
+    df = importance_frame(model, per_layer, normalization)
     df.attrs["per_sample"] = res
     df.attrs["fusion_weights"] = dict(weights or {})
     return df
@@ -585,15 +531,15 @@ class ImportanceConfig(Settings):
     """What decides an importance run (shared by the CLI, `layerviz run` configs and notebooks)."""
 
     samples: int = 128
-    """Calibration examples (validation users)."""
+    """ProbeSet examples (validation users)."""
     loss: str = "likelihood"
-    """Calibration loss: 'likelihood' (NLL of the positive title) or 'yesno'."""
+    """ProbeSet loss: 'likelihood' (NLL of the positive title) or 'yesno'."""
     batch_size: int = 1
-    """Calibration batch size; 1 gives the exact per-sample empirical Fisher."""
+    """ProbeSet batch size; 1 gives the exact per-sample empirical Fisher."""
     normalization: str = "minmax"
     """'minmax' or 'rank'."""
     fusion_weights: dict | str = field(default_factory=lambda: dict(DEFAULT_FUSION))
-    """Weights of the fused score over normalized criteria, or 'fit': fitted on the calibration (validation)
+    """Weights of the fused score over normalized criteria, or 'fit': fitted on the probe (validation)
     examples against the loss ablation (needs ``ablation``), with a cross-fitted validity row. Fixed by default,
     so that fused profiles stay comparable across models, domains and zero-shot vs fine-tuned."""
     ablation: bool = True
@@ -635,9 +581,9 @@ def run_importance(cfg: ImportanceConfig, model=None, tokenizer=None, use_cache:
         nonlocal model, tokenizer
         if model is None:
             model, tokenizer = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed)
-        cal = build_calibration(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
+        cal = build_probes(prep, tokenizer, cfg.samples, "valid", cfg.loss, cfg.max_title_tokens, cfg.seed)
         ablation = ablate(model, cal, _ablation_evaluator(cfg, prep, model, tokenizer)) if cfg.ablation else None
-        table = analyze(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
+        table = layer_importance(model, cal, fusion_weights=cfg.fusion_weights, normalization=cfg.normalization,
                         batch_size=cfg.batch_size, ablation=ablation)
         per_sample = dict(table.attrs.pop("per_sample"))
         weights = table.attrs.pop("fusion_weights")
@@ -685,6 +631,6 @@ def choose_criterion(validity: pd.DataFrame, truth: str = "ablation_loss") -> di
             "ci_high": float(best["ci_high"]), "truth": truth}
 
 
-def wide(table: pd.DataFrame, value: str = "normalized") -> pd.DataFrame:
+def layers_by_criterion(table: pd.DataFrame, value: str = "normalized") -> pd.DataFrame:
     """Layers x criteria view of the tidy table (for printing and heatmaps)."""
     return table.pivot(index="layer", columns="criterion", values=value)

@@ -11,13 +11,12 @@ modified). ``save``/``load_compact`` keep the layer list, the adapter specs and 
 (safetensors), the weights healing changed, and a manifest naming the base model; ``export_hf``
 writes a plain HF folder that transformers loads without layerviz (fold adapters folded into their
 block's down projection; adapters on the residual stream refuse). Training and measuring a compact
-model: ``layerviz.adapt``.
+model: ``layerviz.compression.retention``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from contextlib import nullcontext
@@ -30,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerviz import arch, store
-from layerviz.adapters import Adapter, AdapterPolicy, AdapterSpec, plan
+from layerviz.compression.adapters import Adapter, AdapterPolicy, AdapterSpec, place_adapters
+from layerviz.models import fingerprint
 
 FORMAT_VERSION = 1
 
@@ -71,19 +71,6 @@ class KeptLayer(nn.Module):
             if name.startswith("_") or "layer" not in self.__dict__.get("_modules", {}):
                 raise
             return getattr(self._modules["layer"], name)
-
-
-def fingerprint(model: nn.Module) -> str:
-    """Identity of a base model: its shapes plus a dtype-robust sample of every weight (16 hex)."""
-    cfg = arch.text_config(model)
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
-            "vocab_size")
-    h = hashlib.sha256(json.dumps({k: getattr(cfg, k, None) for k in keys}, sort_keys=True).encode())
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}".encode())
-        if not p.is_meta:  # 2 significant digits survive fp32 -> bf16
-            h.update(" ".join(f"{v:.2g}" for v in p.detach().flatten()[:8].float().tolist()).encode())
-    return h.hexdigest()[:16]
 
 
 class CompactLM(nn.Module):
@@ -222,9 +209,9 @@ def _fresh_dir(folder: str | Path, overwrite: bool) -> Path:
 
 def _resolve_specs(adapters, layers: list[int], n: int) -> list[AdapterSpec]:
     if adapters is None or isinstance(adapters, AdapterPolicy):
-        return plan(layers, n, adapters)
+        return place_adapters(layers, n, adapters)
     if isinstance(adapters, str):
-        return plan(layers, n, AdapterPolicy(force=adapters))
+        return place_adapters(layers, n, AdapterPolicy(force=adapters))
     specs = [s if isinstance(s, AdapterSpec) else AdapterSpec(**s) for s in adapters]
     ends = [-1, *layers, n]
     with_tail, without = list(zip(ends[:-1], ends[1:], strict=True)), list(zip(ends[:-2], ends[1:-1], strict=True))

@@ -1,7 +1,7 @@
 """RQ3: heal a compact recommender with the task's own loss, by distillation, or both.
 
-After the adapters are fitted to hidden states (``layerviz.adapters``), ``heal`` trains on the recommender's
-training windows (the fine-tuning data, ``finetune.training_windows``) with a weighted objective:
+After the adapters are fitted to hidden states (``layerviz.compression.adapters``), ``heal`` trains on the recommender's
+training windows (the fine-tuning data, ``training.training_windows``) with a weighted objective:
 
 * ``task``: the ``rank`` objective of fine-tuning, softmax cross-entropy over the compact model's likelihood
   scores of the positive and sampled negatives, the history shared through the KV cache;
@@ -19,9 +19,7 @@ model for as long on the same data and objective: the fair control of a healed c
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -29,12 +27,22 @@ import torch
 import torch.nn.functional as F
 
 from layerviz import arch, passes
-from layerviz.adapters import HIDDEN_LOSSES, Frozen, check_weights, hidden_loss, loss_mask
-from layerviz.compact import CompactLM, fingerprint
-from layerviz.errors import NonFiniteLossError
-from layerviz.finetune import LLAMA_LIKE_TARGETS, Schedule, linear_names, training_windows
-from layerviz.progress import progress
-from layerviz.scoring import Prompt, ScoringConfig, batched_prefix_scores, pad_right
+from layerviz.compression.adapters import HIDDEN_LOSSES, check_weights, hidden_loss, loss_mask
+from layerviz.compression.compact import CompactLM
+from layerviz.data.prompts import Prompt, PromptConfig
+from layerviz.models import fingerprint
+from layerviz.scoring import batched_prefix_scores, pad_right
+from layerviz.training import (
+    LLAMA_LIKE_TARGETS,
+    BestState,
+    Frozen,
+    Loop,
+    Schedule,
+    inject_lora,
+    merge_lora,
+    softmax_ce,
+    training_windows,
+)
 
 OBJECTIVES = (*HIDDEN_LOSSES, "task", "distill")
 MODES = ("adapters", "lora", "last")
@@ -115,9 +123,10 @@ def check_teacher(teacher, student, tokenizer, teacher_tokenizer=None) -> None:
                          "scores would not be comparable; use the tokenizer the base model was loaded with")
 
 
-def trainable(student, cfg: HealConfig) -> tuple[object, list, list, list[str]]:
+def trainable(student, cfg: HealConfig) -> tuple[object, list, list, list[str], object]:
     """Set ``student`` up for healing -> (the model to train, the parameters trained at ``lr`` (adapters, LoRA),
-    those trained at lr / 10 (mode 'last': pretrained weights), the weight-name prefixes healing changes). LoRA and 'last' need weights of their own: a compact model must have been built with
+    those trained at lr / 10 (mode 'last': pretrained weights), the weight-name prefixes healing changes, the LoRA
+    tuner or None). LoRA and 'last' need weights of their own: a compact model must have been built with
     share=False; a full model (the control) is deep-copied here."""
     if isinstance(student, CompactLM) and cfg.mode != "adapters" and student.base.get("shared", True):
         raise ValueError(f"heal mode {cfg.mode!r} changes the kept layers: build the compact model with share=False "
@@ -128,64 +137,33 @@ def trainable(student, cfg: HealConfig) -> tuple[object, list, list, list[str]]:
     params = [p for a in model.adapters() for p in a.parameters()] if isinstance(model, CompactLM) else []
     hf = model.hf if isinstance(model, CompactLM) else model
     if cfg.mode == "lora":
-        return model, params + _inject_lora(hf, cfg), [], ["model.layers."]
+        tuner, lora = inject_lora(hf, list(cfg.target_modules), cfg.lora_r, cfg.lora_alpha, seed=0)
+        return model, params + lora, [], ["model.layers."], tuner
     if cfg.mode == "last":
         n = arch.num_layers(hf)
         keep = list(range(max(0, n - cfg.last_layers), n))
         mods = [arch.layers(hf)[i] for i in keep] + [arch.final_norm(hf), arch.lm_head(hf)]
         extra = [p for m in mods for n_, p in m.named_parameters() if not _is_adapter(n_)]
-        return model, params, extra, [f"model.layers.{i}." for i in keep] + ["model.norm.", "lm_head."]
-    return model, params, [], []
+        return model, params, extra, [f"model.layers.{i}." for i in keep] + ["model.norm.", "lm_head."], None
+    return model, params, [], [], None
 
 
 def _is_adapter(name: str) -> bool:
     return any(part in ("before", "after", "fold") for part in name.split("."))
 
 
-def _inject_lora(hf, cfg: HealConfig) -> list[torch.nn.Parameter]:
-    """LoRA (peft) injected in place into the kept layers' ``target_modules`` -> the LoRA parameters."""
-    from peft import LoraConfig, inject_adapter_in_model  # heavy import, needed only here
-
-    available = linear_names(hf)
-    missing = [t for t in cfg.target_modules if t not in available]
-    if missing:
-        raise ValueError(f"heal: LoRA target modules {missing} are not in the kept layers ({type(hf).__name__}); "
-                         f"available: {', '.join(available)}")
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=list(cfg.target_modules), bias="none")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # LoRA A matrices are random: seeded
-        inject_adapter_in_model(lcfg, hf)
-    lora = [p for n, p in hf.named_parameters() if "lora_" in n]
-    for p in lora:
-        p.data = p.data.float()
-    return lora
-
-
-def merge_lora(model) -> None:
-    """Fold every injected LoRA into its base Linear and put the plain Linear back (what merge_and_unload does)."""
-    from peft.tuners.lora import LoraLayer  # heavy import, needed only here
-
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, LoraLayer):
-            mod.merge()
-            parent = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(parent, name.rsplit(".", 1)[1], mod.get_base_layer())
-
-
 # ----------------------------------------------------------------------------- the objective
 
 
 class Batches:
-    """The training windows' examples of each step (``finetune.Schedule``: a pure function of seed and step) and
+    """The training windows' examples of each step (``training.Schedule``: a pure function of seed and step) and
     their titles and prompts."""
 
     def __init__(self, prep, tokenizer, cfg: HealConfig, history_len: int, max_title_tokens: int, seed: int):
         self.windows = training_windows(prep, history_len)
-        self.schedule = Schedule(prep, self.windows, SimpleNamespace(
-            seed=seed, batch_size=cfg.batch_size, grad_accum=1, train_negatives=cfg.train_negatives))
+        self.schedule = Schedule(prep, self.windows, seed, cfg.batch_size, cfg.train_negatives)
         self.titles = prep.titles()
-        self.text = Prompt(tokenizer, ScoringConfig(domain=prep.domain, max_title_tokens=max_title_tokens))
+        self.text = Prompt(tokenizer, PromptConfig(prep.domain, max_title_tokens))
 
     def step(self, step: int) -> tuple[list[list[str]], list[list[str]]]:
         """(histories, candidates with the positive first) of one step, as titles."""
@@ -210,7 +188,7 @@ def heal_loss(model, teacher, text: Prompt, histories, candidates, weights: dict
     if "task" in weights or "distill" in weights:
         s = batched_prefix_scores(model, text, histories, candidates)
         if "task" in weights:
-            terms["task"] = F.cross_entropy(s, torch.zeros(len(s), dtype=torch.long, device=s.device))
+            terms["task"] = softmax_ce(s)
         if "distill" in weights:
             with torch.no_grad():
                 t = batched_prefix_scores(teacher, text, histories, candidates).float()
@@ -230,81 +208,35 @@ def heal_loss(model, teacher, text: Prompt, histories, candidates, weights: dict
 # ----------------------------------------------------------------------------- training
 
 
-def _snapshot(params) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in params]
-
-
-def _restore(params, state) -> None:
-    with torch.no_grad():
-        for p, s in zip(params, state, strict=True):
-            p.copy_(s)
-
-
 def _optimizer(fast: list, slow: list, cfg: HealConfig) -> torch.optim.Optimizer:
     """AdamW: adapters and LoRA at ``lr``, the pretrained weights of mode 'last' at lr / 10."""
     groups = [{"params": fast, "lr": cfg.lr}, {"params": slow, "lr": cfg.lr / 10}]
     return torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
 
 
-class _Loop:
-    """The healing loop: steps within the budget, validation every ``eval_every`` steps, the best state kept."""
+def _train(model, fast: list, slow: list, loss_of, validate, cfg: HealConfig, report) -> pd.DataFrame:
+    """The healing loop (``training.Loop``): steps within the budget, validation every ``eval_every`` steps, the
+    best state (step 0 included) restored at the end -> the curve."""
+    best = BestState(fast + slow, patience=cfg.patience)
+    loop = Loop(best, _optimizer(fast, slow, cfg), lambda: float(np.mean(validate(model))), clip=cfg.clip,
+                what="healing", hint=f"Lower heal lr (now {cfg.lr:g}) or the distillation temperature.")
 
-    def __init__(self, model, fast: list, slow: list, loss_of, validate, cfg: HealConfig, report):
-        self.model, self.params, self.loss_of, self.validate = model, fast + slow, loss_of, validate
-        self.cfg, self.report, self.opt = cfg, report, _optimizer(fast, slow, cfg)
-        self.rows: list[dict] = []
-        self.best, self.best_step, self.bad, self.stopped, self.state = -np.inf, 0, 0, "budget done", None
-
-    def evaluate(self, step: int) -> bool:
-        """Validation NDCG@10 on the last row; a better one is the new best state -> whether to stop early."""
-        val = self.rows[-1]["valid_ndcg@10"] = float(np.mean(self.validate(self.model)))
-        if self.state is None or val > self.best:  # step 0 is the first best state, whatever its score
-            self.best, self.best_step, self.state, self.bad = val, step, _snapshot(self.params), 0
-        else:
-            self.bad += 1
-        return self.cfg.patience is not None and self.bad >= self.cfg.patience
-
-    def step(self, step: int) -> None:
+    def step(s: int) -> dict:
         passes.count("train")
-        passes.count("backward", self.cfg.batch_size)
-        loss, terms = self.loss_of(step - 1)
-        if not torch.isfinite(loss):
-            _restore(self.params, self.state)
-            raise NonFiniteLossError(
-                f"non-finite healing loss ({float(loss.detach())}) at step {step}; the best state so far (step "
-                f"{self.best_step}, validation NDCG@10 {self.best:.4f}) was restored. Lower heal lr (now "
-                f"{self.cfg.lr:g}) or the distillation temperature.")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip)
-        self.opt.step()
-        self.rows.append({"step": step, "seconds": time.perf_counter() - self.t0, "loss": float(loss.detach()),
-                          **terms, "valid_ndcg@10": np.nan})
+        passes.count("backward", cfg.batch_size)
+        loss, terms = loss_of(s - 1)
+        loop.step(loss, f"step {s}")
+        return {"seconds": loop.elapsed(), "loss": float(loss.detach()), **terms}
 
-    def run(self) -> pd.DataFrame:
-        cfg = self.cfg
-        self.t0 = time.perf_counter()
-        self.rows.append({"step": 0, "seconds": 0.0, "loss": np.nan, "valid_ndcg@10": np.nan})
-        self.evaluate(0)
-        for step in progress(range(1, cfg.steps + 1), desc="heal", unit="step"):
-            if cfg.max_seconds is not None and time.perf_counter() - self.t0 >= cfg.max_seconds:
-                self.stopped = f"time budget ({cfg.max_seconds:g} s)"
-                break
-            self.step(step)
-            if (step % cfg.eval_every == 0 or step == cfg.steps) and self.evaluate(step):
-                self.stopped = f"early stop: {cfg.patience} validations without improvement"
-                break
-        if np.isnan(self.rows[-1]["valid_ndcg@10"]):
-            self.evaluate(self.rows[-1]["step"])
-        _restore(self.params, self.state)
-        curve = pd.DataFrame(self.rows)
-        curve.attrs.update(best_step=self.best_step, stopped=self.stopped, seconds=time.perf_counter() - self.t0,
-                           valid_ndcg=self.best)
-        if self.report:
-            self.report(f"heal: {self.rows[-1]['step']} steps ({self.stopped}) in {curve.attrs['seconds']:.0f} s; "
-                        f"validation NDCG@10 {self.rows[0]['valid_ndcg@10']:.4f} -> {self.best:.4f} (best step "
-                        f"{self.best_step})")
-        return curve
+    loop.start({"seconds": 0.0, "loss": np.nan})
+    stopped = loop.run(range(1, cfg.steps + 1), step, eval_every=cfg.eval_every, last=cfg.steps,
+                       max_seconds=cfg.max_seconds, desc="heal")
+    curve = loop.finish()
+    curve.attrs.update(best_step=best.at, stopped=stopped, valid_ndcg=best.value)
+    if report:
+        report(f"heal: {loop.rows[-1]['step']} steps ({stopped}) in {curve.attrs['seconds']:.0f} s; validation "
+               f"NDCG@10 {loop.rows[0]['valid_ndcg@10']:.4f} -> {best.value:.4f} (best step {best.at})")
+    return curve
 
 
 def heal(student, prep, tokenizer, objective: str | dict, cfg: HealConfig, validate, teacher=None, *,
@@ -323,17 +255,16 @@ def heal(student, prep, tokenizer, objective: str | dict, cfg: HealConfig, valid
             raise ValueError(f"objective {objective_label(weights)} compares with the full model: pass it as teacher")
         check_teacher(teacher, student, tokenizer)
     batches = Batches(prep, tokenizer, cfg, history_len, max_title_tokens, seed)
-    model, fast, slow, prefixes = trainable(student, cfg)
+    model, fast, slow, prefixes, tuner = trainable(student, cfg)
     model.eval()
 
     def loss_of(step: int):
         return heal_loss(model, teacher, batches.text, *batches.step(step), weights, cfg.temperature)
 
     with Frozen(model, fast + slow):
-        curve = _Loop(model, fast, slow, loss_of, validate, cfg, report).run()
-    hf = model.hf if isinstance(model, CompactLM) else model
-    if cfg.mode == "lora":
-        merge_lora(hf)
+        curve = _train(model, fast, slow, loss_of, validate, cfg, report)
+    if tuner is not None:
+        merge_lora(tuner)
     if isinstance(model, CompactLM) and prefixes:
         model.base["healed"] = prefixes
     return model, curve

@@ -22,16 +22,16 @@ import pandas as pd
 import torch
 
 from layerviz import arch, metrics, passes
-from layerviz.data import load
-from layerviz.depth import thirds
-from layerviz.evaluate import FidelityEvaluator, task_evaluator
-from layerviz.importance import (
+from layerviz.compression.importance import (
     ImportanceConfig,
-    build_calibration,
-    calibration_batch,
     choose_criterion,
+    probe_batch,
     run_importance,
 )
+from layerviz.data import load
+from layerviz.data.prompts import build_probes
+from layerviz.depth import thirds
+from layerviz.evaluate import FidelityEvaluator, task_evaluator
 from layerviz.models import load_model
 from layerviz.settings import SHARED, Settings
 
@@ -207,22 +207,22 @@ def backward_greedy(scorer: SubsetScorer, k: int, protect_ends: bool = True) -> 
     return kept, {"stop": "k reached"}
 
 
-def angular_distances(model, calibration, n: int) -> np.ndarray:
+def angular_distances(model, probes, n: int) -> np.ndarray:
     """Gromov et al.: mean over samples of arccos(cos(h_l, h_{l+n}))/pi on the last token, for each start l."""
     L = arch.num_layers(model)
     dev = arch.input_device(model)
     total = np.zeros(L - n + 1)
     points = ["resid_pre.0", *(f"resid_post.{i}" for i in range(L))]  # index j: entering layer j (j = L: output)
     with arch.capture(model, points, detach=True) as states, torch.no_grad():
-        for i in range(len(calibration.examples)):
-            exs, ids, mask, _ = calibration_batch(calibration, [i], 0, dev)
-            passes.count("calibration")
+        for i in range(len(probes.examples)):
+            exs, ids, mask, _ = probe_batch(probes, [i], 0, dev)
+            passes.count("probe")
             arch.run_decoder(model, ids, mask)
             last = [states[p][0, -1].float() for p in points]
             for start in range(L - n + 1):
                 cos = torch.nn.functional.cosine_similarity(last[start], last[start + n], dim=0).clamp(-1, 1)
                 total[start] += float(torch.arccos(cos) / torch.pi)
-    return total / len(calibration.examples)
+    return total / len(probes.examples)
 
 
 FIXED = ("top_k", "first_k", "last_k", "uniform")
@@ -246,9 +246,9 @@ def fixed_layers(strategy: str, n: int, k: int, order: Sequence[int] | None = No
 
 
 @dataclass
-class Request:
+class StrategyInput:
     """What a strategy may use: the model and its layer count, k, the subset scorer (None without an evaluator)
-    and every strategy's options. Each strategy is one function ``Request -> (layers, meta)`` in ``REGISTRY``."""
+    and every strategy's options. Each strategy is one function ``StrategyInput -> (layers, meta)`` in ``REGISTRY``."""
 
     model: object
     n: int
@@ -261,7 +261,7 @@ class Request:
     window: int = 3
     threshold: float = 0.01
     protect_ends: bool = True
-    calibration: object = None
+    probes: object = None
     seed: int = 0
     reference: Sequence[int] | None = None
 
@@ -273,51 +273,51 @@ class Request:
         return importance_order(self.importance, self.criterion, self.highest, self.n)
 
 
-def by_importance_greedy(r: Request) -> tuple[list[int], dict]:
+def by_importance_greedy(r: StrategyInput) -> tuple[list[int], dict]:
     order = r.order()
     layers, meta = importance_greedy(r.scorer_for("importance_greedy"), order, r.k, r.window, r.threshold)
     return layers, {"criterion": r.criterion, **meta, "window": r.window, "threshold": r.threshold}
 
 
-def by_forward_greedy(r: Request) -> tuple[list[int], dict]:
+def by_forward_greedy(r: StrategyInput) -> tuple[list[int], dict]:
     scorer = r.scorer_for("forward_greedy")
     _check_budget(r.budget, r.n, "forward_greedy")
     return forward_greedy(scorer, r.k)
 
 
-def by_backward_greedy(r: Request) -> tuple[list[int], dict]:
+def by_backward_greedy(r: StrategyInput) -> tuple[list[int], dict]:
     scorer = r.scorer_for("backward_greedy")
     _check_budget(r.budget, r.n - (2 if r.protect_ends else 0), "backward_greedy")
     return backward_greedy(scorer, r.k, r.protect_ends)
 
 
-def by_contiguous_block(r: Request) -> tuple[list[int], dict]:
+def by_contiguous_block(r: StrategyInput) -> tuple[list[int], dict]:
     """Gromov et al.: drop the block of n - k layers whose input and output are closest in angle."""
-    if r.calibration is None:
-        raise ValueError("contiguous_block needs calibration examples to measure angular distances")
+    if r.probes is None:
+        raise ValueError("contiguous_block needs probe prompts to measure angular distances")
     drop = r.n - r.k
     if drop == 0:
         return list(range(r.n)), {}
-    d = angular_distances(r.model, r.calibration, drop)
+    d = angular_distances(r.model, r.probes, drop)
     start = int(np.argmin(d))
     return ([i for i in range(r.n) if not start <= i < start + drop],
             {"removed_block": [start, start + drop - 1], "angular_distance": float(d[start])})
 
 
-def by_top_k(r: Request) -> tuple[list[int], dict]:
+def by_top_k(r: StrategyInput) -> tuple[list[int], dict]:
     return fixed_layers("top_k", r.n, r.k, r.order()), {"criterion": r.criterion}
 
 
-def by_rule(strategy: str) -> Callable[[Request], tuple[list[int], dict]]:
+def by_rule(strategy: str) -> Callable[[StrategyInput], tuple[list[int], dict]]:
     """first_k, last_k, uniform: layers by position alone."""
     return lambda r: (fixed_layers(strategy, r.n, r.k), {})
 
 
-def by_random(r: Request) -> tuple[list[int], dict]:
+def by_random(r: StrategyInput) -> tuple[list[int], dict]:
     return sorted(np.random.default_rng(r.seed).choice(r.n, size=r.k, replace=False).tolist()), {"seed": r.seed}
 
 
-def by_reference(r: Request) -> tuple[list[int], dict]:
+def by_reference(r: StrategyInput) -> tuple[list[int], dict]:
     if r.reference is None:
         raise ValueError("strategy 'reference' needs the reference layer list (see load_reference)")
     bad = [i for i in r.reference if not 0 <= i < r.n]
@@ -327,7 +327,7 @@ def by_reference(r: Request) -> tuple[list[int], dict]:
     return sorted(int(i) for i in r.reference), {}
 
 
-REGISTRY: dict[str, Callable[[Request], tuple[list[int], dict]]] = {
+REGISTRY: dict[str, Callable[[StrategyInput], tuple[list[int], dict]]] = {
     "importance_greedy": by_importance_greedy, "forward_greedy": by_forward_greedy,
     "backward_greedy": by_backward_greedy, "contiguous_block": by_contiguous_block, "top_k": by_top_k,
     "first_k": by_rule("first_k"), "last_k": by_rule("last_k"), "uniform": by_rule("uniform"),
@@ -343,8 +343,8 @@ def select(strategy: str, model, evaluator: Callable | None = None, k: int | Non
            budget: int | None = None, **options) -> Selection:
     """Run one strategy of ``REGISTRY`` -> Selection (kept layers ascending, final score, trace).
 
-    ``options`` are ``Request``'s fields: importance, criterion, highest, window, threshold, protect_ends,
-    calibration, seed, reference (each strategy reads those it needs)."""
+    ``options`` are ``StrategyInput``'s fields: importance, criterion, highest, window, threshold, protect_ends,
+    probes, seed, reference (each strategy reads those it needs)."""
     if strategy not in REGISTRY:
         raise ValueError(f"unknown strategy {strategy!r}; available: {', '.join(STRATEGIES)}")
     n = arch.num_layers(model)
@@ -352,7 +352,7 @@ def select(strategy: str, model, evaluator: Callable | None = None, k: int | Non
     if budget is not None and budget < 1:
         raise ValueError(f"budget={budget} is too small to evaluate anything; give at least 1")
     scorer = SubsetScorer(model, evaluator, budget) if evaluator is not None else None
-    layers, meta = REGISTRY[strategy](Request(model, n, k, scorer, budget, **options))
+    layers, meta = REGISTRY[strategy](StrategyInput(model, n, k, scorer, budget, **options))
     score = float("nan")
     if scorer is not None:
         try:
@@ -380,7 +380,7 @@ def _need_evaluator(scorer, strategy: str) -> None:
 def importance_order(table: pd.DataFrame | None, criterion: str, highest: bool, n: int) -> list[int]:
     """Layers sorted by a criterion of an importance table (most important first when highest)."""
     if table is None:
-        raise ValueError("this strategy needs an importance table (layerviz.importance.analyze / run_importance)")
+        raise ValueError("this strategy needs an importance table (layerviz.compression.importance.layer_importance / run_importance)")
     rows = table[table["criterion"] == criterion]
     if rows.empty:
         raise ValueError(f"unknown criterion {criterion!r}; the importance table has: "
@@ -393,7 +393,7 @@ def importance_order(table: pd.DataFrame | None, criterion: str, highest: bool, 
 
 def load_reference(path: str | Path | None = None) -> dict:
     """The paper's reported layer lists (data/reference_selections.json)."""
-    path = Path(path) if path else Path(__file__).resolve().parents[1] / "data" / "reference_selections.json"
+    path = Path(path) if path else Path(__file__).resolve().parents[2] / "data" / "reference_selections.json"
     return json.loads(path.read_text())
 
 
@@ -457,7 +457,7 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
         if criterion == "auto":
             auto = choose_criterion(res.validity)
             criterion = auto["criterion"]
-    calibration = build_calibration(prep, tokenizer, 16, seed=cfg.seed) if cfg.strategy == "contiguous_block" else None
+    probes = build_probes(prep, tokenizer, 16, seed=cfg.seed) if cfg.strategy == "contiguous_block" else None
     reference = None
     if cfg.strategy == "reference":
         refs = load_reference()["selections"]
@@ -466,7 +466,7 @@ def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> t
         reference = refs[cfg.reference]["layers"]
     s = select(cfg.strategy, model, evaluator, k=cfg.k, budget=cfg.budget, importance=table,
                criterion=criterion, highest=cfg.highest, window=cfg.window, threshold=cfg.threshold,
-               protect_ends=cfg.protect_ends, calibration=calibration, seed=cfg.seed, reference=reference)
+               protect_ends=cfg.protect_ends, probes=probes, seed=cfg.seed, reference=reference)
     context = {"evaluator": cfg.evaluator, "full_score": float(np.mean(evaluator(model))),
                "task_ndcg@10": float(np.mean(_with_layers(model, s.layers, task))),
                "full_task_ndcg@10": float(np.mean(task(model))),

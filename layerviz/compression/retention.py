@@ -23,14 +23,20 @@ import pandas as pd
 import torch
 
 from layerviz import arch, metrics, store
-from layerviz.adapters import AdapterPolicy, TrainConfig, final_mse, teacher_states, train_adapters
-from layerviz.compact import CompactLM, build_compact, fingerprint
+from layerviz.compression.adapters import (
+    AdapterPolicy,
+    AdapterTrainConfig,
+    final_mse,
+    teacher_states,
+    train_adapters,
+)
+from layerviz.compression.compact import CompactLM, build_compact
+from layerviz.compression.heal import HealConfig, heal, objective_label, parse_objective
 from layerviz.data import load
+from layerviz.data.prompts import build_probes
 from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import task_evaluator
-from layerviz.heal import HealConfig, heal, objective_label, parse_objective
-from layerviz.importance import build_calibration
-from layerviz.models import load_model
+from layerviz.models import fingerprint, load_model
 from layerviz.scoring import pad_right
 from layerviz.settings import Settings
 
@@ -48,9 +54,9 @@ class AdaptConfig(Settings):
     policy: dict = field(default_factory=dict)
     """Overrides of AdapterPolicy (rank, force, linear_max_gap, boundary, embedding, tail)."""
     train: dict = field(default_factory=dict)
-    """Overrides of TrainConfig (init, stage1_epochs, stage2_epochs, lr, reg, ...)."""
+    """Overrides of AdapterTrainConfig (init, stage1_epochs, stage2_epochs, lr, reg, ...)."""
     samples: int = 64
-    """Calibration prompts (validation targets of seeded users) for training; a share is held out."""
+    """ProbeSet prompts (validation targets of seeded users) for training; a share is held out."""
     users: int = 100
     """Test users for the NDCG@10 retention (1 + negatives candidates each)."""
     calibration: str = "auto"
@@ -198,9 +204,9 @@ def _heal_step(cfg: AdaptConfig, compact: CompactLM, model, prep, tokenizer, val
     return curve
 
 
-def _mse_of(compact, model, cal, tcfg: TrainConfig, pad: int):
+def _mse_of(compact, model, cal, tcfg: AdapterTrainConfig, pad: int):
     """-> a function giving the compact model's validation MSE (and relative MSE) of the final hidden state on the
-    held-out calibration prompts, as train_adapters reports it."""
+    held-out probe prompts, as train_adapters reports it."""
     rng = np.random.default_rng(tcfg.seed)
     order = rng.permutation(len(cal.examples))
     va = [cal.examples[i] for i in sorted(order[:max(1, int(round(len(cal.examples) * tcfg.val_fraction)))])]
@@ -216,19 +222,19 @@ def _mse_of(compact, model, cal, tcfg: TrainConfig, pad: int):
     return mse_of
 
 
-def _adapt(cfg: AdaptConfig, policy: AdapterPolicy, tcfg: TrainConfig, prep, model, tokenizer, folder: Path,
+def _adapt(cfg: AdaptConfig, policy: AdapterPolicy, tcfg: AdapterTrainConfig, prep, model, tokenizer, folder: Path,
            report, full_scores: np.ndarray | None = None, save: bool = True) -> tuple[dict, CompactLM]:
     """The adapters trained on ``cfg``'s layers (and healed) and measured (``run_adapt``'s work) -> (outputs, compact
     model). A non-finite loss saves the last good state first, then raises."""
     layers, pad, healing = cfg.kept(arch.num_layers(model)), tokenizer.pad_token_id, cfg.healing()
-    cal = build_calibration(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
+    cal = build_probes(prep, tokenizer, cfg.samples, "valid", "likelihood", cfg.max_title_tokens, cfg.seed)
     evaluator, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.users, "test", cfg.calibration)
     compact = build_compact(model, layers, policy, seed=cfg.seed, share=cfg.heal_config().mode == "adapters")
     full_scores = evaluator.scores(model) if full_scores is None else full_scores
     retention, error, heal_curve = _Retention(evaluator, compact, full_scores, cfg.seed, report), None, None
     valid, _ = task_evaluator(cfg, prep, model, tokenizer, cfg.valid_users, "valid", evaluator.cfg.calibration)
     if healing:
-        tcfg = TrainConfig(**{**asdict(tcfg), "stage2_epochs": 0})  # healing takes stage 2's place
+        tcfg = AdapterTrainConfig(**{**asdict(tcfg), "stage2_epochs": 0})  # healing takes stage 2's place
     try:
         curve = train_adapters(compact, model, cal, tcfg, pad=pad, report=None, on_stage=retention)
         if healing:
@@ -290,7 +296,7 @@ def run_adapt(cfg: AdaptConfig, out: str | Path | None = None, model=None, token
     variants. ``full_scores``: the full model's test scores when the caller has them; ``save``: keep the compact
     model (in ``out``/compact; a run that fails keeps its last good state anyway).
     """
-    policy, tcfg = AdapterPolicy(**cfg.policy), TrainConfig(**{"seed": cfg.seed, **cfg.train})  # bad input: now
+    policy, tcfg = AdapterPolicy(**cfg.policy), AdapterTrainConfig(**{"seed": cfg.seed, **cfg.train})  # bad input: now
     cfg.healing()  # the objective and heal settings are checked before anything runs
     prep = load(cfg.dataset, cfg.format, cfg.prep_config(), report=report)
     key = store.config_hash("adapt", {k: v for k, v in asdict(cfg).items() if k != "results_dir"},

@@ -21,8 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from layerviz import arch
-from layerviz.compression.adapters import AdapterTrainConfig, train_adapters
+from layerviz.compression.adapters import train_adapters
 from layerviz.compression.compact import build_compact
+from layerviz.compression.config import AdapterTrainConfig
 from layerviz.data import CandidateConfig, PrepConfig, build_candidates, load
 from layerviz.data.prompts import build_probes
 from layerviz.evaluate import TaskEvaluator

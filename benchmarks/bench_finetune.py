@@ -25,7 +25,8 @@ import numpy as np
 def _setup(args):
     from layerviz import data, load_model
     from layerviz.data.prompts import Prompt, PromptConfig
-    from layerviz.finetune import FinetuneConfig, prepare_trainable
+    from layerviz.finetune import prepare_trainable
+    from layerviz.settings import FinetuneConfig
     from layerviz.training import Schedule, training_windows
 
     model, tok = load_model(args.model, device="cpu")

@@ -31,8 +31,10 @@ def main() -> None:
 
     from layerviz import arch, load_model
     from layerviz.compression import selection as sel
-    from layerviz.compression.importance import ImportanceConfig, build_probes, run_importance
+    from layerviz.compression.config import ImportanceConfig
+    from layerviz.compression.importance import run_importance
     from layerviz.data import CandidateConfig, PrepConfig, candidates_for, load
+    from layerviz.data.prompts import build_probes
     from layerviz.evaluate import FidelityEvaluator, TaskEvaluator
 
     model, tok = load_model(args.model, device="cpu")

@@ -45,8 +45,9 @@ import psutil
 import torch
 
 from layerviz import bench, plots, store
-from layerviz.compression.adapters import AdapterTrainConfig, train_adapters
+from layerviz.compression.adapters import train_adapters
 from layerviz.compression.compact import build_compact, load_compact
+from layerviz.compression.config import AdapterTrainConfig
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.data.prompts import build_probes
 from layerviz.evaluate import requests_for

@@ -98,8 +98,8 @@ def check_prefill(name, model, tok, prep, args, device) -> list[dict]:
     interleaved A B C A B C ...; median per-round speedups next to their FLOP bounds."""
     from layerviz import arch
     from layerviz.bench import adapter_flops, flop_bound, layer_costs
-    from layerviz.compression.adapters import AdapterPolicy
     from layerviz.compression.compact import build_compact
+    from layerviz.compression.config import AdapterPolicy
 
     n, d = arch.num_layers(model), arch.hidden_size(model)
     layers = compact_layers(n)
@@ -184,8 +184,9 @@ def check_scoring(name, model, tok, prep, args, device) -> list[dict]:
 def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
     """One AdamW step of the compact model's adapters on the MSE to the full model's final states."""
     from layerviz import arch
-    from layerviz.compression.adapters import AdapterPolicy, final_mse, teacher_states
+    from layerviz.compression.adapters import final_mse, teacher_states
     from layerviz.compression.compact import build_compact
+    from layerviz.compression.config import AdapterPolicy
     from layerviz.data.prompts import build_probes
 
     n = arch.num_layers(model)
@@ -218,7 +219,8 @@ def check_adapter_step(name, model, tok, prep, args, device) -> list[dict]:
 def check_lora_step(name, model, tok, prep, args, device) -> list[dict]:
     """One LoRA (r = 16) fine-tuning step of the rank objective (shared history, 1+7 candidates)."""
     from layerviz.data.prompts import Prompt, PromptConfig
-    from layerviz.finetune import FinetuneConfig, prepare_trainable
+    from layerviz.finetune import prepare_trainable
+    from layerviz.settings import FinetuneConfig
     from layerviz.training import Schedule, batch_loss, training_windows
 
     cfg = FinetuneConfig(model=name, objective="rank", batch_size=args.lora_batch, train_negatives=7,

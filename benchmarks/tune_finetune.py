@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from layerviz.finetune import FinetuneConfig, finetune
+from layerviz.finetune import finetune
+from layerviz.settings import FinetuneConfig
 from layerviz.store import atomic_write
 
 GRID = [  # (lr, max_steps, batch_size)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,14 +39,15 @@ import pandas as pd
 import torch
 
 from layerviz import arch, passes, store
-from layerviz.compression.adapters import Adapter, AdapterPolicy, place_adapters
+from layerviz.compression.adapters import Adapter, place_adapters
 from layerviz.compression.compact import build_compact
+from layerviz.compression.config import AdapterPolicy
 from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.evaluate import requests_for
 from layerviz.models import load_model, resolve_device
 from layerviz.progress import progress
 from layerviz.scoring import Request, ScoringConfig, score
-from layerviz.settings import Settings
+from layerviz.settings import BenchConfig
 
 # ----------------------------------------------------------------------------- the bound
 
@@ -119,40 +120,6 @@ def layers_for_k(k: int, n_layers: int, selection: list[int] | None = None) -> l
 
 
 # ----------------------------------------------------------------------------- measuring one configuration
-
-
-@dataclass
-class BenchConfig(Settings):
-    """What the efficiency benchmark measures (shared by `layerviz bench`, `layerviz run` and notebooks)."""
-
-    ks: list[int] = field(default_factory=lambda: [4, 8, 12, 16])
-    """The k (kept layers) to measure (those >= L are skipped, and those whose FLOP bound is below ``min_bound``)."""
-    min_bound: float = 1.0
-    """Skip a k (other than the selection's) whose FLOP bound is below this: a speedup that can be at most
-    a few percent cannot be told from 1 within a prefill's IQR (demo: Gemma-3-270M's k = 16 of 18, 1.04x)."""
-    selection: str | None = None
-    """selection.json whose layers are used at its k; other k use evenly spaced layers."""
-    adapters: bool = True
-    """Also measure compact models with the default adapter policy (rank ``rank``)."""
-    adapter_k: list[int] | None = None
-    """The k measured with adapters (None: every k)."""
-    rank: int | None = 64
-    """Adapter rank of the with-adapter variants (None: full rank)."""
-    runs: int = 7
-    """Timed rounds; each runs every configuration once, in turn (medians and IQRs reported)."""
-    warmup: int = 1
-    """Untimed rounds before the timed ones."""
-    prefill_batch: int = 4
-    """Prompts per prefill forward."""
-    seq_len: int = 128
-    """Tokens per prefill prompt (also the context of the bound's attention term)."""
-    qps_queries: int = 3
-    """Queries scored back to back for the throughput."""
-    isolate: bool = True
-    """CPU: measure each configuration's peak memory in its own process (timings always share one)."""
-    memory_jobs: int = 2
-    """CPU: memory processes run at once (after the timings; each reads only its own peak, so the numbers
-    do not change). Their time is mostly single-threaded loading; lower it if two model copies do not fit."""
 
 
 def with_k(cfg: BenchConfig, k: int) -> BenchConfig:

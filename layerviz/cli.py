@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import MISSING, asdict, fields
 from importlib import import_module
 
 import yaml
@@ -16,16 +16,16 @@ import yaml
 # `layerviz --help` and `layerviz CMD --help` answer at once. A config command's flags come from its config
 # dataclass: only that command's module is imported, and only when that command is given.
 CONFIG_COMMANDS = {
-    "evaluate": ("layerviz.evaluate", "EvalConfig", "score a model's recommendations on fixed candidate lists"),
-    "importance": ("layerviz.compression.importance", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
-    "select": ("layerviz.compression.selection", "SelectConfig", "RQ2: choose layers with one strategy"),
-    "adapt": ("layerviz.compression.retention", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
+    "evaluate": ("layerviz.settings", "EvalConfig", "score a model's recommendations on fixed candidate lists"),
+    "importance": ("layerviz.compression.config", "ImportanceConfig", "RQ1: per-layer importance, ablation and validity"),
+    "select": ("layerviz.compression.config", "SelectConfig", "RQ2: choose layers with one strategy"),
+    "adapt": ("layerviz.compression.config", "AdaptConfig", "RQ3: build a compact model from kept layers, train its "
               "adapters, measure retention"),
-    "bench": ("layerviz.bench", "BenchConfig", "RQ4: latency, throughput, peak memory of full vs compact models, "
+    "bench": ("layerviz.settings", "BenchConfig", "RQ4: latency, throughput, peak memory of full vs compact models, "
               "and the FLOP bound"),
-    "finetune": ("layerviz.finetune", "FinetuneConfig", "fine-tune the LLM recommender (LoRA or full) on the "
+    "finetune": ("layerviz.settings", "FinetuneConfig", "fine-tune the LLM recommender (LoRA or full) on the "
                  "training split"),
-    "serve": ("layerviz.serving.serve", "ServeConfig", "serve a full or compact recommender over HTTP (POST /rank, "
+    "serve": ("layerviz.serving.config", "ServeConfig", "serve a full or compact recommender over HTTP (POST /rank, "
               "/health, /metrics, /docs) with dynamic batching"),
 }
 OTHER_COMMANDS = {
@@ -223,34 +223,30 @@ def _mapping(text: str) -> dict:
 
 
 def _kind(tp) -> str:
-    """'list', 'dict' or 'other' for a field's type (a string, or the class HfArgumentParser resolved it to)."""
+    """'list', 'dict' or 'other' for a field's type (its annotation's text)."""
     text = tp if isinstance(tp, str) else getattr(tp, "__name__", None) if isinstance(tp, type) else str(tp)
     return "list" if text.startswith("list") else "dict" if text.startswith("dict") else "other"
 
 
 def _config_command(sub, name: str, func, extra=()) -> None:
-    """A subcommand whose flags are its config class's fields (HfArgumentParser), the fields' docstrings as help.
+    """A subcommand whose flags are its config class's fields (``_add_fields``), the fields' docstrings as help.
 
-    Lists take comma- or space-separated values (--keep 4,8 or --keep 4 8); mappings take YAML
+    Lists take comma- or space-separated values (--ks 4,8 or --ks 4 8); mappings take YAML
     (--policy '{rank: 8}'); a boolean that defaults to true is turned off with --no-NAME.
     """
     from layerviz.settings import field_docs  # with the config class, only for the command given
 
     module, cls_name, help = CONFIG_COMMANDS[name]
     cls = getattr(import_module(module), cls_name)
-    p = sub.add_parser(name, help=help, description=(cls.__doc__ or "").strip(), dataclass_types=[cls],
+    p = sub.add_parser(name, help=help, description=(cls.__doc__ or "").strip(), config_class=cls,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    docs, types = field_docs(cls), {f.name: _kind(f.type) for f in fields(cls)}
+    docs = field_docs(cls)
     for a in p._actions:
-        if a.dest not in types or not a.option_strings or a.option_strings[0].startswith("--no"):
+        if a.dest not in docs or not a.option_strings or a.option_strings[0].startswith("--no"):
             continue
         a.help = docs.get(a.dest, " ")
         if a.dest == "fusion_weights":
             a.type = _fusion_arg
-        elif types[a.dest] == "dict":
-            a.type = _mapping
-        elif types[a.dest] == "list":
-            a.type = str  # each value may itself be comma-separated; _config splits and converts
     for flags, kwargs in extra:
         p.add_argument(*flags, **kwargs)
     p.set_defaults(func=func, config_class=cls)
@@ -409,12 +405,43 @@ def _add_data(sub) -> None:
 
 
 def _subparser(**kwargs) -> argparse.ArgumentParser:
-    """The subcommands' parser class: HfArgumentParser for a config command (flags from its dataclass)."""
-    if "dataclass_types" in kwargs:
-        from transformers import HfArgumentParser  # heavy: only when a config command is given
+    """The subcommands' parser class: a config command's (``config_class``) has one flag per dataclass field."""
+    cls = kwargs.pop("config_class", None)
+    parser = argparse.ArgumentParser(**kwargs)
+    if cls is not None:
+        _add_fields(parser, cls)
+    return parser
 
-        return HfArgumentParser(**kwargs)
-    return argparse.ArgumentParser(**kwargs)
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if text.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r}: give true or false")
+
+
+SCALARS = {"int": int, "float": float, "str": str, "bool": _bool}
+
+
+def _add_fields(parser: argparse.ArgumentParser, cls) -> None:
+    """One flag per field of ``cls``, named --field_name and --field-name, as transformers' HfArgumentParser
+    names them (without importing transformers: `--help` stays instant). A boolean takes an optional value and
+    one that defaults to true also --no-NAME; lists take one or more values; mappings take YAML."""
+    for f in fields(cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        names = [f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])]
+        kind, text = _kind(f.type), str(f.type).replace(" | None", "")
+        if text == "bool":
+            parser.add_argument(*names, type=_bool, nargs="?", const=True, default=default, dest=f.name)
+            if default is True:
+                parser.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                                    dest=f.name)
+        elif kind == "list":
+            parser.add_argument(*names, nargs="+", type=str, default=default, dest=f.name)
+        else:
+            parser.add_argument(*names, type=_mapping if kind == "dict" else SCALARS.get(text, str), default=default,
+                                dest=f.name)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,41 +23,8 @@ from layerviz.scoring import (
     score,
     title_priors,
 )
-from layerviz.settings import Settings
+from layerviz.settings import CALIBRATIONS, EvalConfig, Settings
 from layerviz.store import manifest, write_json, write_parquet
-
-
-@dataclass
-class EvalConfig(Settings):
-    """Everything that decides an evaluation's numbers (shared by the CLI, configs and notebooks)."""
-
-    scorer: str = "likelihood"
-    """'likelihood', 'yesno' or 'embedding'."""
-    calibration: str = "auto"
-    """likelihood scorer: 'auto' (the better of none/pmi by NDCG@10 on validation users), 'pmi' or 'none'."""
-    calibration_users: int = 100
-    """Validation users on which calibration='auto' chooses (1 + negatives candidates each)."""
-    sampler: str = "uniform"
-    """Negative sampler: 'uniform' or 'popularity'."""
-    users: int | None = 200
-    """Users to evaluate (seeded sample); None for all."""
-    split: str = "test"
-    """'test' (last item) or 'valid' (second to last)."""
-    batch_size: int | None = None
-    """Candidates per forward pass; None picks one (and backs off on CUDA OOM)."""
-    full_ranking: bool = False
-    """With the embedding scorer, also rank every item (not just the sampled candidates)."""
-    baselines: list[str] = field(default_factory=lambda: ["popularity"])
-    """Baselines scored on the same candidate lists: popularity, sasrec (trained here on the training split,
-    early-stopped on validation users). Chance is always reported."""
-    cold: bool = False
-    """Evaluate the cold-start test set: test users whose positive is a cold item (needs cold_items)."""
-
-    def candidate_config(self) -> CandidateConfig:
-        return CandidateConfig(self.negatives, self.sampler, self.users, self.split, self.seed, self.cold)
-
-    def scoring_config(self, domain: str) -> ScoringConfig:
-        return ScoringConfig(self.scorer, domain, self.max_title_tokens, self.batch_size, self.calibration)
 
 
 def requests_for(prep: Prepared, cands: pd.DataFrame, split: str) -> list[Request]:
@@ -66,9 +32,6 @@ def requests_for(prep: Prepared, cands: pd.DataFrame, split: str) -> list[Reques
     titles, hist = prep.titles(), prep.histories(split)
     return [Request([titles[i] for i in hist[u]], [titles[i] for i in c])
             for u, c in zip(cands["user_id"], cands["candidates"], strict=True)]
-
-
-CALIBRATIONS = ("auto", "none", "pmi")
 
 
 def measure_calibrations(model, tokenizer, prep: Prepared, cfg: EvalConfig) -> dict:

@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +38,8 @@ from layerviz.data import CandidateConfig, candidates_for, load
 from layerviz.data.prompts import Prompt, PromptConfig
 from layerviz.evaluate import TaskEvaluator
 from layerviz.models import FINETUNE_MANIFEST, fingerprint, load_model, save_weights
-from layerviz.settings import Settings
+from layerviz.settings import FinetuneConfig
 from layerviz.training import (
-    LLAMA_LIKE_TARGETS,
     BestState,
     Loop,
     Schedule,
@@ -51,76 +50,6 @@ from layerviz.training import (
     snapshot,
     training_windows,
 )
-
-OBJECTIVES = ("rank", "next_title", "yesno")
-
-
-@dataclass
-class FinetuneConfig(Settings):
-    """What decides a fine-tuning run (shared by ``layerviz finetune``, study configs and notebooks)."""
-
-    objective: str = "rank"
-    """'rank' (softmax CE over candidate scores), 'next_title' (LM loss on the title) or 'yesno'."""
-    full: bool = False
-    """Full fine-tuning of every weight instead of LoRA (small models)."""
-    lora_r: int = 16
-    """LoRA rank."""
-    lora_alpha: int = 32
-    """LoRA scaling numerator (scale = alpha / r)."""
-    lora_dropout: float = 0.0
-    """LoRA dropout (0 keeps training deterministic)."""
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LIKE_TARGETS))
-    """Linear modules LoRA adapts (names inside each decoder layer), or ['all-linear']."""
-    lr: float | None = None
-    """Peak learning rate; None: 1e-3 with LoRA, 3e-5 full (few steps need a bold LoRA rate)."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    warmup_steps: int = 5
-    """Linear warm-up steps, then linear decay to 0 at the planned last step."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping (global L2 norm)."""
-    batch_size: int = 4
-    """Training examples per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    train_negatives: int = 7
-    """Sampled negatives per training example for 'rank' and 'yesno'."""
-    max_steps: int | None = 100
-    """Optimizer steps (None: one epoch, or ``epochs``)."""
-    epochs: float | None = None
-    """Passes over the training windows; with max_steps too, the smaller wins."""
-    max_seconds: float | None = None
-    """Stop training after this many seconds (evaluation time included); None: no time limit."""
-    eval_every: int = 25
-    """Validation NDCG@10 every this many steps (and at the end)."""
-    eval_users: int = 32
-    """Fixed validation users for early stopping (1 + negatives candidates each)."""
-    patience: int | None = None
-    """Stop after this many evaluations without improvement (None: never stop early)."""
-    min_history: int = 1
-    """Windows need at least this many earlier items."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass (CUDA memory; next_title only, see validate)."""
-
-    def validate(self) -> None:
-        """Refuse settings that would fail later, naming the setting and the fix."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        for name in ("batch_size", "grad_accum", "train_negatives", "eval_every", "eval_users", "lora_r", "history_len",
-                     "min_history"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r}: give a positive integer")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps={self.max_steps}: give at least 1 (or None for one epoch)")
-        if self.gradient_checkpointing and self.objective != "next_title":
-            raise ValueError("gradient_checkpointing works with objective 'next_title' only: 'rank' and 'yesno' "
-                             "share the history through the KV cache, which HF disables under checkpointing")
-
-    @property
-    def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else (3e-5 if self.full else 1e-3)
-
 
 # ----------------------------------------------------------------------------- model preparation
 

@@ -19,23 +19,29 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import numpy as np
-import torch
-import torch.distributed as dist
+
+
+def _dist():
+    """torch.distributed where it is loaded, else None: a process group needs it loaded, so importing this module
+    (and the store, and the data below it) loads no torch."""
+    return sys.modules.get("torch.distributed")
 
 
 def active() -> bool:
     """Whether this process is one of several (a torch.distributed group of size > 1)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    dist = _dist()
+    return dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:
-    return dist.get_rank() if active() else 0
+    return _dist().get_rank() if active() else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if active() else 1
+    return _dist().get_world_size() if active() else 1
 
 
 def is_main() -> bool:
@@ -45,6 +51,8 @@ def is_main() -> bool:
 
 def backend_for(device: str | None = None) -> str:
     """'nccl' for CUDA devices, 'gloo' otherwise (``LAYERVIZ_DIST_BACKEND`` overrides; NCCL needs CUDA)."""
+    import torch  # heavy import: only to launch, or to check a device
+
     wanted = os.environ.get("LAYERVIZ_DIST_BACKEND") or ("nccl" if str(device or "").startswith("cuda") else "gloo")
     if wanted == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("NCCL was requested (LAYERVIZ_DIST_BACKEND=nccl or a cuda device) but this machine has "
@@ -58,7 +66,12 @@ def init(device: str | None = None, timeout_s: float = 1800.0) -> bool:
     Without a launcher (WORLD_SIZE unset or 1) nothing happens. ``timeout_s``: how long a collective waits
     for a peer before failing (a dead process fails the run instead of hanging it).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return active()
+    import torch  # heavy import: a launcher started this process, so it computes with torch anyway
+    import torch.distributed as dist  # (as above)
+
+    if dist.is_available() and dist.is_initialized():
         return active()
     backend = backend_for(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if int(os.environ.get("RANK", "0")) != 0:
@@ -94,7 +107,7 @@ def gather(local: list) -> list:
     if not active():
         return list(local)
     parts: list = [None] * world_size()
-    dist.all_gather_object(parts, list(local))
+    _dist().all_gather_object(parts, list(local))
     return [x for p in parts for x in p]
 
 
@@ -104,7 +117,7 @@ def sum_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     if not active():
         return arrays
     parts: list = [None] * world_size()
-    dist.all_gather_object(parts, arrays)
+    _dist().all_gather_object(parts, arrays)
     return {k: np.sum([p[k] for p in parts], axis=0) for k in arrays}
 
 
@@ -113,7 +126,7 @@ def all_sum(x: float) -> float:
     if not active():
         return x
     parts: list = [None] * world_size()
-    dist.all_gather_object(parts, x)
+    _dist().all_gather_object(parts, x)
     return type(x)(sum(parts))
 
 
@@ -122,12 +135,14 @@ def all_reduce_grads(params) -> None:
     process back-propagated its share of the examples. A parameter without a gradient counts as zeros."""
     if not active():
         return
+    import torch  # loaded already: a process group is active
+
     params = list(params)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     flat = torch.cat([p.grad.reshape(-1) for p in params])
-    dist.all_reduce(flat)
+    _dist().all_reduce(flat)
     offset = 0
     for p in params:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
@@ -136,7 +151,7 @@ def all_reduce_grads(params) -> None:
 
 def barrier() -> None:
     if active():
-        dist.barrier()
+        _dist().barrier()
 
 
 def broadcast(obj):
@@ -144,5 +159,5 @@ def broadcast(obj):
     if not active():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    _dist().broadcast_object_list(box, src=0)
     return box[0]

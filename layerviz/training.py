@@ -36,8 +36,6 @@ from layerviz.scoring import batched_prefix_scores, pad_right, token_logprobs
 REL_MARGIN = 1e-4
 """The improvement rule's margin: a validation value improves on the best by more than 1e-4 of it (relative, as
 PyTorch's ReduceLROnPlateau decides by default). Ties and changes of rounding size never count as progress."""
-LLAMA_LIKE_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"""The Linear modules of a LLaMA/Qwen3/Gemma3 decoder layer: LoRA's default targets."""
 
 
 # ----------------------------------------------------------------------------- the best state and patience

@@ -92,7 +92,7 @@ def smoke_study(smoke_run):
     return smoke_run[2]
 
 
-STUDY_FIXTURES = {"smoke_run", "smoke_study", "shared_results"}
+STUDY_FIXTURES = {"smoke_run", "smoke_study", "executed"}
 
 
 def pytest_collection_modifyitems(items):

@@ -5,13 +5,6 @@ import torch
 from layerviz import bench
 
 
-@pytest.fixture(scope="module")
-def tiny_llama():
-    from layerviz import load_model
-
-    return load_model("tiny-llama3", device="cpu")
-
-
 def test_layer_costs_match_hand_counts(tiny_llama):
     model, _ = tiny_llama
     c = bench.layer_costs(model)
@@ -133,7 +126,6 @@ def test_time_bound_is_what_saving_the_dropped_layers_time_would_give():
 
 
 def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = bench.BenchConfig(model="tiny-gemma3", ks=[4], runs=3, warmup=0, seq_len=16, prefill_batch=2,
                             qps_queries=1, isolate=False, device="cpu", results_dir=str(tmp_path / "results"))
     df = bench.run_bench(cfg, out=tmp_path / "out", report=None)
@@ -149,7 +141,6 @@ def test_run_bench_measures_side_by_side_in_process(tmp_path, monkeypatch):
 
 def test_peak_memory_worker_runs_in_its_own_process(tmp_path, monkeypatch):
     """The CPU path: one subprocess per configuration, peak RSS read from the kernel."""
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = bench.BenchConfig(model="tiny-llama3", ks=[2], adapters=False, runs=1, warmup=0, seq_len=8,
                             prefill_batch=1, qps_queries=1, device="cpu",
                             results_dir=str(tmp_path / "results"))

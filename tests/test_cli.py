@@ -5,13 +5,8 @@ from dataclasses import asdict, fields
 import pytest
 
 from layerviz import cli
-from layerviz.bench import BenchConfig
-from layerviz.compression.importance import ImportanceConfig
-from layerviz.compression.retention import AdaptConfig
-from layerviz.compression.selection import SelectConfig
-from layerviz.evaluate import EvalConfig
-from layerviz.finetune import FinetuneConfig
-from layerviz.settings import SHARED, Settings, field_docs
+from layerviz.compression.config import AdaptConfig, ImportanceConfig, SelectConfig
+from layerviz.settings import SHARED, BenchConfig, EvalConfig, FinetuneConfig, Settings, field_docs
 from layerviz.study.config import StudyConfig
 
 COMMANDS = {"evaluate": EvalConfig, "importance": ImportanceConfig, "select": SelectConfig, "adapt": AdaptConfig,
@@ -66,14 +61,17 @@ def test_bad_flags_are_refused_naming_them(capsys):
 
 
 def test_help_loads_no_heavy_module():
-    """`layerviz --help` and a command's --help answer without torch (a config command loads only its module)."""
+    """`layerviz --help` and every command's --help answer without torch, transformers or pandas (a config
+    command loads only its config's torch-free module): the time of each is in docs/benchmarks.md."""
     import subprocess
     import sys
 
     probe = ("import sys; from layerviz import cli\n"
              "try:\n    cli.main({argv})\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'transformers', 'layerviz.evaluate', 'layerviz.study') if m in sys.modules))")
-    for argv, heavy in ((["--help"], []), (["run", "--help"], []), (["data", "--help"], []),
-                        (["report", "--help"], [])):
-        out = subprocess.run([sys.executable, "-c", probe.format(argv=argv)], capture_output=True, text=True)
-        assert out.stdout.strip().splitlines()[-1] == str(heavy), (argv, out.stdout, out.stderr)
+             "print(sorted(m for m in ('torch', 'transformers', 'pandas', 'layerviz.evaluate', 'layerviz.study') "
+             "if m in sys.modules))")
+    commands = [[], *([c] for c in [*cli.CONFIG_COMMANDS, *cli.OTHER_COMMANDS])]
+    for argv in commands:
+        out = subprocess.run([sys.executable, "-c", probe.format(argv=[*argv, "--help"])], capture_output=True,
+                             text=True)
+        assert out.stdout.strip().splitlines()[-1] == "[]", (argv, out.stdout[-500:], out.stderr[-2000:])

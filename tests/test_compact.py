@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from layerviz import arch, load_model
-from layerviz.compression.adapters import (
-    Adapter,
-    AdapterPolicy,
-    AdapterTrainConfig,
-    fit_lstsq,
-    place_adapters,
-    train_adapters,
-)
+from layerviz.compression.adapters import Adapter, fit_lstsq, place_adapters, train_adapters
 from layerviz.compression.compact import build_compact, load_compact
+from layerviz.compression.config import AdapterPolicy, AdapterTrainConfig
 from layerviz.errors import NonFiniteLossError
 from layerviz.scoring import Request, ScoringConfig, score
 

@@ -11,8 +11,8 @@ import torch
 
 from layerviz import arch, data, load_model
 from layerviz.compression import importance as imp
-from layerviz.compression.adapters import AdapterPolicy
 from layerviz.compression.compact import build_compact
+from layerviz.compression.config import AdapterPolicy
 from layerviz.data import CandidateConfig, candidates_for
 from layerviz.data.prompts import build_probes
 from layerviz.evaluate import requests_for

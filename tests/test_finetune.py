@@ -10,10 +10,11 @@ from layerviz import load_model
 from layerviz.cli import main as cli
 from layerviz.data import DataFormatError, PrepConfig, load
 from layerviz.errors import NonFiniteLossError
-from layerviz.finetune import FinetuneConfig, finetune, merged, partial_path, prepare_trainable
+from layerviz.finetune import finetune, merged, partial_path, prepare_trainable
 from layerviz.models import check_base, read_finetune_manifest, sha256_file
 from layerviz.paths import cache_root
 from layerviz.scoring import Request, ScoringConfig, score
+from layerviz.settings import FinetuneConfig
 
 FIX = Path(__file__).parent / "fixtures"
 HIST = ["Canon EOS R50 Mirrorless Camera Body", "SanDisk Extreme 128GB SDXC Memory Card", "Canon Battery Pack"]
@@ -180,7 +181,8 @@ def test_cli_finetune_then_evaluate(tmp_path, capsys):
 
 def test_calibration_auto_picks_the_better_on_validation(tmp_path):
     from layerviz.data import CandidateConfig, candidates_for
-    from layerviz.evaluate import EvalConfig, TaskEvaluator, measure_calibrations
+    from layerviz.evaluate import TaskEvaluator, measure_calibrations
+    from layerviz.settings import EvalConfig
 
     model, tok = load_model("tiny-gemma3", device="cpu")
     prep = load("synthetic-electronics", config=PrepConfig(history_len=3), report=None)

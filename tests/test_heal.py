@@ -1,18 +1,28 @@
 """RQ3 healing: adapter objectives, healing modes, agreement, folding and export (tiny random models)."""
 
+import copy
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from layerviz import arch, load_model, metrics
-from layerviz.compression.adapters import AdapterPolicy, AdapterTrainConfig, train_adapters
+from layerviz.compression.adapters import train_adapters
 from layerviz.compression.compact import build_compact, load_compact
-from layerviz.compression.heal import Batches, HealConfig, heal, heal_loss, parse_objective
+from layerviz.compression.config import (
+    AdapterPolicy,
+    AdapterTrainConfig,
+    HealConfig,
+    parse_objective,
+)
+from layerviz.compression.heal import Batches, heal, heal_loss
 from layerviz.errors import NonFiniteLossError
 from layerviz.training import rank_loss, rank_loss_naive
+from tests.conftest import TINY, _load
 
 
 def _ids(tok):
@@ -264,41 +274,75 @@ def test_fold_stage1_fits_the_gap_in_closed_form(fresh_llama, synthetic):
     assert seen["stage1"] < seen["drop"]
 
 
-def _load_plain_logits(folder, ids, tmp_path) -> tuple[np.ndarray, list[str]]:
-    """Logits and config facts of an exported folder, loaded by plain transformers in a process without layerviz."""
-    np.save(tmp_path / "ids.npy", ids.numpy())
+def _load_plain(folders: dict[str, Path], ids: dict[str, torch.Tensor], tmp: Path) -> dict[str, tuple]:
+    """Each exported folder loaded by plain transformers, in ONE process without layerviz -> {case: (logits, [layers,
+    layer_types, sliding_window, parameters])}."""
+    for case, t in ids.items():
+        np.save(tmp / f"{case}.ids.npy", t.numpy())
     code = (
         "import sys, json, numpy as np, torch\n"
         "sys.modules['layerviz'] = None  # any import of layerviz now fails\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
-        f"ids = torch.tensor(np.load({str(tmp_path / 'ids.npy')!r}))\n"
-        "with torch.no_grad():\n"
-        f"    np.save({str(tmp_path / 'out.npy')!r}, m(ids).logits.numpy())\n"
-        "c = m.config\n"
-        "print(json.dumps([c.num_hidden_layers, getattr(c, 'layer_types', None), getattr(c, 'sliding_window', None),"
-        " sum(p.numel() for p in m.parameters())]))\n"
+        f"folders, tmp = {({k: str(v) for k, v in folders.items()})!r}, {str(tmp)!r}\n"
+        "facts = {}\n"
+        "for case, folder in folders.items():\n"
+        "    m = AutoModelForCausalLM.from_pretrained(folder).eval()\n"
+        "    with torch.no_grad():\n"
+        "        np.save(f'{tmp}/{case}.out.npy', m(torch.tensor(np.load(f'{tmp}/{case}.ids.npy'))).logits.numpy())\n"
+        "    c = m.config\n"
+        "    facts[case] = [c.num_hidden_layers, getattr(c, 'layer_types', None), getattr(c, 'sliding_window', None),"
+        " sum(p.numel() for p in m.parameters())]\n"
+        "print(json.dumps(facts))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    import json
+    facts = json.loads(r.stdout.strip().splitlines()[-1])
+    return {case: (np.load(tmp / f"{case}.out.npy"), facts[case]) for case in folders}
 
-    return np.load(tmp_path / "out.npy"), json.loads(r.stdout.strip().splitlines()[-1])
+
+EXPORTS = [(name, policy) for name in TINY for policy in ("identity", "fold")]
 
 
-@pytest.mark.parametrize("policy", ["identity", "fold"])
-def test_export_hf_loads_with_plain_transformers(tiny, tmp_path, policy):
-    name, model, tok = tiny
-    n, ids = arch.num_layers(model), _ids(tok)
-    keep = [0, 3, n // 2 + 1, n - 1]  # Gemma3: a mix of sliding and full layers, renumbered
-    compact = build_compact(model, keep, policy)
-    _perturb(compact, scale=0.02)
-    compact.export_hf(tmp_path / "plain")
+def _keep(model) -> list[int]:
+    n = arch.num_layers(model)
+    return [0, 3, n // 2 + 1, n - 1]  # Gemma3: a mix of sliding and full layers, renumbered
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, synthetic):
+    """Every export of this module (each tiny family with plain dropping and with fold adapters; a healed
+    LoRA + fold compact model), loaded back by plain transformers in one process -> {case: (expected logits,
+    logits, facts)}."""
+    tmp = tmp_path_factory.mktemp("exports")
+    folders, ids, expected = {}, {}, {}
+    for name, policy in EXPORTS:
+        model, tok = _load(name)
+        compact = build_compact(model, _keep(model), policy)
+        _perturb(compact, scale=0.02)
+        case = f"{name}-{policy}"
+        folders[case], ids[case] = compact.export_hf(tmp / case), _ids(tok)
+        with torch.no_grad():
+            expected[case] = compact(ids[case]).logits.numpy()
+    model, tok = copy.deepcopy(_load("tiny-llama3")[0]), _load("tiny-llama3")[1]
+    compact = build_compact(model, [0, 4, 9, 31], "fold", share=False)
+    heal(compact, synthetic, tok, "task", HealConfig(mode="lora", steps=2, eval_every=1, lr=1e-2, batch_size=2,
+                                                     train_negatives=3, lora_r=2),
+         lambda m: np.full(3, float(len(curve_rows(m)))), history_len=3, max_title_tokens=8)
+    compact.export_hf(tmp / "healed")
+    folders["healed"], ids["healed"] = tmp / "healed", _ids(tok)
     with torch.no_grad():
-        expected = compact(ids).logits
-    logits, (layers, types, window, params) = _load_plain_logits(tmp_path / "plain", ids, tmp_path)
+        expected["healed"] = compact(ids["healed"]).logits.numpy()
+    loaded = _load_plain(folders, ids, tmp)
+    return {case: (expected[case], *loaded[case]) for case in folders}
+
+
+@pytest.mark.parametrize("name,policy", EXPORTS)
+def test_export_hf_loads_with_plain_transformers(exported, name, policy):
+    model, _ = _load(name)
+    keep = _keep(model)
+    expected, logits, (layers, types, window, params) = exported[f"{name}-{policy}"]
     assert layers == len(keep)
-    assert np.allclose(logits, expected.numpy(), atol=1e-4)  # folding is exact up to float32 rounding
+    assert np.allclose(logits, expected, atol=1e-4)  # folding is exact up to float32 rounding
     if "gemma" in name:
         assert types == [arch.layer_types(model)[i] for i in keep] and len(set(types)) == 2
         assert window == arch.sliding_window(model)
@@ -316,18 +360,9 @@ def test_export_refuses_adapters_that_cannot_be_folded(tiny, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_healed_and_folded_compact_exports_with_identical_scores(fresh_llama, synthetic, tmp_path):
-    model, tok = fresh_llama
-    ids = _ids(tok)
-    compact = build_compact(model, [0, 4, 9, 31], "fold", share=False)
-    heal(compact, synthetic, tok, "task", HealConfig(mode="lora", steps=2, eval_every=1, lr=1e-2, batch_size=2,
-                                                train_negatives=3, lora_r=2),
-         lambda m: np.full(3, float(len(curve_rows(m)))), history_len=3, max_title_tokens=8)
-    compact.export_hf(tmp_path / "plain")
-    with torch.no_grad():
-        expected = compact(ids).logits
-    logits, _ = _load_plain_logits(tmp_path / "plain", ids, tmp_path)
-    assert np.allclose(logits, expected.numpy(), atol=1e-4)
+def test_healed_and_folded_compact_exports_with_identical_scores(exported):
+    expected, logits, _ = exported["healed"]
+    assert np.allclose(logits, expected, atol=1e-4)
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(fresh_llama):

@@ -158,7 +158,9 @@ def test_smollm2_is_real_and_knows_paris(smollm2):
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LAYERVIZ_SKIP_GEMMA") == "1", reason="LAYERVIZ_SKIP_GEMMA=1")
 def test_gemma3_is_real_and_sane():
-    model, tok = load_model("gemma3-270m", device="cpu")
+    from tests.conftest import _load
+
+    model, tok = _load("gemma3-270m")
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert arch.num_layers(model) == 18 and arch.family(model) == "gemma3"
     assert arch.layer_types(model).count("full_attention") == 3

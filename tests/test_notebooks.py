@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from layerviz.report import ReportConfig, declared_parameters, run_report
+from layerviz.report import NotebookFailed, ReportConfig, declared_parameters, run_report
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.ipynb"))
@@ -41,28 +41,41 @@ def test_ci_overrides_name_real_parameters(path):
 
 
 @pytest.fixture(scope="module")
-def shared_results(smoke_study):
-    """The session's smoke study: every notebook loads it (as after `layerviz run`)."""
-    return smoke_study.config.results_dir
+def executed(smoke_study, tmp_path_factory):
+    """Every notebook executed once on the session's smoke study (as after `layerviz run`), two kernels at a
+    time as `layerviz report` runs them -> (index rows by notebook, figures folder, the failure message or '')."""
+    out = tmp_path_factory.mktemp("report")
+    cfg = ReportConfig(notebooks=str(NB_DIR), out=str(out / "reports"), figures_dir=str(out / "figures"),
+                       results_dir=str(smoke_study.config.results_dir), params=str(NB_DIR / "ci_params.yaml"), jobs=2)
+    failure = ""
+    try:
+        run_report(cfg, report=None)
+    except NotebookFailed as e:
+        failure = str(e)
+    rows = json.loads((out / "reports" / "index.json").read_text())["notebooks"]
+    return {r["notebook"]: r for r in rows}, out / "figures", failure
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_executes_with_smoke_parameters(path, tmp_path, shared_results):
-    figures = tmp_path / "figures"
-    rows = run_report(ReportConfig(notebooks=str(NB_DIR), out=str(tmp_path / "reports"), figures_dir=str(figures),
-                                   results_dir=str(shared_results), params=str(NB_DIR / "ci_params.yaml"),
-                                   only=[path.name]), report=None)
-    assert [r["status"] for r in rows] == ["ok"]
-    pngs = list(figures.glob("*.png"))
-    assert pngs and all(f.with_suffix(".pdf").exists() for f in pngs)
-    assert sorted(rows[0]["figures"]) == sorted(p.name for p in figures.iterdir())
-    executed = json.loads((tmp_path / "reports" / path.name).read_text())
-    errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+def test_notebook_executes_with_smoke_parameters(path, executed):
+    rows, figures, failure = executed
+    row = rows[path.name]
+    assert row["status"] == "ok", failure
+    pngs = [figures / f for f in row["figures"] if f.endswith(".png")]
+    assert pngs and all(f.exists() and f.with_suffix(".pdf").name in row["figures"] for f in pngs)
+    executed_nb = json.loads(Path(row["output"]).read_text())
+    errors = [o for c in executed_nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     # every figure the notebook wrote is listed in the README's figure table (stem without the model suffix)
     for p in pngs:
         stem = p.stem.replace("_tiny-gemma3", "_{model}").replace("_tiny-llama3", "_{model}")
         assert f"`{stem}`" in README, f"README figure table lacks {stem}"
+
+
+def test_each_notebook_wrote_its_own_figures(executed):
+    rows, figures, _ = executed
+    made = [f for r in rows.values() for f in r["figures"]]
+    assert len(made) == len(set(made)) and sorted(made) == sorted(p.name for p in figures.iterdir())
 
 
 def test_nbstripout_finds_nothing_to_strip():

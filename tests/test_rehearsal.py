@@ -1,5 +1,5 @@
 """configs/paper-gpu.yaml rehearsed end to end on CPU: every stage, every configured strategy (backward_greedy
-and contiguous_block included), 1+99 candidates, then `layerviz report` on it.
+and contiguous_block included), 1+99 candidates, then the study opened as the notebooks open it.
 
 The models become tiny-llama3 / tiny-qwen3 (the real depths, 32 and 36 layers) and the datasets small files
 that this test writes in the official Amazon 2023 (Electronics.jsonl + meta_Electronics.jsonl) and
@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from layerviz.report import ReportConfig, run_report
 from layerviz.store import slug
-from layerviz.study import StudyConfig, against_run, plan, recorded_passes, run_study
+from layerviz.study import StudyConfig, against_run, open_study, plan, recorded_passes, run_study
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDDEN = {
@@ -115,10 +114,8 @@ def test_paper_config_rehearsed_on_cpu(tmp_path):
     decided = hyp.dropna(subset=["ci_low", "ci_high"])
     assert len(decided) and (decided["ci_low"] <= decided["ci_high"]).all()
 
-    config = tmp_path / "rehearsal.yaml"  # `layerviz report` with CONFIG pointing at the rehearsed study
+    config = tmp_path / "rehearsal.yaml"  # what every notebook's first cell does with CONFIG pointing at it
     config.write_text(yaml.safe_dump(asdict(cfg)))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"CONFIG": str(config)}))
-    index = run_report(ReportConfig(notebooks=str(ROOT / "notebooks"), out=str(tmp_path / "reports"),
-                                    figures_dir=str(tmp_path / "figures"), results_dir=str(tmp_path / "results"),
-                                    params=str(tmp_path / "params.yaml"), only=["01", "04"]), report=None)
-    assert len(index) == 2 and all(r["status"] == "ok" for r in index), index  # (all six: on the smoke study)
+    opened, models = open_study({"CONFIG": str(config), "RESULTS_DIR": str(tmp_path / "results"), "DEVICE": "cpu"})
+    assert models == ["tiny-llama3", "tiny-qwen3"]  # (the notebooks themselves run on the smoke study: test_notebooks)
+    assert opened.tables["hypotheses"].equals(res.tables["hypotheses"])

@@ -106,7 +106,6 @@ def test_same_request_twice_gives_same_scores(tiny):
 
 
 def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     out = tmp_path / "out"
     rc = cli(["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "6",
               "--negatives", "19", "--history-len", "5", "--out", str(out),
@@ -135,7 +134,8 @@ def test_cli_bad_dataset_is_a_clear_error(tmp_path, capsys):
 @pytest.mark.slow
 def test_smollm2_finds_signal_on_demo_data(smollm2, tmp_path, monkeypatch):
     """Real model, real protocol: the calibrated likelihood scorer ranks above chance."""
-    from layerviz.evaluate import EvalConfig, run_evaluate
+    from layerviz.evaluate import run_evaluate
+    from layerviz.settings import EvalConfig
 
     model, tok = smollm2
     cfg = EvalConfig(model="smollm2-135m", dataset="synthetic-electronics", users=30, negatives=19, history_len=10,
@@ -165,9 +165,9 @@ def test_cuda_oom_backoff_halves_the_batch():
 
 
 def test_embedding_full_ranking(tmp_path, monkeypatch):
-    from layerviz.evaluate import EvalConfig, run_evaluate
+    from layerviz.evaluate import run_evaluate
+    from layerviz.settings import EvalConfig
 
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = EvalConfig(model="tiny-gemma3", scorer="embedding", users=4, negatives=19, history_len=3,
                      full_ranking=True, results_dir=str(tmp_path / "r"))
     doc = run_evaluate(cfg, report=None)
@@ -295,6 +295,7 @@ def test_history_longer_than_the_context_is_cut_from_the_oldest_side():
     np.testing.assert_allclose(got[0], want, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["smollm2-135m", "gemma3-270m"])
 def test_packed_equals_naive_on_the_real_models(preset):
     from tests.conftest import _load
@@ -314,7 +315,6 @@ def test_bench_scoring_reports_the_token_bound_as_json(tmp_path, monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_scoring.py"
     spec = importlib.util.spec_from_file_location("bench_scoring", path)
     mod = importlib.util.module_from_spec(spec)

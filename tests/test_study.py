@@ -186,10 +186,17 @@ def test_curves_and_variants_agree_with_the_selections(smoke_run):
 
 
 @pytest.mark.study
-def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
-    cfg = _tiny_config(tmp_path, cross_domain_models=[], finetune={})
-    res = study.run(study.Study(cfg, report=None))
+def test_a_zero_shot_study_of_two_models_runs_them_side_by_side(tmp_path):
+    """jobs=2: each model's stages in a process of its own; the parent then finds them cached and runs only the
+    benches. Without fine-tuning the study is zero-shot, and two models give the cross-model tables. A GPU study
+    refuses jobs > 1."""
+    cfg = _tiny_config(tmp_path, cross_domain_models=[], finetune={}, jobs=2)
+    s = study.Study(cfg, report=None)
+    res = study.run(s)
+    assert sorted(s.stages.ran) == ["tiny-gemma3/bench", "tiny-llama3/bench"]
+    assert {"tiny-gemma3/synthetic-electronics/evaluation", "tiny-llama3/synthetic-electronics/adapters"} <= set(
+        s.stages.skipped)
+    assert set(res.per_user.model) == {"tiny-gemma3", "tiny-llama3"}
     cm = res.tables["cross_model"]
     assert len(cm) == 1 and cm["ci_low"].iloc[0] <= cm["spearman"].iloc[0] <= cm["ci_high"].iloc[0]
     th = res.tables["thirds"]
@@ -198,11 +205,12 @@ def test_cross_model_tables_with_two_models(tmp_path, monkeypatch):
     assert list(head["model"]) == ["tiny-gemma3", "tiny-llama3"] and list(head["L"]) == [18, 32]
     assert "the pattern generalizes across models" in set(res.tables["hypotheses"]["claim"])
     assert "finetune" not in res.tables and set(res.importance.base) == {"zero-shot"}
+    with pytest.raises(ValueError, match="jobs"):
+        study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")
 
 
 @pytest.mark.study
 def test_reused_finetuned_folder_must_match_its_base(tmp_path, monkeypatch):
-    monkeypatch.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp_path / "demo"))
     cfg = _tiny_config(tmp_path, models=["tiny-llama3"], cross_domain_models=[])
     s = study.Study(cfg, report=None)
     s.finetune("tiny-llama3")
@@ -242,20 +250,6 @@ def test_finetune_table_reads_the_zero_shot_side(smoke_run):
     shift = study.importance_shift(res)
     assert set(shift["criterion"]) == {"fused", "ablation_loss"}
     assert shift.groupby("model")["layers"].first().to_dict() == {"tiny-gemma3": 18, "tiny-llama3": 32}
-
-
-@pytest.mark.study
-def test_models_run_side_by_side_and_the_parent_only_benches(tmp_path):
-    """jobs=2: each model's stages in a process of its own; the parent then finds them cached and runs only
-    the benches. A GPU study refuses jobs > 1."""
-    cfg = study.smoke_config(results_dir=str(tmp_path), models=["tiny-gemma3", "tiny-llama3"], jobs=2)
-    s = study.Study(cfg, report=None)
-    res = study.run(s)
-    assert sorted(s.stages.ran) == ["tiny-gemma3/bench", "tiny-llama3/bench"]
-    assert {"tiny-gemma3/synthetic-electronics/evaluation", "tiny-llama3/synthetic-electronics/adapters"} <= set(s.stages.skipped)
-    assert set(res.per_user.model) == {"tiny-gemma3", "tiny-llama3"}
-    with pytest.raises(ValueError, match="jobs"):
-        study.smoke_config(results_dir=str(tmp_path), jobs=2, device="cuda")
 
 
 def test_sasrec_slices_cold_start_and_findings(smoke_run):
@@ -343,7 +337,6 @@ def key_walk(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("keys")
     mp = pytest.MonkeyPatch()
-    mp.setenv("LAYERVIZ_SYNTHETIC_DIR", str(tmp / "demo"))
     base = dict(models=["tiny-llama3"], cross_domain_models=["tiny-llama3"], cold_items=0.3)
 
     def keys(root=tmp, **change):

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -41,45 +41,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from layerviz import arch, parallel, passes
+from layerviz.compression.config import (
+    KINDS,
+    AdapterPolicy,
+    AdapterTrainConfig,
+)
 from layerviz.depth import region
 from layerviz.progress import progress
 from layerviz.scoring import pad_right
 from layerviz.training import BestState, Frozen, Loop
 
-KINDS = ("identity", "linear", "residual", "mlp", "fold")
-HIDDEN_LOSSES = ("mse", "cosine")
-"""Objectives on hidden states (the adapters' stage 1 and stage 2); ``task`` and ``distill`` are in heal."""
-
-
 # ----------------------------------------------------------------------------- placement policy
-
-
-@dataclass
-class AdapterPolicy:
-    """Which adapter goes in which gap (defaults: the paper's policy, in rank-64 form)."""
-
-    linear_max_gap: int = 3
-    """Gaps of 1..linear_max_gap skipped layers get a linear adapter; larger ones a residual one."""
-    rank: int | None = 64
-    """Low-rank form with this rank; None for full-rank adapters."""
-    boundary: str | None = "mlp"
-    """Kind for a gap whose kept ends lie in different depth thirds; None: no special rule."""
-    embedding: str | None = "mlp"
-    """Kind for a gap that starts at the embedding; None: no special rule."""
-    tail: bool = True
-    """Also place an adapter after the last kept layer when layers after it were skipped."""
-    force: str | None = None
-    """One kind for every non-empty gap (e.g. 'identity' = plain layer dropping); None: the policy."""
-
-    def __post_init__(self):
-        for name in ("boundary", "embedding", "force"):
-            v = getattr(self, name)
-            if v is not None and v not in KINDS:
-                raise ValueError(f"unknown adapter type {v!r} for {name}; use one of {', '.join(KINDS)}")
-        if self.rank is not None and self.rank < 1:
-            raise ValueError(f"adapter rank must be >= 1 or None (full rank), got {self.rank}")
-        if self.linear_max_gap < 0:
-            raise ValueError(f"linear_max_gap must be >= 0, got {self.linear_max_gap}")
 
 
 @dataclass
@@ -246,47 +218,6 @@ def fit_lstsq(adapter: Adapter, x: torch.Tensor, y: torch.Tensor, ridge: float =
 # ----------------------------------------------------------------------------- training
 
 
-@dataclass
-class AdapterTrainConfig:
-    """How adapters are trained (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
-    init: str = "identity"
-    """Stage-1 start: 'identity' (the adapters' own init) or 'lstsq' (closed-form bridge first)."""
-    stage1_epochs: int = 20
-    """Local training epochs per adapter (0: skip the gradient steps of stage 1)."""
-    stage2_epochs: int = 3
-    """End-to-end epochs on the final hidden state (0: no stage 2)."""
-    lr: float = 1e-3
-    """AdamW learning rate."""
-    stage2_lr: float = 2e-4
-    """AdamW learning rate in stage 2."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay (pulls towards 0, not the identity; the default reg does that)."""
-    reg: float = 1e-4
-    """lambda: weight of each adapter's squared distance from the identity map."""
-    clip: float = 1.0
-    """Gradient-norm clipping."""
-    patience: int = 3
-    """Early stopping: epochs without a better validation MSE."""
-    token_batch: int = 2048
-    """Stage 1: tokens per step."""
-    sample_batch: int = 4
-    """Stage 2: prompts per step."""
-    val_fraction: float = 0.25
-    """Share of the probe prompts held out for validation and early stopping."""
-    skip_first: bool = True
-    """Leave the first position out of the MSE: its attention-sink state has huge norms that would dominate."""
-    loss: dict = field(default_factory=lambda: {"mse": 1.0})
-    """Weights of the hidden-state objective both stages minimize: mse and/or cosine (1 - cos), summed."""
-    seed: int = 0
-
-    def __post_init__(self):
-        self.loss = check_weights(self.loss, HIDDEN_LOSSES, "hidden-state objective")
-        if self.init not in ("identity", "lstsq"):
-            raise ValueError(f"unknown adapter init {self.init!r}; use 'identity' or 'lstsq'")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
 def _padded(examples, idx, pad, device):
     return pad_right([examples[i].ids for i in idx], pad, device)
 
@@ -322,21 +253,6 @@ def teacher_states(model, examples, points: list[int], pad: int, batch: int = 8,
                 for r in range(len(idx)):
                     out[key].append(caught[name][r][keep[r]].float())
     return out
-
-
-def check_weights(weights: dict, allowed: tuple, what: str) -> dict:
-    """Objective weights {name: w >= 0, sum > 0} with names from ``allowed`` -> the dict with the zero terms left
-    out; raise naming the problem and the fix."""
-    unknown = sorted(set(weights) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown {what} {unknown}; use one or more of {', '.join(allowed)} "
-                         "(a weighted sum: e.g. task=1,distill=0.5)")
-    bad = {k: w for k, w in weights.items() if not isinstance(w, int | float) or not math.isfinite(w) or w < 0}
-    if bad:
-        raise ValueError(f"{what} weights must be finite and >= 0, got {bad}")
-    if sum(weights.values()) <= 0:
-        raise ValueError(f"{what} weights sum to 0 ({weights}): give at least one term a positive weight")
-    return {k: float(w) for k, w in weights.items() if w > 0}
 
 
 def hidden_loss(pred: torch.Tensor, target: torch.Tensor, weights: dict) -> torch.Tensor:

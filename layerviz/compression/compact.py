@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from layerviz import arch, store
-from layerviz.compression.adapters import Adapter, AdapterPolicy, AdapterSpec, place_adapters
+from layerviz.compression.adapters import Adapter, AdapterSpec, place_adapters
+from layerviz.compression.config import AdapterPolicy
 from layerviz.models import fingerprint
 
 FORMAT_VERSION = 1

@@ -19,7 +19,6 @@ model for as long on the same data and objective: the fair control of a healed c
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -27,13 +26,18 @@ import torch
 import torch.nn.functional as F
 
 from layerviz import arch, passes
-from layerviz.compression.adapters import HIDDEN_LOSSES, check_weights, hidden_loss, loss_mask
+from layerviz.compression.adapters import hidden_loss, loss_mask
 from layerviz.compression.compact import CompactLM
+from layerviz.compression.config import (
+    HIDDEN_LOSSES,
+    HealConfig,
+    objective_label,
+    parse_objective,
+)
 from layerviz.data.prompts import Prompt, PromptConfig
 from layerviz.models import fingerprint
 from layerviz.scoring import batched_prefix_scores, pad_right
 from layerviz.training import (
-    LLAMA_LIKE_TARGETS,
     BestState,
     Frozen,
     Loop,
@@ -43,72 +47,6 @@ from layerviz.training import (
     softmax_ce,
     training_windows,
 )
-
-OBJECTIVES = (*HIDDEN_LOSSES, "task", "distill")
-MODES = ("adapters", "lora", "last")
-
-
-def parse_objective(objective: str | dict) -> dict[str, float]:
-    """'task+distill', 'task=1,distill=0.5', 'mse' or {'task': 1, 'distill': 0.5} -> checked weights."""
-    if isinstance(objective, str):
-        weights = {}
-        for part in objective.replace("+", ",").split(","):
-            name, _, w = part.strip().partition("=")
-            try:
-                weights[name.strip()] = float(w) if w else 1.0
-            except ValueError:
-                raise ValueError(f"objective weight {w!r} of {name!r} is not a number (e.g. task=1,distill=0.5)") from None
-        objective = weights
-    return check_weights(dict(objective), OBJECTIVES, "adapter objective")
-
-
-def objective_label(weights: dict) -> str:
-    """'task+distill', 'task+0.5*distill': how tables name an objective."""
-    return "+".join(k if w == 1 else f"{w:g}*{k}" for k, w in weights.items())
-
-
-@dataclass
-class HealConfig:
-    """How a compact model is healed on the training windows (``adapters: {heal: {...}}`` in a study)."""
-
-    mode: str = "adapters"
-    """What trains: 'adapters' (only), 'lora' (also LoRA on the kept layers) or 'last' (also the last kept
-    layers, the final norm and the LM head)."""
-    steps: int = 30
-    """Optimizer steps (the budget; ``max_seconds`` may end it sooner)."""
-    max_seconds: float | None = None
-    """Stop after this many seconds (validation included); None: steps only."""
-    lr: float = 1e-3
-    """AdamW learning rate (adapters, LoRA; the 'last' weights get lr / 10)."""
-    batch_size: int = 4
-    """Training windows per step."""
-    train_negatives: int = 7
-    """Sampled negatives per window (task and distill rank 1 + these)."""
-    temperature: float = 2.0
-    """Distillation temperature T."""
-    eval_every: int = 10
-    """Validation NDCG@10 every this many steps (and at the end)."""
-    patience: int | None = None
-    """Stop after this many validations without improvement (None: run the budget)."""
-    lora_r: int = 8
-    """LoRA rank (mode 'lora')."""
-    lora_alpha: int = 16
-    """LoRA alpha (scale alpha / r)."""
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_LIKE_TARGETS))
-    """Linear modules of the kept layers that LoRA adapts."""
-    last_layers: int = 2
-    """Mode 'last': how many of the last kept layers train."""
-    clip: float = 1.0
-    """Gradient-norm clipping."""
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"unknown heal mode {self.mode!r}; use one of {', '.join(MODES)}")
-        for name in ("steps", "batch_size", "train_negatives", "eval_every", "lora_r", "last_layers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"heal {name}={getattr(self, name)!r}: give a positive integer")
-        if not self.temperature > 0:
-            raise ValueError(f"heal temperature must be > 0, got {self.temperature}")
 
 
 def check_teacher(teacher, student, tokenizer, teacher_tokenizer=None) -> None:

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from scipy.stats import rankdata, spearmanr
 
 from layerviz import arch, parallel, passes, store
+from layerviz.compression.config import DEFAULT_FUSION, ImportanceConfig
 from layerviz.data import load
 from layerviz.data.prompts import ProbePrompt, ProbeSet, build_probes
 from layerviz.depth import depth
@@ -48,7 +49,6 @@ from layerviz.evaluate import task_evaluator
 from layerviz.models import load_model
 from layerviz.progress import progress
 from layerviz.scoring import token_logprobs
-from layerviz.settings import Settings
 
 HOOK_CRITERIA = ["fisher_sum", "fisher_mean", "attn_entropy", "attn_item_mass", "attn_item_share",
                  "block_influence", "angular_distance", "norm_ratio", "kurtosis"]
@@ -57,7 +57,7 @@ ABLATION_CRITERIA = ["ablation_ndcg", "ablation_loss"]
 DIRECTION = {"fisher_sum": 1, "fisher_mean": 1, "attn_entropy": -1, "attn_item_mass": 1,
              "attn_item_share": 0, "block_influence": 1, "angular_distance": 1, "norm_ratio": 1,
              "kurtosis": 1, "ablation_ndcg": 1, "ablation_loss": 1, "fused": 1}
-DEFAULT_FUSION = {"fisher_sum": 1.0, "block_influence": 1.0, "attn_item_mass": 1.0}
+
 FIT_STEP = 0.1
 """Grid step of fitted fusion weights (non-negative, summing to 1): 66 weightings of the three default criteria."""
 
@@ -524,34 +524,6 @@ def layer_importance(model, probes: ProbeSet, criteria: list[str] | None = None,
 
 
 # ----------------------------------------------------------------------------- the cached study stage
-
-
-@dataclass
-class ImportanceConfig(Settings):
-    """What decides an importance run (shared by the CLI, `layerviz run` configs and notebooks)."""
-
-    samples: int = 128
-    """ProbeSet examples (validation users)."""
-    loss: str = "likelihood"
-    """ProbeSet loss: 'likelihood' (NLL of the positive title) or 'yesno'."""
-    batch_size: int = 1
-    """ProbeSet batch size; 1 gives the exact per-sample empirical Fisher."""
-    normalization: str = "minmax"
-    """'minmax' or 'rank'."""
-    fusion_weights: dict | str = field(default_factory=lambda: dict(DEFAULT_FUSION))
-    """Weights of the fused score over normalized criteria, or 'fit': fitted on the probe (validation)
-    examples against the loss ablation (needs ``ablation``), with a cross-fitted validity row. Fixed by default,
-    so that fused profiles stay comparable across models, domains and zero-shot vs fine-tuned."""
-    ablation: bool = True
-    """Also measure the single-layer ablation ground truth and the validity table."""
-    ablation_users: int = 32
-    """Validation users for the ablation NDCG@10 (1 + ablation_negatives candidates each); 0: loss only."""
-    ablation_negatives: int = 19
-    """Negatives per ablation user (fewer than the evaluation's, to keep L ablated passes cheap)."""
-    scorer: str = "likelihood"
-    """Scorer for the ablation NDCG@10."""
-    calibration: str = "auto"
-    """Likelihood calibration of the ablation NDCG@10: 'auto' (chosen on validation users), 'none' or 'pmi'."""
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -24,80 +24,28 @@ import torch
 
 from layerviz import arch, metrics, store
 from layerviz.compression.adapters import (
-    AdapterPolicy,
-    AdapterTrainConfig,
     final_mse,
     teacher_states,
     train_adapters,
 )
 from layerviz.compression.compact import CompactLM, build_compact
-from layerviz.compression.heal import HealConfig, heal, objective_label, parse_objective
+from layerviz.compression.config import (
+    AdaptConfig,
+    AdapterPolicy,
+    AdapterTrainConfig,
+    HealConfig,
+    objective_label,
+    parse_objective,
+)
+from layerviz.compression.heal import heal
 from layerviz.data import load
 from layerviz.data.prompts import build_probes
 from layerviz.errors import NonFiniteLossError
 from layerviz.evaluate import task_evaluator
 from layerviz.models import fingerprint, load_model
 from layerviz.scoring import pad_right
-from layerviz.settings import Settings
 
 METRICS = ("ndcg@5", "ndcg@10")
-
-
-@dataclass
-class AdaptConfig(Settings):
-    """What decides an adapter run (shared by `layerviz adapt`, `layerviz run` configs and notebooks)."""
-
-    layers: list[int] | None = None
-    """Kept layers (ascending); or give ``selection``."""
-    selection: str | None = None
-    """A selection.json from `layerviz select --out` (its ``layers``)."""
-    policy: dict = field(default_factory=dict)
-    """Overrides of AdapterPolicy (rank, force, linear_max_gap, boundary, embedding, tail)."""
-    train: dict = field(default_factory=dict)
-    """Overrides of AdapterTrainConfig (init, stage1_epochs, stage2_epochs, lr, reg, ...)."""
-    samples: int = 64
-    """ProbeSet prompts (validation targets of seeded users) for training; a share is held out."""
-    users: int = 100
-    """Test users for the NDCG@10 retention (1 + negatives candidates each)."""
-    calibration: str = "auto"
-    """Likelihood calibration of the retention NDCG: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-    objective: str = "mse"
-    """What the adapters learn: mse, cosine (hidden states), task (the ranking loss on training windows),
-    distill (KL to the full model's candidate distribution), or a weighted sum: 'task+distill', 'task=1,mse=0.1'.
-    With task or distill, healing on the training windows replaces stage 2."""
-    heal: dict = field(default_factory=dict)
-    """Overrides of HealConfig: mode (adapters, lora, last), steps, max_seconds, lr, eval_every, ... A mode other
-    than 'adapters' heals also with a hidden-state objective."""
-    valid_users: int = 40
-    """Validation users (1 + negatives candidates) whose NDCG@10 early-stops healing and picks its best state."""
-    control: bool = True
-    """When healing trains on the task, also train the full model for as long (same steps, data and task loss;
-    LoRA, or its last layers for mode 'last') and report retention against it too: the fair control."""
-
-    def kept(self, n_layers: int) -> list[int]:
-        """The layer list from ``layers`` or ``selection`` (checked against the model)."""
-        if (self.layers is None) == (self.selection is None):
-            raise ValueError("give exactly one of layers (e.g. 0,3,7) or selection (a selection.json)")
-        if self.selection is not None:
-            path = Path(self.selection)
-            if path.is_dir():
-                path = path / "selection.json"
-            if not path.exists():
-                raise FileNotFoundError(f"no selection file {path}; write one with `layerviz select --out DIR`")
-            sel = json.loads(path.read_text())
-            if sel.get("n_layers") not in (None, n_layers):
-                raise ValueError(f"{path} selects from {sel['n_layers']} layers but the model has {n_layers}")
-            return arch.validate_layers(sel["layers"], n_layers)
-        return arch.validate_layers(self.layers, n_layers)
-
-
-    def heal_config(self) -> HealConfig:
-        return HealConfig(**self.heal)
-
-    def healing(self) -> bool:
-        """Whether this run heals on the training windows (task or distill in the objective, or a heal mode that
-        trains more than the adapters)."""
-        return bool({"task", "distill"} & set(parse_objective(self.objective))) or self.heal_config().mode != "adapters"
 
 
 def _ci_columns(row: dict, name: str, values: np.ndarray, seed: int) -> None:

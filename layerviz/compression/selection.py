@@ -22,18 +22,14 @@ import pandas as pd
 import torch
 
 from layerviz import arch, metrics, passes
-from layerviz.compression.importance import (
-    ImportanceConfig,
-    choose_criterion,
-    probe_batch,
-    run_importance,
-)
+from layerviz.compression.config import ImportanceConfig, SelectConfig
+from layerviz.compression.importance import choose_criterion, probe_batch, run_importance
 from layerviz.data import load
 from layerviz.data.prompts import build_probes
 from layerviz.depth import thirds
 from layerviz.evaluate import FidelityEvaluator, task_evaluator
 from layerviz.models import load_model
-from layerviz.settings import SHARED, Settings
+from layerviz.settings import SHARED
 
 
 class BudgetExhausted(RuntimeError):
@@ -398,38 +394,6 @@ def load_reference(path: str | Path | None = None) -> dict:
 
 
 # ----------------------------------------------------------------------------- the study stage
-
-
-@dataclass
-class SelectConfig(Settings):
-    """What decides a selection run (shared by the CLI, `layerviz run` configs and notebooks)."""
-
-    strategy: str = "importance_greedy"
-    """One of STRATEGIES."""
-    criterion: str = "auto"
-    """Importance criterion ordering importance_greedy / top_k; 'auto': the most valid against the loss ablation."""
-    highest: bool = True
-    """top_k keeps the highest values of the criterion (ShortGPT keeps the highest Block Influence)."""
-    k: int | None = 8
-    """Layers to keep (importance_greedy: an upper bound; None lets saturation decide)."""
-    budget: int | None = None
-    """Maximum number of subset evaluations."""
-    window: int = 3
-    """Saturation: this many consecutive small improvements stop importance_greedy."""
-    threshold: float = 0.01
-    """Saturation: a relative improvement below this is small."""
-    protect_ends: bool = True
-    """backward_greedy never removes the first and last layer (SLEB)."""
-    evaluator: str = "task"
-    """'task' (validation NDCG@10), 'fidelity' (-KL to the full model) or 'hidden_mse'."""
-    users: int = 32
-    """Validation users the evaluator scores (1 + negatives candidates each)."""
-    calibration: str = "auto"
-    """Likelihood calibration of the task evaluator: 'auto' (chosen on validation users), 'none' or 'pmi'."""
-    reference: str | None = None
-    """strategy 'reference': key in data/reference_selections.json (e.g. llama3-8b)."""
-    importance: dict = field(default_factory=dict)
-    """Overrides for the ImportanceConfig whose table orders importance_greedy / top_k."""
 
 
 def run_select(cfg: SelectConfig, model=None, tokenizer=None, report=print) -> tuple[Selection, dict]:

@@ -11,12 +11,12 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 
 from layerviz import arch, store
-from layerviz.bench import BenchConfig, configurations, layers_for_k, run_bench, with_k
-from layerviz.compression.adapters import AdapterTrainConfig
+from layerviz.bench import configurations, layers_for_k, run_bench, with_k
 from layerviz.compression.compact import load_compact
-from layerviz.compression.heal import parse_objective
-from layerviz.compression.retention import AdaptConfig, control_config, run_adapt
+from layerviz.compression.config import AdaptConfig, AdapterTrainConfig, parse_objective
+from layerviz.compression.retention import control_config, run_adapt
 from layerviz.progress import progress
+from layerviz.settings import BenchConfig
 from layerviz.store import slug
 from layerviz.study.baseline_stages import metric_columns
 from layerviz.study.stage_base import Scored

@@ -10,19 +10,21 @@ from pathlib import Path
 
 import yaml
 
-from layerviz.bench import BenchConfig
-from layerviz.compression.adapters import AdapterPolicy, AdapterTrainConfig
-from layerviz.compression.heal import HealConfig, parse_objective
-from layerviz.compression.importance import DIRECTION, ImportanceConfig, check_fusion_weights
-from layerviz.compression.retention import AdaptConfig
+from layerviz.compression.config import (
+    AdaptConfig,
+    AdapterPolicy,
+    AdapterTrainConfig,
+    HealConfig,
+    ImportanceConfig,
+    parse_objective,
+)
+from layerviz.compression.importance import DIRECTION, check_fusion_weights
 from layerviz.compression.selection import STRATEGIES, load_reference
 from layerviz.data import PrepConfig
 from layerviz.data.bundled import NAMED, SYNTHETIC, known
-from layerviz.evaluate import CALIBRATIONS
-from layerviz.finetune import FinetuneConfig
 from layerviz.models import PRESETS
 from layerviz.sasrec import SASRecConfig
-from layerviz.settings import SHARED, Settings
+from layerviz.settings import CALIBRATIONS, SHARED, BenchConfig, FinetuneConfig, Settings
 
 # settings the study decides for every stage (a section of the config may not override them)
 STUDY_OWNED = set(SHARED) | {"calibration"}

@@ -234,7 +234,7 @@ def open_study(params: dict) -> tuple[StudyResult, list[str]]:
     except StageMissing as e:
         raise _missing(p, e) from None
     cfg = res.config
-    print(f"study {cfg.name!r}: models {', '.join(res.models)}; domain A {cfg.dataset}, domain B {cfg.transfer_dataset}; "
+    print(f"study {cfg.name!r}: models {', '.join(res.models)}; dataset {cfg.dataset}, transfer to {cfg.transfer_dataset}; "
           f"k = round(L x {cfg.k_fraction}); results in {cfg.folder}")
     print(describe_base(cfg))
     return res, pick_models(res, p["MODEL"])

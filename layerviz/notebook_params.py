@@ -7,7 +7,7 @@ CONFIG = "../configs/demo.yaml"
 MODELS = None
 """Model presets / hub ids / paths instead of the config's (e.g. ["llama3-8b", "qwen3-8b"])."""
 DATASET = None
-"""Domain A dataset instead of the config's (a named dataset or a folder of official files)."""
+"""The main dataset instead of the config's (a named dataset or a folder of official files)."""
 OVERRIDES: dict = {}
 """Any other study setting, e.g. {"eval_users": 200, "select_users": 32}."""
 MODEL = None

@@ -9,6 +9,9 @@ import torch
 from layerviz import load_model
 
 os.environ.pop("LAYERVIZ_SYNTHETIC_DIR", None)  # every test (and subprocess) reads the one default folder
+# ranx's metrics (the cross-check in test_metrics) run as plain Python: the same arithmetic, without the half
+# minute numba takes to compile them on a fresh machine for a few hundred users
+os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
 
 TINY = ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"]
 TINY_LAYERS = {"tiny-llama3": 32, "tiny-qwen3": 36, "tiny-gemma3": 18}

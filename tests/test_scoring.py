@@ -108,7 +108,7 @@ def test_same_request_twice_gives_same_scores(tiny):
 def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "out"
     rc = cli(["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "6",
-              "--negatives", "19", "--history-len", "5", "--out", str(out),
+              "--negatives", "19", "--history-len", "5", "--calibration-users", "6", "--out", str(out),
               "--results-dir", str(tmp_path / "r")])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -121,7 +121,8 @@ def test_cli_evaluate_end_to_end(tmp_path, monkeypatch):
     assert manifest["seed"] == 0 and manifest["data_fingerprint"] and manifest["versions"]["torch"]
     # same config, same tables
     cli(["evaluate", "--model", "tiny-llama3", "--dataset", "synthetic-electronics", "--users", "6", "--negatives", "19",
-         "--history-len", "5", "--out", str(tmp_path / "again"), "--results-dir", str(tmp_path / "r")])
+         "--history-len", "5", "--calibration-users", "6", "--out", str(tmp_path / "again"),
+         "--results-dir", str(tmp_path / "r")])
     again = pd.read_parquet(tmp_path / "again" / "ranks.parquet")
     assert again["rank"].tolist() == ranks["rank"].tolist()
 

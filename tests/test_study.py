@@ -124,7 +124,7 @@ def test_the_plan_predicts_the_passes_every_stage_records(smoke_run):
     assert (per_stage > 0).all().all(), per_stage
     assert check.stage.str.endswith("/cold").any() and check.stage.str.endswith("/transfer").any()
     exact = check[check["exact"]]
-    assert len(exact) > 20 and {"prefix", "candidate", "calibration", "ablation", "backward", "train"} <= set(exact["kind"])
+    assert len(exact) > 20 and {"prefix", "candidate", "probe", "ablation", "backward", "train"} <= set(exact["kind"])
     assert (planned["flops"] > 0).any() and np.allclose(planned["seconds"], planned["flops"] / (CPU_TFLOPS * 1e12))
 
 

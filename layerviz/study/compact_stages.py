@@ -1,5 +1,5 @@
 """The compact recommender's stages (a mixin of ``Study``): adapters on kept layers (RQ3), A's compact model on
-domain B (transfer), every LLM system on the cold-start test set, and the bench (RQ4). Each: config, compute,
+the transfer dataset (transfer), every LLM system on the cold-start test set, and the bench (RQ4). Each: config, compute,
 cost."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from layerviz.study.stage_base import Scored
 
 @dataclass
 class ColdStage(Scored):
-    """Domain A's cold-start test set: the recommender, ``variants`` and ``adapters`` (``Scored``), and the
+    """The main dataset's cold-start test set: the recommender, ``variants`` and ``adapters`` (``Scored``), and the
     zero-shot model with its own calibration."""
 
     zeroshot_calibration: str | None = None
@@ -150,7 +150,7 @@ class CompactStages:
 
     def heal_variants(self, spec: str) -> dict:
         """RQ3: every adapter variant (objective, healing) on the primary selection and first_k at each k of the
-        rq3 section, on domain A's test users: retention (against the full model and the control), agreement,
+        rq3 section, on the main dataset's test users: retention (against the full model and the control), agreement,
         and the validation NDCG@10 that picks a variant."""
         runs, a = self.heal_runs(spec), self.cfg.dataset
         config = HealVariantsStage([{**{k: v for k, v in r.items() if k != "adapt"}, "adapt": asdict(r["adapt"])}
@@ -185,7 +185,7 @@ class CompactStages:
         return self.stages.root / f"{slug(spec)}/{slug(dataset)}/adapters" / "adapt" / "compact"
 
     def transfer(self, spec: str, a_layers: list[int]) -> dict:
-        """A's selection (plain and with A's adapters) evaluated on domain B's test users."""
+        """A's selection (plain and with A's adapters) evaluated on the transfer dataset's test users."""
         cfg, b = self.cfg, self.cfg.transfer_dataset
         config = self.scored(spec, b, cfg.eval_users, calibration=self.calibration(spec, b)["choice"],
                              variants={"a_selection_plain": a_layers},
@@ -208,7 +208,7 @@ class CompactStages:
         return self.stage(f"{slug(spec)}/{slug(b)}/transfer", config, compute, b, cost, spec)
 
     def cold(self, spec: str, layers: list[int]) -> dict:
-        """Domain A's cold-start test set: the zero-shot model, the fine-tuned one, and ``layers`` with the
+        """The main dataset's cold-start test set: the zero-shot model, the fine-tuned one, and ``layers`` with the
         adapters of the adapters stage (the study's compact recommender), every metric per user."""
         c, a = self.cfg, self.cfg.dataset
         zs = self.calibration(spec, a, zeroshot=True)["choice"] if self.finetuning else None

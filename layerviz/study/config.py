@@ -41,9 +41,9 @@ class StudyConfig:
     models: list[str] = field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"])
     """Model presets, hub ids or local paths."""
     dataset: str = "synthetic-electronics"
-    """Domain A dataset: selection, adapters and the headline are measured here."""
+    """The main dataset: selection, adapters and the headline are measured here."""
     transfer_dataset: str = "synthetic-movies"
-    """Domain B dataset: the cross-domain transfer target."""
+    """The transfer dataset: the cross-domain transfer target."""
     cross_domain_models: list[str] | None = None
     """Models that run the cross-domain study (default: the first model)."""
     strategies: list[str] = field(default_factory=lambda: ["importance_greedy", "top_k", "first_k", "last_k",
@@ -65,7 +65,7 @@ class StudyConfig:
     """Protocol: users and items are filtered to at least this many positives (k-core)."""
     cold_items: float = 0.0
     """Item cold start (both datasets' protocol): this seeded fraction of the items is held out of training
-    entirely; domain A's test users whose positive is such an item are the cold-start test set, on which the
+    entirely; the main dataset's test users whose positive is such an item are the cold-start test set, on which the
     zero-shot, fine-tuned and compact LLMs, SASRec and popularity are compared. 0: off."""
     item_noun: str | None = None
     """What the prompts call the items (None: each dataset's default, e.g. movies for MovieLens)."""
@@ -80,7 +80,7 @@ class StudyConfig:
     eval_strategies: list[str] = field(default_factory=lambda: ["last_k"])
     """Strategies (besides the primary) whose selections are also evaluated on the test users, without adapters."""
     finetune: dict = field(default_factory=dict)
-    """Fine-tune each model on domain A first (overrides of FinetuneConfig: objective, max_steps, max_seconds,
+    """Fine-tune each model on the main dataset first (overrides of FinetuneConfig: objective, max_steps, max_seconds,
     full, lora_r, lr, batch_size, ...); every later stage then analyses the fine-tuned recommender, and the
     zero-shot model is still evaluated and profiled alongside. {}: the zero-shot model only. A ``models``
     entry overrides settings per model, e.g. ``models: {gemma3-270m: {lr: 1.0e-3}}``."""
@@ -138,7 +138,7 @@ class StudyConfig:
                           self.cold_items, self.seed)
 
     def finetune_config(self, spec: str) -> FinetuneConfig:
-        """How ``spec`` is fine-tuned on domain A (shared settings, the section, its per-model overrides)."""
+        """How ``spec`` is fine-tuned on the main dataset (shared settings, the section, its per-model overrides)."""
         return FinetuneConfig(**self.settings(spec, self.dataset), **self.finetune_for(spec))
 
     def finetune_for(self, spec: str) -> dict:

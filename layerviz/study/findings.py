@@ -88,7 +88,7 @@ def compact_section(res: StudyResult) -> str:
         show = [c for c in ("model", "selection", "k", "variant", "objective", "heal_mode", "ndcg@10", "retention",
                             "retention_low", "retention_high", "retention_control", "top1", "kendall_tau",
                             "valid_ndcg@10", "chosen", "vs_mse", "vs_mse_low", "vs_mse_high") if c in t]
-        out += ["## RQ3: adapter objectives and healing (domain A test users; `chosen`: the validation users' pick)\n",
+        out += ["## RQ3: adapter objectives and healing (the main dataset's test users; `chosen`: the validation users' pick)\n",
                 t[show].to_markdown(index=False, floatfmt=".3f") + "\n"]
         out += [f"- {m}: " + rq3_sentence(g).replace("\n", "\n- " + m + ": ") for m, g in t.groupby("model")]
         out.append("")
@@ -102,7 +102,7 @@ def markdown(res: StudyResult) -> str:
                  f"`<results_dir>/{cfg.name}/`; do not edit by hand. Candidates: 1 positive + {cfg.negatives} negatives per user; "
                  "95% bootstrap CIs over users.\n")
     parts.append("## Data\n\n" + "\n".join(f"- **{role} {d}**: {provenance(d)}" for role, d in
-                                           (("domain A", cfg.dataset), ("domain B", cfg.transfer_dataset))) + "\n")
+                                           (("main dataset", cfg.dataset), ("transfer dataset", cfg.transfer_dataset))) + "\n")
     if not res.finetune.empty:
         f = res.finetune[["model", "lr", "steps", "examples", "best_step", "valid_ndcg@10_before",
                           "valid_ndcg@10_after", "eval_users", "seconds"]]
@@ -121,10 +121,10 @@ def markdown(res: StudyResult) -> str:
     if sl is not None and not sl.empty:
         parts.append("## By the test positive's training popularity (NDCG@10; thirds of the items)\n\n"
                      + _wide(sl, ["model", "dataset", "system"], "slice") + "\n")
-    parts.append("## Item cold start (domain A's test users whose positive was held out of training)\n\n"
+    parts.append("## Item cold start (the main dataset's test users whose positive was held out of training)\n\n"
                  + cold_start(res))
     v = res.tables["variants"]
-    parts.append("## Compact models without adapters (domain A, NDCG@10 retention against the full model)\n\n"
+    parts.append("## Compact models without adapters (the main dataset, NDCG@10 retention against the full model)\n\n"
                  + v[["model", "variant", "k", "ndcg@10", "retention", "retention_low", "retention_high"]]
                  .to_markdown(index=False, floatfmt=".3f") + "\n")
     parts.append(compact_section(res))

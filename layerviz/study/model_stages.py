@@ -26,7 +26,7 @@ class ModelStages:
     """Stages that ``Study`` inherits (they use ``StageBase``'s resources and ``stage``)."""
 
     def finetune(self, spec: str) -> dict:
-        """The base model fine-tuned on domain A's training split (a plain HF folder under the stage)."""
+        """The base model fine-tuned on the main dataset's training split (a plain HF folder under the stage)."""
         fcfg, a = self.ft_config(spec), self.cfg.dataset
 
         def compute(folder):
@@ -122,9 +122,9 @@ class ModelStages:
 
     def importance_config(self, spec: str, dataset: str, ablation: bool = True,
                           zeroshot: bool = False) -> imp.ImportanceConfig:
-        """The importance stage's config (ablation off: domain A's fitted fusion weights, if 'fit')."""
+        """The importance stage's config (ablation off: the main dataset's fitted fusion weights, if 'fit')."""
         over_ = dict(self.cfg.importance) if ablation else {**self.cfg.importance, "ablation": False}
-        if not ablation and over_.get("fusion_weights") == "fit":  # no ground truth here: domain A's fitted weights
+        if not ablation and over_.get("fusion_weights") == "fit":  # no ground truth here: the main dataset's fitted weights
             over_["fusion_weights"] = self.importance(spec, self.cfg.dataset, zeroshot=zeroshot)["fusion"]
         needs_scorer = ablation and over_.get("ablation_users", imp.ImportanceConfig.ablation_users) > 0
         calibration = self.calibration(spec, dataset, zeroshot)["choice"] if needs_scorer else "none"
@@ -162,7 +162,7 @@ class ModelStages:
         """The criterion ordering importance_greedy/top_k: the config's, or the most valid one ('auto')."""
         if self.cfg.criterion != "auto":
             return {"criterion": self.cfg.criterion, "auto": False}
-        validity = self.importance(spec, self.cfg.dataset)["validity"]  # needs the ablation: on domain A
+        validity = self.importance(spec, self.cfg.dataset)["validity"]  # needs the ablation: on the main dataset
         if validity is None:  # planning: not measured yet
             return {"criterion": "auto", "auto": True, "dataset": self.cfg.dataset}
         return {**imp.choose_criterion(validity), "auto": True, "dataset": self.cfg.dataset}

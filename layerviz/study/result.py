@@ -31,9 +31,9 @@ class StudyResult:
     ``full`` (all layers), ``select:<strategy>`` (that selection, layers dropped), ``drop_lower_third``,
     ``reference_mapped`` (the plan's list mapped by depth), ``popularity``, ``zeroshot`` (the pretrained
     LM when the study fine-tunes), ``adapters:<stage>`` (the primary selection after adapter stage
-    ``drop``/``stage1``/``stage2``; on domain B: B's own selection), ``transfer:plain`` and
-    ``transfer:adapters`` (domain A's selection, without and with A's adapters, on domain B), ``sasrec``
-    (the classical sequential recommender); on ``cold_set(domain A)``: ``compact:plain`` and
+    ``drop``/``stage1``/``stage2``; on the transfer dataset: B's own selection), ``transfer:plain`` and
+    ``transfer:adapters`` (the main dataset's selection, without and with its adapters, on the transfer dataset), ``sasrec``
+    (the classical sequential recommender); on ``cold_set(dataset)``: ``compact:plain`` and
     ``compact:adapters`` (the primary selection without and with its adapters).
     """
 
@@ -104,7 +104,7 @@ class StudyResult:
         return len(self.values(model, variant, "ndcg@10", dataset)) > 0
 
     def profile(self, model: str, criterion: str = "fused", base: str | None = None) -> np.ndarray:
-        """Per-layer importance values of one criterion on domain A (the analysed base unless ``base``)."""
+        """Per-layer importance values of one criterion on the main dataset (the analysed base unless ``base``)."""
         t = self.importance_table(model, base)
         return t[t.criterion == criterion].sort_values("layer")["value"].to_numpy()
 
@@ -115,7 +115,7 @@ class StudyResult:
         return t.drop(columns=["model", "dataset", "base"]).reset_index(drop=True)
 
     def selection(self, model: str, strategy: str | None = None, dataset: str | None = None) -> pd.Series:
-        """One selection row (layers, k, n_layers, ...); the primary strategy on domain A by default."""
+        """One selection row (layers, k, n_layers, ...); the primary strategy on the main dataset by default."""
         s = self.selections
         row = s[(s.model == model) & (s.dataset == (dataset or self.config.dataset))
                 & (s.strategy == (strategy or self.config.primary))]

@@ -1,9 +1,9 @@
 """The stages in order: ``layerviz run CONFIG``, ``notebook_study`` and ``open_study`` all come here.
 
-Per dataset: SASRec and the test positives' slices (model-free, computed once). Per model on domain A:
+Per dataset: SASRec and the test positives' slices (model-free, computed once). Per model on the main dataset:
 fine-tuning (if configured) and the zero-shot side, importance, every selection strategy, the test
 evaluation (full model, popularity, plain-dropping variants), adapters on the primary selection, RQ2 curves, with cold_items the cold-start test
-set, calibration records; per cross-domain model, on domain B: B's own selection and adapters and A's
+set, calibration records; per cross-domain model, on the transfer dataset: B's own selection and adapters and A's
 selection evaluated on B; then bench. The stage outputs are collected into a ``StudyResult`` and the
 tables (and findings.md) are written next to the stages.
 """
@@ -181,7 +181,7 @@ def notebook_study(config: str | Path | None, smoke: bool = False, results_dir: 
                    compute: bool = False) -> StudyResult:
     """The study of ``config`` (or the CI smoke study), with overrides -> its ``StudyResult``.
 
-    ``models`` and ``dataset`` (domain A) are shorthands for those overrides. Finished stages are loaded
+    ``models`` and ``dataset`` (the main dataset) are shorthands for those overrides. Finished stages are loaded
     from ``results_dir``; a missing one raises ``StageMissing`` unless ``compute`` (then it is computed and
     cached, and the tables are written, as ``layerviz run`` does).
     """

@@ -4,7 +4,7 @@ its outputs, the cache key with the data's fingerprint), its compute function an
 - ``stage_base``: the shared resources (models and data, loaded lazily) and ``stage``, which caches or plans;
 - ``model_stages``: fine-tuning, calibration, the zero-shot and fine-tuned model on test users, importance;
 - ``select_stages``: selections, the RQ2 curves, the test evaluation of plain-dropping variants;
-- ``compact_stages``: adapters, transfer to domain B, the cold-start test set, the bench;
+- ``compact_stages``: adapters, transfer to the transfer dataset, the cold-start test set, the bench;
 - ``baseline_stages``: SASRec, popularity and the positives' slices (model-free).
 
 ``runner.run_model`` calls them in order, to run a study and (with a planner) to plan it.

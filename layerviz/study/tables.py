@@ -108,7 +108,7 @@ def headline(res: StudyResult) -> pd.DataFrame:
 
 
 def thirds_table(res: StudyResult) -> pd.DataFrame:
-    """Share of selected layers in the lower, middle and upper thirds, per model and strategy (domain A)."""
+    """Share of selected layers in the lower, middle and upper thirds, per model and strategy (the main dataset)."""
     rows = []
     for m in res.models:
         for _, sel in res.rows("selections", m).iterrows():
@@ -251,7 +251,7 @@ def slices_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
 
 
 def cold_table(res: StudyResult, metric: str = "ndcg@10") -> pd.DataFrame:
-    """``metric`` of every system on domain A's cold-start test set (users whose positive never was trained on)."""
+    """``metric`` of every system on the main dataset's cold-start test set (users whose positive never was trained on)."""
     d, rows = cold_set(res.config.dataset), []
     for m in res.models:
         n = len(res.values(m, "full", metric, d))

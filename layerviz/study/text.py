@@ -59,7 +59,7 @@ def data_summary(stats: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, str]:
 
 
 def baselines(res: StudyResult, models: list[str], shown=QUALITY_METRICS) -> pd.DataFrame:
-    """Full model, SASRec, popularity and chance on domain A's test users: mean and 95% CI of each metric."""
+    """Full model, SASRec, popularity and chance on the main dataset's test users: mean and 95% CI of each metric."""
     rows = []
     for m in models:
         systems = [("full model", "full"), ("SASRec", "sasrec"), ("popularity", "popularity")]

@@ -282,6 +282,7 @@ class Trainer:
         """The best state merged into a plain model, its summary and curves (published when ``out`` is given)."""
         cfg = self.cfg
         curves = self.loop.finish()
+        curves.loc[curves.index[-1], "seconds"] = self.loop.elapsed()  # its validation included, as at every other
         result_model = merged(self.inner, self.tuner)
         summary = {"base": cfg.model, "objective": cfg.objective, "method": "full" if cfg.full else "lora",
                    "steps": self.step_done, "planned_steps": self.total, "best_step": self.best.at,

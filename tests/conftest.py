@@ -12,6 +12,9 @@ os.environ.pop("LAYERVIZ_SYNTHETIC_DIR", None)  # every test (and subprocess) re
 # ranx's metrics (the cross-check in test_metrics) run as plain Python: the same arithmetic, without the half
 # minute numba takes to compile them on a fresh machine for a few hundred users
 os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n 2: each worker (and what it starts) on one of the two cores
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 TINY = ["tiny-llama3", "tiny-qwen3", "tiny-gemma3"]
 TINY_LAYERS = {"tiny-llama3": 32, "tiny-qwen3": 36, "tiny-gemma3": 18}
@@ -99,10 +102,12 @@ STUDY_FIXTURES = {"smoke_run", "smoke_study", "executed"}
 
 
 def pytest_collection_modifyitems(items):
-    """A test that reads a whole smoke study is a `study` test (``make test-fast`` leaves them out)."""
+    """A test that reads a whole smoke study is a `study` test (``make test-fast`` leaves them out); under
+    pytest-xdist they all run on one worker (``--dist loadgroup``), which computes the session's study once."""
     for item in items:
         if STUDY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.study)
+            item.add_marker(pytest.mark.xdist_group("smoke-study"))
 
 
 @pytest.fixture(autouse=True)

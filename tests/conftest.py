@@ -103,11 +103,19 @@ STUDY_FIXTURES = {"smoke_run", "smoke_study", "executed"}
 
 def pytest_collection_modifyitems(items):
     """A test that reads a whole smoke study is a `study` test (``make test-fast`` leaves them out); under
-    pytest-xdist they all run on one worker (``--dist loadgroup``), which computes the session's study once."""
+    pytest-xdist they all run on one worker (``--dist loadgroup``), which computes the session's study once.
+    The longest tests run first (the study's, then the other `study` and `slow` ones), so that on two workers
+    no long test starts last."""
     for item in items:
         if STUDY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.study)
             item.add_marker(pytest.mark.xdist_group("smoke-study"))
+
+    def weight(item) -> int:
+        marks = {m.name for m in item.iter_markers()}
+        return 0 if "xdist_group" in marks else 1 if "study" in marks else 2 if "slow" in marks else 3
+
+    items[:] = sorted(items, key=weight)  # stable: the order within each weight is the files' own
 
 
 @pytest.fixture(autouse=True)

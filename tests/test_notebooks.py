@@ -40,7 +40,7 @@ def test_ci_overrides_name_real_parameters(path):
             "CONFIG", "COMPUTE"} <= known
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def executed(smoke_study, tmp_path_factory):
     """Every notebook executed once on the session's smoke study (as after `layerviz run`), two kernels at a
     time as `layerviz report` runs them -> (index rows by notebook, figures folder, the failure message or '')."""

@@ -107,7 +107,7 @@ def _dying_worker(rank: int, world: int, port: int, folder: str) -> None:
     store.cached(os.path.join(folder, "stage"), "k", stage)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def both(tmp_path_factory):
     """(one process's results, every rank's results of the 2-process run)."""
     single_dir, multi_dir = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")

@@ -101,19 +101,29 @@ def smoke_study(smoke_run):
 STUDY_FIXTURES = {"smoke_run", "smoke_study", "executed"}
 
 
+SHARED_FIXTURES = {"both": "two-processes", "exported": "exports"}
+"""Other fixtures computed once for the tests that share them: under pytest-xdist those tests run on one worker."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(items):
     """A test that reads a whole smoke study is a `study` test (``make test-fast`` leaves them out); under
-    pytest-xdist they all run on one worker (``--dist loadgroup``), which computes the session's study once.
-    The longest tests run first (the study's, then the other `study` and `slow` ones), so that on two workers
-    no long test starts last."""
+    pytest-xdist they all run on one worker (``--dist loadgroup``), which computes the session's study once, and so
+    do the tests of each of SHARED_FIXTURES. The longest tests run first (the study's, then the other `study`
+    and `slow` ones), so that on two workers no long test starts last."""
     for item in items:
-        if STUDY_FIXTURES & set(getattr(item, "fixturenames", ())):
+        names = set(getattr(item, "fixturenames", ()))
+        if STUDY_FIXTURES & names:
             item.add_marker(pytest.mark.study)
             item.add_marker(pytest.mark.xdist_group("smoke-study"))
+        elif shared := sorted(SHARED_FIXTURES[n] for n in SHARED_FIXTURES.keys() & names):
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
     def weight(item) -> int:
+        group = item.get_closest_marker("xdist_group")
         marks = {m.name for m in item.iter_markers()}
-        return 0 if "xdist_group" in marks else 1 if "study" in marks else 2 if "slow" in marks else 3
+        return 0 if group and group.args == ("smoke-study",) else 1 if "study" in marks else 2 if "slow" in marks \
+            else 3
 
     items[:] = sorted(items, key=weight)  # stable: the order within each weight is the files' own
 
